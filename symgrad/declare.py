@@ -1,0 +1,210 @@
+"""Operation declarations in index notation, and the registry that lists them.
+
+A declaration is one block: inputs with named dimensions and roles, scalar params, intermediates
+and outputs as SymPy expressions over ``Indexed`` entries and ``Sum``s with symbolic bounds, the
+facts the math may use, the domain to sample test points from and the tolerances per dtype.
+Tensors are never expanded into scalars: a dimension is a symbol, so derivation cost does not
+depend on sizes.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import sympy as sp
+
+
+class DeclarationError(ValueError):
+    """A declaration is malformed; the message names the op and the problem."""
+
+
+class Role(enum.Enum):
+    DIFF = "differentiable"  # a float tensor that gets a gradient
+    LABEL = "label"  # integer class labels: no gradient
+    CONST = "constant"  # a float tensor held fixed (targets): no gradient
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A named, symbolic tensor dimension; ``index`` is the letter used for it in gradients."""
+
+    name: str
+    index: str
+    extent: sp.Expr | None = None  # derived dims (conv output size) give their formula
+
+    @property
+    def symbol(self) -> sp.Symbol:
+        return sp.Symbol(self.name, integer=True, positive=True)
+
+    @property
+    def size(self) -> sp.Expr:
+        return self.extent if self.extent is not None else self.symbol
+
+
+def idx(names: str) -> tuple[sp.Symbol, ...]:
+    """Index symbols, e.g. ``b, i, k = idx("b i k")``."""
+    return tuple(sp.Symbol(n, integer=True) for n in names.split())
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dims: tuple[Dim, ...]
+    role: Role = Role.DIFF
+    domain: tuple[float, float] = (-2.0, 2.0)  # sampling interval for test points (DIFF/CONST)
+
+    @property
+    def base(self) -> sp.IndexedBase:
+        if self.role is Role.LABEL:
+            return sp.IndexedBase(self.name, integer=True)
+        return sp.IndexedBase(self.name, real=True)
+
+    def __getitem__(self, indices) -> sp.Expr:
+        if not isinstance(indices, tuple):
+            indices = (indices,)
+        if len(indices) != len(self.dims):
+            raise DeclarationError(f"tensor {self.name} has {len(self.dims)} dims, indexed with {len(indices)}")
+        if not indices:
+            return sp.Symbol(self.name, real=True)
+        return self.base[indices]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: float
+    integer: bool = False
+    doc: str = ""
+
+    @property
+    def symbol(self) -> sp.Symbol:
+        if self.integer:
+            return sp.Symbol(self.name, integer=True)
+        return sp.Symbol(self.name, real=True)
+
+
+@dataclass(frozen=True)
+class Output:
+    """``name[indices] = expr``; intermediates are outputs the user does not see."""
+
+    name: str
+    indices: tuple[sp.Symbol, ...]
+    expr: sp.Expr
+    dims: tuple[Dim, ...]
+
+    def at(self, indices) -> sp.Expr:
+        if not indices:
+            return sp.Symbol(self.name, real=True)
+        return sp.IndexedBase(self.name, real=True)[tuple(indices)]
+
+
+@dataclass(frozen=True)
+class LabelRange:
+    """Fact: ``label`` entries lie in [0, dim), so ``Sum(onehot(label, i), i) == 1``.
+
+    Rows whose label is ``ignore`` are allowed outside the range: the op must weight them by 0.
+    """
+
+    label: str
+    dim: Dim
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    doc: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Output, ...]
+    intermediates: tuple[Output, ...] = ()
+    params: tuple[Param, ...] = ()
+    facts: tuple[LabelRange, ...] = ()
+    # Sizes to instantiate in tests: each a dict dim name -> int.
+    test_sizes: tuple[Mapping[str, int], ...] = ()
+    tolerances: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # dtype -> (rtol, atol)
+    # Dims whose extent the generated code reads from a param rather than an input shape.
+    dim_checks: tuple[tuple[str, Callable], ...] = ()
+
+    @property
+    def dims(self) -> tuple[Dim, ...]:
+        seen: dict[str, Dim] = {}
+        for t in (*self.inputs, *self.outputs, *self.intermediates):
+            for d in t.dims:
+                seen.setdefault(d.name, d)
+        return tuple(seen.values())
+
+    def tensor(self, name: str) -> Tensor:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def differentiable(self) -> tuple[Tensor, ...]:
+        return tuple(t for t in self.inputs if t.role is Role.DIFF)
+
+
+def output(name: str, indices, expr, dims) -> Output:
+    if not isinstance(indices, tuple):
+        indices = (indices,)
+    if not isinstance(dims, tuple):
+        dims = (dims,)
+    return Output(name, tuple(indices), sp.sympify(expr), tuple(dims))
+
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+
+
+class Registry:
+    """Ops by name, in registration order (which is also the order tests and generation use)."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, Op] = {}
+
+    def add(self, op: Op) -> Op:
+        if not _NAME.match(op.name):
+            raise DeclarationError(f"op name {op.name!r} is not an identifier")
+        if op.name in self._ops:
+            raise DeclarationError(f"op {op.name!r} is declared twice")
+        _check(op)
+        self._ops[op.name] = op
+        return op
+
+    def get(self, name: str) -> Op:
+        try:
+            return self._ops[name]
+        except KeyError:
+            raise KeyError(f"unknown op {name!r}; `symgrad list` shows the registered ops") from None
+
+    def __iter__(self):
+        return iter(self._ops.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ops
+
+    def names(self) -> list[str]:
+        return list(self._ops)
+
+
+def _check(op: Op) -> None:
+    """Reject declarations whose outputs read undeclared tensors or leave indices unbound."""
+    known = {t.name for t in op.inputs} | {o.name for o in op.intermediates}
+    for out in (*op.intermediates, *op.outputs):
+        if len(out.indices) != len(out.dims):
+            raise DeclarationError(f"op {op.name}: output {out.name} has {len(out.dims)} dims but {len(out.indices)} indices")
+        for base in out.expr.atoms(sp.IndexedBase):
+            if str(base) not in known:
+                raise DeclarationError(f"op {op.name}: output {out.name} reads undeclared tensor {base}")
+        loose = {s for s in out.expr.free_symbols if type(s) is sp.Symbol and s.is_integer and not s.is_positive} - set(out.indices)
+        loose = {s for s in loose if str(s) not in known} - {p.symbol for p in op.params}
+        if loose:
+            raise DeclarationError(f"op {op.name}: output {out.name} has unbound indices {sorted(map(str, loose))}")
+        known.add(out.name)
+
+
+REGISTRY = Registry()
+
+
+def register(op: Op) -> Op:
+    return REGISTRY.add(op)

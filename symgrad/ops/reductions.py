@@ -1,0 +1,20 @@
+"""Row reductions: out[b] = reduce over i of x[b, i]."""
+import sympy as sp
+
+from ..declare import Op, Tensor, output, register, idx
+from ..functions import ReduceMax
+from .dims import B, C
+
+b, k = idx("b k")
+Cs = C.size
+x = Tensor("x", (B, C))
+SIZES = ({"B": 1, "C": 1}, {"B": 3, "C": 5}, {"B": 2, "C": 41})
+TOL = {"float32": (1e-5, 1e-5), "bfloat16": (2e-2, 2e-2)}
+
+register(Op("sum", "sum of each row", (x,), (output("out", b, sp.Sum(x[b, k], (k, 0, Cs - 1)), B),), test_sizes=SIZES, tolerances=TOL))
+register(Op("mean", "mean of each row", (x,), (output("out", b, sp.Sum(x[b, k], (k, 0, Cs - 1)) / Cs, B),), test_sizes=SIZES, tolerances=TOL))
+register(Op(
+    "max",
+    "maximum of each row; ties split the gradient evenly among the maxima (as torch.amax does)",
+    (x,), (output("out", b, ReduceMax(x[b, k], k, 0, Cs - 1), B),), test_sizes=SIZES, tolerances=TOL,
+))
