@@ -20,4 +20,4 @@ TIDY = Stage("tidy", (c.sum_factor_out, c.sum_of_constant, c.merge_powers, c.exp
 STABILIZE = Stage("stabilize", (s.logsumexp_shift, s.softmax_shift, s.softplus_rule, s.log_sigmoid, s.log1p_rule, s.expm1_rule))
 
 GRADIENT_STAGES = (CANONICALIZE, ELIMINATE_DELTAS, APPLY_FACTS, REUSE_FORWARD, TIDY, STABILIZE)
-FORWARD_STAGES = (STABILIZE,)
+FORWARD_STAGES = (CANONICALIZE, ELIMINATE_DELTAS, APPLY_FACTS, STABILIZE)
