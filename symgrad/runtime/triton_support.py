@@ -1,0 +1,236 @@
+"""Host- and device-side helpers shared by the generated Triton modules (``generated/triton``).
+
+Device side: the ``sg_*`` ``@triton.jit`` functions are the stable spellings the Triton printer
+uses (sigmoid, softplus, tanh, log1p, expm1, pow). Host side: input checks that raise a clear
+``ValueError`` before any launch (device, dtype, rank, sizes), dimension binding, launch
+geometry, and the small pieces of the ``torch.library`` registration every module shares.
+
+Kernels run compiled on CUDA, or on CPU tensors through Triton's interpreter when the
+environment has ``TRITON_INTERPRET=1`` (set it before ``triton`` is first imported).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers (fp32 in, fp32 out)
+
+
+@triton.jit
+def sg_sigmoid(z):
+    # Never exp of a large positive number: e = exp(-|z|) is in (0, 1].
+    e = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def sg_log1p(u):
+    # log(1 + u) accurate near 0: log(w) * u / (w - 1) with w = 1 + u rounded.
+    w = 1.0 + u
+    d = tl.where(w == 1.0, 1.0, w - 1.0)
+    return tl.where(w == 1.0, u, tl.log(w) * (u / d))
+
+
+@triton.jit
+def sg_expm1(u):
+    # exp(u) - 1 accurate near 0 (Kahan): (w - 1) * u / log(w) with w = exp(u) rounded.
+    w = tl.exp(u)
+    lw = tl.log(w)
+    d = tl.where((w == 1.0) | (lw == 0.0), 1.0, lw)
+    r = tl.where(w - 1.0 == -1.0, -1.0, (w - 1.0) * (u / d))
+    r = tl.where(w == float("inf"), w, r)
+    return tl.where(w == 1.0, u, r)
+
+
+@triton.jit
+def sg_softplus(z):
+    # log(1 + exp(z)) = max(z, 0) + log1p(exp(-|z|)): no overflow for large |z|.
+    return tl.maximum(z, 0.0) + sg_log1p(tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def sg_tanh(z):
+    # tanh via exp: sign(z) * (1 - e) / (1 + e), e = exp(-2|z|), with 1 - e = -expm1(-2|z|).
+    a = tl.abs(z)
+    t = -sg_expm1(-2.0 * a) / (1.0 + tl.exp(-2.0 * a))
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def sg_pow(b, e):
+    # b**e for real e; negative bases only for integer e (else nan, as in real arithmetic).
+    r = tl.exp(e * tl.log(tl.abs(b)))
+    is_int = e == tl.floor(e)
+    odd = (e - 2.0 * tl.floor(e * 0.5)) == 1.0
+    at_zero = tl.where(e > 0, 0.0, tl.where(e == 0, 1.0, float("inf")))
+    neg = tl.where(is_int, tl.where(odd, -r, r), float("nan"))
+    return tl.where(b > 0, r, tl.where(b == 0, at_zero, neg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch geometry
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _max_block() -> int:
+    # Tests lower the cap (SYMGRAD_TRITON_MAX_BLOCK=16) so that rows span several column blocks.
+    return int(os.environ.get("SYMGRAD_TRITON_MAX_BLOCK", "0")) or (1024 if interpreting() else 4096)
+
+
+def row_block(n_cols: int, itemsize: int = 4, whole_row: bool = False) -> int:
+    """Columns per block of a row kernel: the row in one block when it fits, else a loop.
+    ``whole_row``: the kernel also reduces across rows (weight/bias gradients), which it does in
+    registers when the row is one block, so allow longer blocks (up to 16384 columns)."""
+    cap = _max_block()
+    if not interpreting() and itemsize <= 2:
+        cap = min(cap * 2, 8192)
+    if whole_row and not os.environ.get("SYMGRAD_TRITON_MAX_BLOCK"):
+        cap = max(cap, 16384)
+    return max(16, min(triton.next_power_of_2(max(int(n_cols), 1)), cap))
+
+
+def map_block(n: int) -> int:
+    return max(16, min(triton.next_power_of_2(max(int(n), 1)), _max_block() if interpreting() else 1024))
+
+
+def row_warps(block: int) -> int:
+    return 4 if block <= 2048 else (8 if block <= 4096 else (16 if block <= 8192 else 32))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def partial_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows per program) for a row kernel that reduces across rows with partial sums."""
+    if device.type == "cuda":
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 4
+    rpp = max(1, triton.cdiv(max(int(n_rows), 1), target))
+    return max(1, triton.cdiv(max(int(n_rows), 1), rpp)), rpp
+
+
+def gemm_blocks(m: int, n: int, k: int) -> dict:
+    """Tile sizes of the implicit-GEMM kernels (tl.dot needs at least 16 on each side)."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+    bm = 128 if m >= 128 else 64 if m >= 64 else 32 if m >= 32 else 16
+    bn = 128 if n >= 128 else 64 if n >= 64 else 32 if n >= 32 else 16
+    bk = 32 if k >= 32 else 16
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    # The interpreter's bf16 tl.dot is wrong (triton 3.x): compute interpreted dots in fp32.
+    return interpreting() or dtype == torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks (all raise ValueError before any kernel is launched)
+
+
+def check_inputs(op: str, specs) -> tuple[torch.dtype, torch.device]:
+    """``specs``: (name, tensor, rank, is_label) per input. Returns the op's float dtype and device."""
+    dtype = device = None
+    first = None
+    for name, t, rank, is_label in specs:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: input {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{op}: input {name} must have {rank} dims, got shape {tuple(t.shape)}")
+        if device is None:
+            device, first = t.device, name
+        elif t.device != device:
+            raise ValueError(f"{op}: input {name} is on {t.device} but {first} is on {device}; all inputs must share a device")
+        if is_label:
+            if t.dtype not in LABEL_DTYPES:
+                raise ValueError(f"{op}: input {name} holds integer labels; got dtype {t.dtype}")
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: input {name} must have dtype float32, float16 or bfloat16; got {t.dtype}")
+        if dtype is None:
+            dtype = t.dtype
+        elif t.dtype != dtype:
+            raise ValueError(f"{op}: input {name} is {t.dtype} but other inputs are {dtype}; cast them to one dtype")
+    check_device(op, device)
+    return dtype, device
+
+
+def check_device(op: str, device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreting():
+        return
+    raise ValueError(
+        f"{op}: tensors are on {device}; the Triton kernels need CUDA tensors "
+        "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+    )
+
+
+def bind_dims(op: str, entries) -> dict:
+    """``entries``: (name, tensor, dim names) per tensor. Every dim must have one size throughout."""
+    dims: dict = {}
+    where: dict = {}
+    for name, t, names in entries:
+        for axis, d in enumerate(names):
+            size = t.shape[axis]
+            if d in dims and dims[d] != size:
+                raise ValueError(
+                    f"{op}: dim {d} is {dims[d]} in {where[d]} but {size} in {name} (axis {axis}, shape {tuple(t.shape)})"
+                )
+            dims.setdefault(d, size)
+            where.setdefault(d, name)
+    return dims
+
+
+def check_positive(op: str, dims: dict) -> None:
+    for d, v in dims.items():
+        if v < 1:
+            raise ValueError(f"{op}: dim {d} is {v}; every dim must be at least 1 (check sizes and params)")
+
+
+def check_cotangent(op: str, name: str, t, shape, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: cotangent {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: cotangent {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{op}: cotangent {name} is on {t.device}, the saved values on {device}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: cotangent {name} must be a float tensor; got {t.dtype}")
+
+
+def check_int_param(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise TypeError(f"{op}: param {name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def check_float_param(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: param {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def zeros_if_none(t, like_shape, dtype, device):
+    return torch.zeros(like_shape, dtype=dtype, device=device) if t is None else t

@@ -1,0 +1,147 @@
+"""The Triton target: ``render(program, command) -> str``, the source of ``generated/triton/<op>.py``.
+
+The module it writes takes and returns torch tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``):
+
+- ``OP, INPUTS, DIFFERENTIABLE, OUTPUTS, PARAMS`` (and ``SAVED``: what backward reads);
+- ``forward(*inputs, **params)``, ``forward_with_saved(...) -> (outputs, saved)``,
+  ``backward(saved, *cotangents)`` (one gradient per input, ``None`` where there is none),
+  ``vjp(*inputs, *cotangents, **params)``;
+- ``Function`` (a ``torch.autograd.Function``) and ``apply(*inputs, **params)``; forward and
+  backward are ``torch.library`` custom ops with fake (meta) implementations and
+  ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces a model that uses them.
+
+Layout follows Liger-Kernel: forward kernel(s), backward kernel(s), host wrappers, autograd.
+Lowering is planned in ``triton_plan`` and emitted per kernel class by ``triton_kernels``
+(MAP, ROW_REDUCTION) and ``triton_gemm`` (CONTRACTION, STENCIL); see those modules.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+import sympy as sp
+
+from ..declare import Role
+from ..ir import Program
+from .triton_expr import HELPERS, print_expr
+from .triton_gemm import emit_gemm
+from .triton_kernels import Context, emit_map, emit_rows
+from .triton_plan import LoweringError, build_plan
+
+__all__ = ["render", "LoweringError", "TEMPLATES"]
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "triton"
+NAMESPACE = "symgrad_triton"
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+_EMIT = {"map": emit_map, "rows": emit_rows, "gemm": emit_gemm}
+
+
+def _declared_in(op) -> str:
+    try:
+        from . import declaration_file  # the target table's helper, shared with the NumPy target
+    except ImportError:
+        return "symgrad/ops"
+    return declaration_file(op.name)
+
+
+def _host_dim_formula(expr: sp.Expr, dims, params) -> str:
+    names = {d.symbol: f"n_{d.name}" for d in dims}
+    names.update({p.symbol: f"p_{p.name}" for p in params})
+    return print_expr(expr, names, index_mode=True)
+
+
+def render(program: Program, command: str | None = None) -> str:
+    """The generated module for ``program``; raises :class:`LoweringError` (a NotImplementedError)
+    naming the op, statement and kernel class when a statement cannot be lowered yet."""
+    op = program.op
+    command = command or f"symgrad generate {op.name} --target triton"
+    plan = build_plan(program)
+    env = _env()
+    ctx = Context(plan, env)
+    kernels = {"forward": [], "backward": []}
+    host = {"forward": [], "backward": []}
+    for side in ("forward", "backward"):
+        for n, launch in enumerate(getattr(plan, side)):
+            kname = f"_{side[:3]}{n}_{launch.kind}"
+            srcs, lines, targets = _EMIT[launch.kind](ctx, launch, kname)
+            kernels[side] += srcs
+            host[side].append((kname, launch, lines, targets))
+
+    dims = [ds.dim for ds in program.dims]
+    params = list(program.params)
+    inputs = [op.tensor(n) for n in program.inputs]
+    float_inputs = [t for t in inputs if t.role is not Role.LABEL]
+    dtype_src = float_inputs[0].name
+    outputs = list(program.outputs)
+    out_dims = {o: plan.buffers[o] for o in outputs}
+    grads = [f"d{t}" for t in program.differentiable]
+    extra_saved = [n for n in plan.saved_values if n not in outputs]
+    saved_all = list(plan.saved_inputs) + list(plan.saved_values)
+
+    def shape(name):
+        ds = plan.buffers[name]
+        return "(" + "".join(f"n_{d.name}, " for d in ds) + ")"
+
+    def alloc_dtype(name):
+        if name in outputs or name in plan.fused.values() or name in grads:
+            return "dtype"
+        return "torch.float32"
+
+    dim_lines = []
+    for ds in program.dims:
+        if ds.buffer is None:
+            dim_lines.append(f"n_{ds.dim.name} = {_host_dim_formula(ds.formula, dims, params)}")
+        else:
+            dim_lines.append(f"n_{ds.dim.name} = dims[{ds.dim.name!r}]")
+
+    def launch_block(side: str, skip_fused: bool) -> list[str]:
+        lines = []
+        have = set(program.inputs) if side == "forward" else set(saved_all) | set(program.cotangents)
+        for kname, launch, klines, targets in host[side]:
+            lines.append(f"# {kname}: {', '.join(targets)} ({launch.kind})")
+            for t in targets:
+                if t in have:
+                    continue
+                if t in plan.fused.values():
+                    lines.append(f"t_{t} = torch.empty({shape(t)}, dtype=dtype, device=device) if write_grad else torch.empty({'(1,) * ' + str(len(plan.buffers[t]))}, dtype=dtype, device=device)")
+                else:
+                    lines.append(f"t_{t} = torch.empty({shape(t)}, dtype={alloc_dtype(t)}, device=device)")
+                have.add(t)
+            lines += klines
+        return lines
+
+    labels = {t.name for t in inputs if t.role is Role.LABEL}
+    fused_any = bool(plan.fused)
+    gemm_reads = set()
+    for _, launch, _, _ in host["backward"]:
+        if launch.kind == "gemm":
+            gemm_reads |= launch.stmts[0].reads()
+
+    comments = {
+        "forward": [s.formula for s in program.forward.statements],
+        "backward": [s.formula for s in program.backward.statements],
+    }
+    return env.get_template("module.j2").render(
+        op=op, declared=_declared_in(op), command=command, namespace=NAMESPACE,
+        helpers=sorted(HELPERS), inputs=inputs, labels=labels, dims=dims, params=params,
+        outputs=outputs, out_dims=out_dims, grads=grads, differentiable=list(program.differentiable),
+        cotangents=list(program.cotangents), saved_inputs=list(plan.saved_inputs),
+        saved_values=list(plan.saved_values), extra_saved=extra_saved, saved_all=saved_all,
+        fused=plan.fused, fused_any=fused_any, dtype_src=dtype_src,
+        forward_kernels=kernels["forward"], backward_kernels=kernels["backward"],
+        forward_launches=launch_block("forward", False), backward_launches=launch_block("backward", False),
+        dim_lines=dim_lines, shape=shape, alloc_dtype=alloc_dtype, gemm_reads=gemm_reads,
+        comments=comments, fused_cotangent=plan.fused_cotangent, repr=repr,
+        kinds=sorted({s.kind.name for s in program.forward.statements + program.backward.statements}),
+        plan=plan, str=str, len=len, float=float, zip=zip, range=range,
+    )

@@ -1,0 +1,217 @@
+"""The Triton expression printer: a strict SymPy printer with a table of function spellings.
+
+Every node the generated kernels may compute has a spelling here; anything else raises
+:class:`TritonPrintError` naming the node, so a new construct fails at generation time rather
+than producing a kernel that computes something else.
+
+Names (symbols, tensor entries, reductions) are not printed by the printer itself: the kernel
+builder hands it a ``names`` table (SymPy node -> code) for the context being printed (a column
+block, a row, a tile), and a node missing from that table is an error too.
+
+Two modes:
+- value mode (default): fp32 math. Numbers print as float literals, comparisons as Triton
+  booleans, Iverson brackets and Kronecker deltas through ``tl.where``.
+- index mode: integer index arithmetic (stencil offsets). Only integers, names, ``+``, ``*``
+  and ``floor(a/b)`` (as ``//``) are allowed.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
+from sympy.printing.printer import Printer
+
+from ..functions import ReduceMax, sigmoid, softplus
+
+
+class TritonPrintError(NotImplementedError):
+    """A node has no Triton spelling (or no name in the current kernel context)."""
+
+
+#: Function spellings. Helpers named ``sg_*`` are ``@triton.jit`` functions in
+#: ``symgrad.runtime.triton_support`` (stable forms); the generated module imports them.
+FUNCTIONS: dict[type, str] = {
+    sp.exp: "tl.exp",
+    sp.log: "tl.log",
+    sp.Abs: "tl.abs",
+    sp.erf: "tl.math.erf",  # libdevice erf on CUDA, numpy's in the interpreter
+    sp.tanh: "sg_tanh",  # sign(z)*(1 - e)/(1 + e), e = exp(-2|z|)
+    sigmoid: "sg_sigmoid",  # branch on the sign: never exp of a large positive number
+    softplus: "sg_softplus",  # max(z, 0) + log1p(exp(-|z|))
+    log1p: "sg_log1p",
+    expm1: "sg_expm1",
+}
+
+#: The helpers a generated module must import from the runtime support module.
+HELPERS = ("sg_tanh", "sg_sigmoid", "sg_softplus", "sg_log1p", "sg_expm1", "sg_pow")
+
+_RELATIONS = {
+    sp.StrictGreaterThan: ">",
+    sp.GreaterThan: ">=",
+    sp.StrictLessThan: "<",
+    sp.LessThan: "<=",
+    sp.Equality: "==",
+    sp.Unequality: "!=",
+}
+
+
+def _float(v) -> str:
+    f = float(v)
+    if f != f or f in (float("inf"), float("-inf")):
+        return {True: 'float("inf")', False: 'float("-inf")'}[f > 0] if f == f else 'float("nan")'
+    return repr(f)
+
+
+class TritonPrinter(Printer):
+    printmethod = "_tritoncode"
+
+    def __init__(self, names: Mapping[sp.Basic, str], index_mode: bool = False):
+        super().__init__()
+        self.names = dict(names)
+        self.index_mode = index_mode
+
+    # Every node goes through the names table first; numbers fold to literals.
+    def _print(self, expr, **kwargs):
+        if expr in self.names:
+            return self.names[expr]
+        if isinstance(expr, sp.Basic) and expr.is_number and not expr.atoms(sp.Indexed, sp.Sum, ReduceMax):
+            if self.index_mode:
+                if not expr.is_Integer:
+                    raise TritonPrintError(f"non-integer {expr} in index arithmetic")
+                return str(int(expr))
+            if expr.is_real is False or expr.has(sp.zoo, sp.nan):
+                raise TritonPrintError(f"constant {expr} is not a finite real number")
+            return _float(expr)
+        return super()._print(expr, **kwargs)
+
+    def emptyPrinter(self, expr):
+        raise TritonPrintError(f"no Triton spelling for {type(expr).__name__}: {expr}")
+
+    def doprint(self, expr):
+        return self._print(sp.sympify(expr))
+
+    # -- names -----------------------------------------------------------------------------
+    def _print_Symbol(self, expr):
+        raise TritonPrintError(f"symbol {expr} has no name in this kernel context")
+
+    def _print_Indexed(self, expr):
+        raise TritonPrintError(f"tensor entry {expr} is not loaded in this kernel context")
+
+    def _print_Sum(self, expr):
+        raise TritonPrintError(f"reduction {expr} is not lowered in this kernel context")
+
+    def _print_ReduceMax(self, expr):
+        raise TritonPrintError(f"reduction {expr} is not lowered in this kernel context")
+
+    # -- arithmetic ------------------------------------------------------------------------
+    def _print_Add(self, expr):
+        terms = list(expr.args)
+        # Print positive terms first so the line reads naturally; order is deterministic
+        # because SymPy's argument order is.
+        out = self._print(terms[0])
+        for t in terms[1:]:
+            if t.could_extract_minus_sign():
+                out += " - " + self._print(-t)
+            else:
+                out += " + " + self._print(t)
+        return f"({out})"
+
+    def _print_Mul(self, expr):
+        if expr.could_extract_minus_sign():
+            return f"(-{self._print(-expr)})"
+        num, den = [], []
+        for f in expr.args:
+            if isinstance(f, sp.Pow) and f.exp.is_Integer and f.exp < 0 and not self.index_mode:
+                den.append(f.base ** (-f.exp))
+            elif f.is_Rational and not f.is_Integer and not self.index_mode:
+                if f.p != 1:
+                    num.append(sp.Integer(f.p))
+                den.append(sp.Integer(f.q))
+            else:
+                num.append(f)
+        top = " * ".join(self._print(f) for f in num) if num else ("1" if self.index_mode else "1.0")
+        if not den:
+            return f"({top})"
+        bottom = " * ".join(self._print(f) for f in den)
+        return f"({top} / ({bottom}))"
+
+    def _print_Pow(self, expr):
+        base, e = expr.base, expr.exp
+        if self.index_mode:
+            if e.is_Integer and 0 < e <= 4:
+                return "(" + " * ".join([self._print(base)] * int(e)) + ")"
+            raise TritonPrintError(f"power {expr} in index arithmetic")
+        b = self._print(base)
+        if e == sp.Rational(1, 2):
+            return f"tl.sqrt({b})"
+        if e == sp.Rational(-1, 2):
+            return f"(1.0 / tl.sqrt({b}))"
+        if e.is_Integer and 0 < e <= 4:
+            return "(" + " * ".join([b] * int(e)) + ")"
+        if e.is_Integer and -4 <= e < 0:
+            return "(1.0 / (" + " * ".join([b] * int(-e)) + "))"
+        if base == sp.E:
+            return f"tl.exp({self._print(e)})"
+        return f"sg_pow({b}, {self._print(e)})"
+
+    def _print_floor(self, expr):
+        if not self.index_mode:
+            raise TritonPrintError(f"floor outside index arithmetic: {expr}")
+        num, den = sp.fraction(expr.args[0])
+        return f"(({self._print(num)}) // ({self._print(den)}))"
+
+    # -- functions -------------------------------------------------------------------------
+    def _print_Function(self, expr):
+        for cls, name in FUNCTIONS.items():
+            if type(expr) is cls:
+                if self.index_mode:
+                    raise TritonPrintError(f"function {expr} in index arithmetic")
+                return f"{name}({', '.join(self._print(a) for a in expr.args)})"
+        return self.emptyPrinter(expr)
+
+    _print_exp = _print_Function
+
+    def _print_Max(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"tl.maximum({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"tl.minimum({out}, {self._print(a)})"
+        return out
+
+    def _print_Iverson(self, expr):
+        return f"tl.where({self._print(expr.args[0])}, 1.0, 0.0)"
+
+    def _print_KroneckerDelta(self, expr):
+        a, b = expr.args
+        return f"tl.where({self._print(a)} == {self._print(b)}, 1.0, 0.0)"
+
+    def _print_Relational(self, expr):
+        op = _RELATIONS.get(type(expr))
+        if op is None:
+            return self.emptyPrinter(expr)
+        return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
+
+    def _print_And(self, expr):
+        return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " | ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Not(self, expr):
+        return f"({self._print(expr.args[0])} == 0)"
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+
+def print_expr(expr: sp.Basic, names: Mapping[sp.Basic, str], index_mode: bool = False) -> str:
+    return TritonPrinter(names, index_mode).doprint(expr)

@@ -1,0 +1,231 @@
+"""Kernel emitter for CONTRACTION and STENCIL statements: a tiled implicit GEMM with ``tl.dot``.
+
+``target[...] = epilogue(Sum(A[...] * B[...], K...))``: the target's indices split into the M side
+(those the operand holding the first target index reads) and the N side (the other operand's);
+the summed indices are K. Each side is flattened and decomposed back into its indices inside the
+kernel, and every operand entry is addressed through its own strides, so transposes (dX = dY Wᵀ,
+dW = Xᵀ dY) are strides, and a convolution's ``X[n, c, h*stride + r - pad, ...]`` is an
+address computed per tile entry, out-of-range entries masked to zero (the padding).
+
+A gradient of a strided convolution sums over output positions ``j`` with the filter read at
+``h - j*stride + pad``. Read literally, that loops over every output row for each input row.
+When the filter axis is the shorter range (at every declared test size), the sum is re-indexed
+over the filter position ``v``, with ``j = (h + pad - v)/stride`` kept only where the division is
+exact and ``j`` in range: a transposed convolution as an implicit GEMM over (Cout, R, S).
+
+Accumulation is fp32; the epilogue (bias add, scaling) is applied to the fp32 tile before the
+store in the output dtype.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .triton_expr import TritonPrintError, print_expr
+from .triton_kernels import Context, Sig, _formula_lines, pr, store_value
+from .triton_plan import Launch, LoweringError, dim_of_extent
+
+ACC = sp.Symbol("_acc", real=True)
+
+
+def _cost_less(ctx: Context, new: sp.Expr, old: sp.Expr) -> bool:
+    sizes = ctx.op.test_sizes
+    if not sizes:
+        return False
+    defaults = {p.name: p.default for p in ctx.op.params}
+    for s in sizes:
+        env = {**defaults, **s}
+        sub = lambda e: sp.sympify(e).subs({sym: env[str(sym)] for sym in sp.sympify(e).free_symbols if str(sym) in env})
+        a, b = sub(new), sub(old)
+        if not (a.is_number and b.is_number) or not a < b:
+            return False
+    return True
+
+
+def emit_gemm(ctx: Context, launch: Launch, kname: str):
+    (st,) = launch.stmts
+    op = ctx.op
+    where = f"op {op.name}: {st.kind.name} statement {st.formula}"
+    sums = list(st.expr.atoms(sp.Sum))
+    if len(sums) != 1:
+        raise LoweringError(f"{where}: expected one sum, found {len(sums)}")
+    (S,) = sums
+    dims = tuple(ctx.dims.values())
+    kvars, kext = [], {}
+    for k, lo, hi in S.limits:
+        if lo != 0:
+            raise LoweringError(f"{where}: sum over {k} does not start at 0")
+        kvars.append(k)
+        kext[k] = hi + 1
+    factors = sp.Mul.make_args(S.function)
+    tensors = [f for f in factors if isinstance(f, sp.Indexed)]
+    coeff = sp.Mul(*[f for f in factors if not isinstance(f, sp.Indexed)])
+    if len(tensors) != 2 or coeff.free_symbols & set(kvars):
+        raise LoweringError(f"{where}: the summand is not a product of two tensors")
+    epilogue = st.expr.xreplace({S: coeff * ACC})
+    if epilogue.atoms(sp.Sum):
+        raise LoweringError(f"{where}: the epilogue holds another sum")
+    free = list(st.indices)
+    ops = [list(t.indices) for t in tensors]
+    bufs = [str(t.base) for t in tensors]
+
+    # Re-index sums whose dummy a tensor reads as (free index + coeff*dummy), when cheaper.
+    derived = {}  # dummy -> (num, den, old extent)
+    for d in list(kvars):
+        for o in range(2):
+            axes = [a for a, e in enumerate(ops[o]) if d in e.free_symbols]
+            other = [e for e in ops[1 - o] if d in e.free_symbols]
+            if len(axes) != 1 or any(e != d for e in other):
+                continue
+            a = axes[0]
+            e = ops[o][a]
+            if e == d or not (e.free_symbols & set(free)):
+                continue
+            c = sp.diff(e, d)
+            if c.free_symbols & set(kvars) or c.has(*free) or c == 0:
+                continue
+            new_ext = ctx.plan.buffers[bufs[o]][a].size
+            if not _cost_less(ctx, new_ext, kext[d]):
+                continue
+            v = sp.Symbol(f"v_{d}", integer=True)
+            rest = sp.expand(e - c * d)
+            num, den = (rest - v, -c) if c.could_extract_minus_sign() else (v - rest, c)
+            derived[d] = (num, den, kext[d])
+            ops[o][a] = v
+            kvars[kvars.index(d)] = v
+            kext[v] = new_ext
+            break
+
+    def syms(o):
+        out = set()
+        for e in ops[o]:
+            out |= e.free_symbols
+            for d in derived:
+                if d in e.free_symbols:
+                    out |= derived[d][0].free_symbols
+        return out
+
+    a_op = 0 if free and free[0] in syms(0) else 1
+    b_op = 1 - a_op
+    m_idx = [ix for ix in free if ix in syms(a_op)]
+    n_idx = [ix for ix in free if ix in syms(b_op)]
+    if set(m_idx) & set(n_idx) or set(m_idx) | set(n_idx) != set(free) or not m_idx or not n_idx:
+        raise LoweringError(f"{where}: the target indices do not split into the two operands' own indices")
+    for d, (num, _, _) in derived.items():
+        if any(d in e.free_symbols for e in ops[b_op]) and num.free_symbols & set(m_idx):
+            raise LoweringError(f"{where}: re-indexed {d} mixes the two sides")
+
+    sig = Sig(ctx)
+    fdims = dict(zip(free, st.dims))
+
+    def ext_code(extent) -> str:
+        dd = dim_of_extent(extent, dims)
+        if dd is None:
+            raise LoweringError(f"{where}: extent {extent} is no dim")
+        return sig.idim(dd.name)
+
+    decomp = []
+
+    def decompose(var: str, idxs: list, extents: list, prefix: str):
+        names = {}
+        rem = var
+        for pos in range(len(idxs) - 1, 0, -1):
+            n = extents[pos]
+            names[idxs[pos]] = f"{prefix}_{idxs[pos]}"
+            decomp.append(f"{prefix}_{idxs[pos]} = {rem} % {n}")
+            decomp.append(f"{prefix}r{pos} = {rem} // {n}")
+            rem = f"{prefix}r{pos}"
+        names[idxs[0]] = f"{prefix}_{idxs[0]}"
+        decomp.append(f"{prefix}_{idxs[0]} = {rem}")
+        return names
+
+    m_ext = [ext_code(fdims[ix].size) for ix in m_idx]
+    n_ext = [ext_code(fdims[ix].size) for ix in n_idx]
+    k_ext = [ext_code(kext[k]) for k in kvars]
+    mnames = decompose("offs_m", m_idx, m_ext, "m")
+    nnames = decompose("offs_n", n_idx, n_ext, "n")
+    top_decomp, decomp = decomp, []
+    knames = decompose("offs_k", kvars, k_ext, "k")
+    k_decomp = decomp
+
+    def index_names(row_syms: dict, col_syms: dict) -> dict:
+        names = {s: f"{v}[:, None]" for s, v in row_syms.items()}
+        names.update({s: f"{v}[None, :]" for s, v in col_syms.items()})
+        for p in ctx.params.values():
+            names[p.symbol] = f"p_{p.name}"
+            sig.params.add(p.name)
+        for dd in dims:
+            names[dd.symbol] = f"n_{dd.name}"
+        return names
+
+    def iprint(expr, names):
+        for dd in dims:
+            if dd.symbol in expr.free_symbols:
+                sig.idim(dd.name)
+        try:
+            return print_expr(expr, names, index_mode=True)
+        except TritonPrintError as e:
+            raise LoweringError(f"{where}: index {expr}: {e}") from None
+
+    def tile(o: int, row_syms: dict, col_syms: dict, base_mask: str, var: str) -> list[str]:
+        names = index_names(row_syms, col_syms)
+        lines, masks = [], [base_mask]
+        for d, (num, den, old) in derived.items():
+            if any(d in e.free_symbols for e in ops[o]):
+                nc, dc = iprint(num, names), iprint(den, names)
+                lines.append(f"{var}_num_{d} = {nc}")
+                names[d] = f"({var}_num_{d} // {dc})"
+                masks.append(f"({var}_num_{d} >= 0) & ({var}_num_{d} % {dc} == 0) & (({var}_num_{d} // {dc}) < {ext_code(old)})")
+        name = bufs[o]
+        offs = []
+        plain = set(row_syms) | set(col_syms)
+        for a, e in enumerate(ops[o]):
+            code = iprint(e, names)
+            offs.append(f"({code}) * {sig.stride(name, a)}")
+            axis_dim = ctx.plan.buffers[name][a]
+            same = e in plain and (fdims.get(e) == axis_dim or (e in kext and dim_of_extent(kext[e], dims) == axis_dim))
+            if not same and e not in derived:  # derived indices carry their own range mask
+                masks.append(f"(({code}) >= 0) & (({code}) < {sig.idim(axis_dim.name)})")
+        lines.append(f"{var} = tl.load({sig.buf(name)} + {' + '.join(offs) or '0'}, mask={' & '.join(masks)}, other=0.0)")
+        return lines
+
+    a_lines = tile(a_op, mnames, knames, "m_mask[:, None] & k_mask[None, :]", "a")
+    b_lines = tile(b_op, knames, nnames, "k_mask[:, None] & n_mask[None, :]", "b")
+
+    # Epilogue and store.
+    names = {ACC: "acc"}
+    names.update({s: f"{v}[:, None]" for s, v in mnames.items()})
+    names.update({s: f"{v}[None, :]" for s, v in nnames.items()})
+    ep_loads = []
+    for n_, node in enumerate(sorted(epilogue.atoms(sp.Indexed), key=sp.default_sort_key)):
+        nb = str(node.base)
+        offs = []
+        for a, ix in enumerate(node.indices):
+            if ix not in names:
+                raise LoweringError(f"{where}: epilogue reads {node}")
+            offs.append(f"{names[ix]} * {sig.stride(nb, a)}")
+        ep_loads.append(f"e{n_} = tl.load({sig.buf(nb)} + {' + '.join(offs) or '0'}, mask=mn_mask, other=0.0).to(tl.float32)")
+        names[node] = f"e{n_}"
+    names = sig.names_for(epilogue, names)
+    value = pr(ctx, epilogue, names, st.formula)
+    tptr = sig.buf(st.target)
+    toffs = " + ".join(f"{names[ix]} * {sig.stride(st.target, a)}" for a, ix in enumerate(st.indices))
+    store = f"tl.store({tptr} + {toffs}, {store_value(tptr, value)}, mask=mn_mask)"
+
+    sig.extra += [("M_tot", "M_tot"), ("N_tot", "N_tot"), ("K_tot", "K_tot")]
+    sig.constexpr += [("BLOCK_M", 'cfg["BLOCK_M"]'), ("BLOCK_N", 'cfg["BLOCK_N"]'), ("BLOCK_K", 'cfg["BLOCK_K"]'),
+                      ("GROUP_M", "8"), ("DOT_F32", "_rt.dot_f32(dtype)"), ("PREC", "_rt.dot_precision(dtype)")]
+    src = ctx.env.get_template("gemm.j2").render(
+        name=kname, args=sig.kernel_args(), formulas=_formula_lines([st]),
+        shape=f"M = ({', '.join(map(str, m_idx))}), N = ({', '.join(map(str, n_idx))}), K = ({', '.join(map(str, kvars))})"
+        + (f"; re-indexed: {', '.join(f'{d} = ({n})/({dn})' for d, (n, dn, _) in derived.items())}" if derived else ""),
+        decomp=top_decomp, k_decomp=k_decomp, a_lines=a_lines, b_lines=b_lines, ep_loads=ep_loads, store=store,
+    )
+    host = [
+        f"M_tot = {' * '.join(m_ext)}",
+        f"N_tot = {' * '.join(n_ext)}",
+        f"K_tot = {' * '.join(k_ext)}",
+        "cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)",
+        "grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)",
+        f"{kname}[grid]({', '.join(sig.host_args())}, num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))",
+    ]
+    return [src], host, [st.target]

@@ -1,0 +1,621 @@
+"""Kernel emitters for the MAP and ROW_REDUCTION classes (the GEMM classes are in triton_gemm).
+
+Each emitter turns one :class:`~symgrad.targets.triton_plan.Launch` into kernel source (through
+a Jinja skeleton in ``templates/triton``) and the host lines that launch it. All decisions are
+made here, in Python; the templates only place the pieces.
+
+Row kernels. Indices of the row dim print as ``row`` (one program walks a range of rows), of the
+column dim as ``cols`` (a block of columns, looped over when the row is longer than a block).
+Every ``Sum``/``ReduceMax`` over the column dim becomes a row statistic, computed in a pass over
+the row's column blocks; a statistic whose body reads another is computed in a later pass, except
+``Sum(exp(f - M)*g)`` after ``M = max(f)``, which is computed in the same pass with an online
+(rescaled) running max. Statistics that only row-level results need are accumulated in the final
+pass, where the elementwise outputs are written. A ``Sum`` over the row dim (bias and weight
+gradients, losses) is accumulated per program into a partial buffer and finished by a small
+second kernel.
+"""
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, field, replace
+
+import sympy as sp
+
+from ..functions import ReduceMax
+from .triton_expr import TritonPrintError, print_expr
+from .triton_plan import LoweringError, Launch, Plan, Stmt, dim_of_extent, substitute
+
+_INIT = {"max": 'float("-inf")', "sum": "0.0"}
+ROW = sp.Symbol("_row", integer=True)
+COL = sp.Symbol("_col", integer=True)
+
+
+@dataclass
+class Context:
+    """What every emitter needs to know about the op: names of dims, params, buffers."""
+
+    plan: Plan
+    env: object  # jinja environment
+
+    @property
+    def op(self):
+        return self.plan.program.op
+
+    @property
+    def dims(self):
+        return {ds.dim.name: ds.dim for ds in self.plan.program.dims}
+
+    @property
+    def params(self):
+        return {p.name: p for p in self.plan.program.params}
+
+
+class Sig:
+    """A kernel's arguments: buffers (pointer + one stride per axis), dims, params, extras."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.bufs: dict[str, int] = {}
+        self.idims: set[str] = set()
+        self.fdims: set[str] = set()
+        self.params: set[str] = set()
+        self.extra: list[tuple[str, str]] = []  # (kernel arg, host expression)
+        self.constexpr: list[tuple[str, str]] = []
+        self.scalar_loads: dict[str, str] = {}
+
+    def buf(self, name: str) -> str:
+        if name not in self.ctx.plan.buffers:
+            raise LoweringError(f"op {self.ctx.op.name}: kernel reads unknown buffer {name}")
+        self.bufs[name] = len(self.ctx.plan.buffers[name])
+        return f"{name}_ptr"
+
+    def stride(self, name: str, axis: int) -> str:
+        self.buf(name)
+        return f"{name}_s{axis}"
+
+    def idim(self, name: str) -> str:
+        self.idims.add(name)
+        return f"n_{name}"
+
+    def kernel_args(self) -> list[str]:
+        out = []
+        for b in sorted(self.bufs):
+            out.append(f"{b}_ptr")
+            out += [f"{b}_s{a}" for a in range(self.bufs[b])]
+        out += [f"n_{d}" for d in sorted(self.idims)]
+        out += [f"f_{d}" for d in sorted(self.fdims)]
+        out += [f"p_{p}" for p in sorted(self.params)]
+        out += [a for a, _ in self.extra]
+        out += [f"{a}: tl.constexpr" for a, _ in self.constexpr]
+        return out
+
+    def host_args(self) -> list[str]:
+        out = []
+        for b in sorted(self.bufs):
+            out.append(f"t_{b}")
+            out += [f"t_{b}.stride({a})" for a in range(self.bufs[b])]
+        out += [f"n_{d}" for d in sorted(self.idims)]
+        out += [f"float(n_{d})" for d in sorted(self.fdims)]
+        out += [f"p_{p}" for p in sorted(self.params)]
+        out += [h for _, h in self.extra]
+        out += [f"{a}={h}" for a, h in self.constexpr]
+        return out
+
+    def names_for(self, expr: sp.Expr, names: dict) -> dict:
+        """Complete ``names`` with dims, params and scalar buffers that ``expr`` reads."""
+        out = dict(names)
+        dims, params, buffers = self.ctx.dims, self.ctx.params, self.ctx.plan.buffers
+        labels = {a.base.label for a in expr.atoms(sp.Indexed)}
+        for s in expr.free_symbols:
+            if s in out or not isinstance(s, sp.Symbol) or s in labels:
+                continue
+            n = str(s)
+            if n in params:
+                self.params.add(n)
+                out[s] = f"p_{n}"
+            elif n in dims:
+                self.fdims.add(n)
+                out[s] = f"f_{n}"
+            elif n in buffers and not buffers[n]:
+                self.buf(n)
+                self.scalar_loads[n] = f"v_{n} = tl.load({n}_ptr).to(tl.float32)"
+                out[s] = f"v_{n}"
+            else:
+                raise LoweringError(f"op {self.ctx.op.name}: symbol {n} has no meaning in a kernel")
+        return out
+
+
+def pr(ctx: Context, expr, names, what: str) -> str:
+    try:
+        return print_expr(expr, names)
+    except TritonPrintError as e:
+        raise LoweringError(f"op {ctx.op.name}: cannot print {what}: {e}") from None
+
+
+def _formula_lines(stmts) -> list[str]:
+    out = []
+    for s in stmts:
+        out += textwrap.wrap(s.formula, 108, subsequent_indent="    ", break_long_words=True, break_on_hyphens=False)
+    return out
+
+
+def store_value(ptr: str, value: str) -> str:
+    return f"({value}).to({ptr}.dtype.element_ty)"
+
+
+# ---------------------------------------------------------------------------------------------
+# MAP: flatten the target's indices, BLOCK elements per program.
+
+
+def emit_map(ctx: Context, launch: Launch, kname: str):
+    sig = Sig(ctx)
+    target_dims = launch.space
+    stmts = launch.stmts
+    decompose = []
+    # All statements of a map launch share their target dims; name their indices by position.
+    pos_names = [f"i{a}" for a in range(len(target_dims))]
+    if target_dims:
+        rem = "offs"
+        for a in range(len(target_dims) - 1, 0, -1):
+            n = sig.idim(target_dims[a].name)
+            decompose.append(f"{pos_names[a]} = {rem} % {n}")
+            decompose.append(f"rem{a} = {rem} // {n}")
+            rem = f"rem{a}"
+        decompose.append(f"{pos_names[0]} = {rem}")
+        decompose += [f"{n} = {n}.to(tl.int64)" for n in pos_names]
+    total = " * ".join(f"n_{d.name}" for d in target_dims) or "1"
+    for d in target_dims:
+        sig.idim(d.name)
+    loads: dict = {}
+    load_lines: list[str] = []
+    body: list[str] = []
+    for st in stmts:
+        imap = {ix: pos_names[a] for a, ix in enumerate(st.indices)}
+        names = dict(imap)
+        for node in sorted(st.expr.atoms(sp.Indexed), key=sp.default_sort_key):
+            key = node.xreplace({ix: sp.Symbol(imap[ix]) for ix in imap})
+            if key not in loads:
+                var = f"ld{len(loads)}"
+                loads[key] = var
+                load_lines.append(_load(ctx, sig, node, imap, var, "mask"))
+            names[node] = loads[key]
+        names = sig.names_for(st.expr, names)
+        value = pr(ctx, st.expr, names, st.formula)
+        ptr = sig.buf(st.target)
+        off = " + ".join(f"{imap[ix]} * {sig.stride(st.target, a)}" for a, ix in enumerate(st.indices)) or "0"
+        line = f"tl.store({ptr} + {off}, {store_value(ptr, value)}, mask=mask)"
+        if st.fused:
+            body += ["if WRITE_GRAD:", "    " + line]
+        else:
+            body.append(line)
+    sig.extra.append(("n_total", "n_total"))
+    sig.constexpr.append(("BLOCK", "blk"))
+    sig.constexpr.append(("IDX64", "n_total + blk >= 2**31"))
+    if any(s.fused for s in stmts):
+        sig.constexpr.append(("WRITE_GRAD", "write_grad"))
+    src = ctx.env.get_template("map.j2").render(
+        name=kname, args=sig.kernel_args(), formulas=_formula_lines(stmts),
+        decompose=decompose, scalar_loads=sorted(sig.scalar_loads.values()), loads=load_lines, body=body,
+    )
+    host = [
+        f"n_total = {total}",
+        "blk = _rt.map_block(n_total)",
+        f"{kname}[(triton.cdiv(n_total, blk),)]({', '.join(sig.host_args())})",
+    ]
+    return [src], host, [s.target for s in stmts]
+
+
+def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: str | None) -> str:
+    name = str(node.base)
+    parts = []
+    masks = [mask] if mask else []
+    for a, ix in enumerate(node.indices):
+        if ix in imap:
+            code = imap[ix]
+            if isinstance(ix, sp.Indexed):  # a gather at a label: mask labels outside the axis
+                n = sig.idim(ctx.plan.buffers[name][a].name)
+                code = f"{code}.to(tl.int64)"
+                masks.append(f"({code} >= 0) & ({code} < {n})")
+        elif ix.is_Integer:
+            code = str(int(ix))
+        else:
+            raise LoweringError(f"op {ctx.op.name}: cannot address {node}: index {ix} is not a loop index")
+        parts.append(f"{code} * {sig.stride(name, a)}")
+    ptr = sig.buf(name)
+    off = " + ".join(parts) or "0"
+    label = name in ctx.plan.labels
+    m = f", mask={' & '.join(masks)}, other=0" if masks else ""
+    conv = "" if label else ".to(tl.float32)"
+    return f"{var} = tl.load({ptr} + {off}{m}){conv}"
+
+
+# ---------------------------------------------------------------------------------------------
+# ROW_REDUCTION
+
+
+@dataclass(eq=False)
+class Stat:
+    sym: sp.Symbol
+    kind: str  # "sum" | "max"
+    body: sp.Expr  # over ROW, COL and other stats
+    deps: set = field(default_factory=set)
+    pass_no: int = 0
+    online: "Stat | None" = None
+    late: bool = False
+
+    @property
+    def var(self) -> str:
+        return str(self.sym)
+
+
+class RowBuilder:
+    def __init__(self, ctx: Context, launch: Launch, kname: str):
+        self.ctx, self.launch, self.kname = ctx, launch, kname
+        self.rowdim, self.coldim = launch.space
+        self.dims = tuple(ctx.dims.values())
+        self.stats: list[Stat] = []
+        self.crosses: list[tuple[sp.Symbol, sp.Expr, bool]] = []  # (T symbol, body, col-dependent)
+        self.sig = Sig(ctx)
+
+    def fail(self, st: Stmt, why: str):
+        raise LoweringError(f"op {self.ctx.op.name}: ROW_REDUCTION statement {st.formula}: {why}")
+
+    def dim(self, lo, hi):
+        return dim_of_extent(hi - lo + 1, self.dims)
+
+    def stat(self, kind: str, body: sp.Expr) -> sp.Symbol:
+        for s in self.stats:
+            if s.kind == kind and s.body == body:
+                return s.sym
+        sym = sp.Symbol(f"st{len(self.stats)}", real=True)
+        deps = {s for s in self.stats if body.has(s.sym)}
+        self.stats.append(Stat(sym, kind, body, deps))
+        return sym
+
+    def abstract_stats(self, st: Stmt, expr: sp.Expr, reduce_over=None) -> sp.Expr:
+        """Replace column reductions by statistics; with ``reduce_over=(k, lo, hi)``, also reduce
+        ``expr`` itself over that column limit (a limit split off a multi-index sum)."""
+        def go(node):
+            if isinstance(node, sp.Sum):
+                if len(node.limits) != 1:
+                    self.fail(st, "a multi-index sum inside a row")
+                k, lo, hi = node.limits[0]
+                body = node.function
+                kind = "sum"
+            elif isinstance(node, ReduceMax):
+                body, k, lo, hi = node.args
+                kind = "max"
+            else:
+                if not node.args or isinstance(node, sp.Indexed):
+                    return node
+                new = [go(a) for a in node.args]
+                return node.func(*new) if any(a is not b for a, b in zip(new, node.args)) else node
+            if self.coldim is None or self.dim(lo, hi) != self.coldim or lo != 0:
+                self.fail(st, f"reduction {node} is not over the whole column dim")
+            inner = go(body)  # inner reductions first: they may reuse this dummy's name
+            if inner.has(COL):
+                self.fail(st, f"reduction {node} reads the output's own column")
+            return self.stat(kind, inner.xreplace({k: COL}))
+
+        if reduce_over is not None:
+            return go(sp.Sum(expr, reduce_over))
+        return go(expr)
+
+    def abstract_cross(self, st: Stmt, expr: sp.Expr) -> sp.Expr:
+        def go(node):
+            rows = [lim for lim in node.limits if self.dim(lim[1], lim[2]) == self.rowdim] if isinstance(node, sp.Sum) else []
+            if rows:
+                cols = [lim for lim in node.limits if lim not in rows]
+                if len(rows) > 1 or len(cols) > 1:
+                    self.fail(st, f"sum {node} has more than one row and one column limit")
+                k, lo, hi = rows[0]
+                if lo != 0:
+                    self.fail(st, "a partial sum over rows")
+                body = node.function
+                if body.has(ROW):
+                    self.fail(st, "a sum over rows inside a row")
+                body = self.abstract_stats(st, body.xreplace({k: ROW}), cols[0] if cols else None)
+                coldep = body.has(COL)
+                for sym, b, c in self.crosses:
+                    if b == body:
+                        return sym
+                sym = sp.Symbol(f"T{len(self.crosses)}", real=True)
+                self.crosses.append((sym, body, coldep))
+                return sym
+            if not node.args or isinstance(node, (sp.Indexed, ReduceMax)):
+                return node
+            new = [go(a) for a in node.args]
+            return node.func(*new) if any(a is not b for a, b in zip(new, node.args)) else node
+
+        return go(expr)
+
+    def build(self):
+        stmts = self.launch.stmts
+        entries = []  # (stmt, role, expr)
+        resolved: list[Stmt] = []  # statements with same-launch reads substituted
+        for n, st in enumerate(stmts):
+            e = st.expr
+            for prev in resolved:
+                if prev.target in st.reads():
+                    e = substitute(e, prev)
+            resolved.append(replace(st, expr=e))
+            roles = []
+            rep = {}
+            for ix, d in zip(st.indices, st.dims):
+                if d == self.rowdim and "row" not in roles:
+                    roles.append("row")
+                    rep[ix] = ROW
+                elif d == self.coldim and "col" not in roles:
+                    roles.append("col")
+                    rep[ix] = COL
+                else:
+                    self.fail(st, f"target index {ix} is neither the row nor the column index")
+            e = e.xreplace(rep)
+            e = self.abstract_cross(st, e)
+            role = {(): "scalar", ("row",): "row", ("col",): "col", ("row", "col"): "rowcol"}.get(tuple(roles))
+            if role is None:
+                self.fail(st, "target indexed (column, row)")
+            if role in ("col", "scalar"):
+                if e.has(ROW) or e.atoms(sp.Sum, ReduceMax):
+                    self.fail(st, "a reduction across rows mixed with row-level terms")
+            else:
+                if any(c for c in self.crosses if e.has(c[0])):
+                    self.fail(st, "reads a reduction across rows of the same launch")
+                e = self.abstract_stats(st, e)
+            entries.append((st, role, e))
+        self.entries = entries
+        self._schedule()
+        return self._emit()
+
+    def _schedule(self):
+        final_exprs = [e for _, r, e in self.entries if r == "rowcol"] + [b for _, b, c in self.crosses if c]
+        row_exprs = [e for _, r, e in self.entries if r == "row"] + [b for _, b, c in self.crosses if not c]
+        early: set = set()
+
+        def need(expr):
+            for s in self.stats:
+                if expr.has(s.sym) and s.sym not in early:
+                    early.add(s.sym)
+                    need(s.body)
+
+        for e in final_exprs:
+            need(e)
+        for s in self.stats:
+            if any(r.has(s.sym) for r in row_exprs) and s.sym not in early:
+                s.late = True
+                for d in s.deps:
+                    if d.sym not in early:
+                        early.add(d.sym)
+                        need(d.body)
+        for s in self.stats:
+            if s.late and s.sym in early:
+                s.late = False
+        for s in self.stats:  # stats are created inner-first, so deps come earlier
+            if s.late:
+                continue
+            base = max((d.pass_no for d in s.deps), default=0)
+            s.pass_no = base + 1
+            if s.kind == "sum":
+                maxes = [d for d in s.deps if d.kind == "max" and d.pass_no == base and not d.late]
+                others = [d for d in s.deps if d not in maxes]
+                if len(maxes) == 1 and all(d.pass_no < base for d in others):
+                    m = maxes[0]
+                    t = sp.Symbol("_m_probe", real=True)
+                    b = s.body.xreplace({m.sym: t})
+                    if sp.expand(sp.diff(b, t) + b) == 0:
+                        s.pass_no, s.online = base, m
+
+    # -- emission ------------------------------------------------------------------------
+    def _printer_names(self, expr, loads: dict, load_lines: list, row_loads: dict, row_lines: list, extra: dict, vector: bool):
+        names = dict(extra)
+        names[ROW] = "row"
+        if vector:
+            names[COL] = "cols"
+        for s in self.stats:
+            names.setdefault(s.sym, s.var)
+        for sym, _, _ in self.crosses:
+            names.setdefault(sym, f"tot{str(sym)[1:]}")
+        def row_level(ix):
+            return ix == ROW or ix.is_Integer or (isinstance(ix, sp.Indexed) and all(row_level(j) for j in ix.indices))
+
+        nodes = sorted(expr.atoms(sp.Indexed), key=lambda n: (sum(isinstance(i, sp.Indexed) for i in n.indices), sp.default_sort_key(n)))
+        for node in nodes:
+            if all(row_level(ix) for ix in node.indices):
+                if node not in row_loads:
+                    var = f"rv{len(row_loads)}"
+                    row_loads[node] = var
+                    row_lines.append(_load(self.ctx, self.sig, node, {ROW: "row", **row_loads}, var, None))
+                names[node] = row_loads[node]
+            else:
+                if not vector:
+                    raise LoweringError(f"op {self.ctx.op.name}: {node} read at row level")
+                if node not in loads:
+                    var = f"cv{self._nload}"
+                    self._nload += 1
+                    loads[node] = var
+                    load_lines.append(_load(self.ctx, self.sig, node, {ROW: "row", COL: "cols", **row_loads}, var, "cmask"))
+                names[node] = loads[node]
+        return self.sig.names_for(expr, names)
+
+    def _emit(self):
+        ctx, sig = self.ctx, self.sig
+        self._nload = 0
+        row_loads: dict = {}
+        row_lines: list = []
+        passes = []
+        n_passes = max((s.pass_no for s in self.stats if not s.late), default=0)
+        for p in range(1, n_passes + 1):
+            init, loads, load_lines, body = [], {}, [], []
+            members = [s for s in self.stats if not s.late and s.pass_no == p]
+            for s in members:
+                init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, tl.float32)")
+            for s in members:
+                if s.online is not None:
+                    continue  # emitted with its max
+                extra = {}
+                onl = [o for o in members if o.online is s]
+                names = self._printer_names(s.body, loads, load_lines, row_loads, row_lines, extra, True)
+                v = pr(ctx, s.body, names, f"row statistic {s.body}")
+                if s.kind == "max":
+                    if onl:
+                        body.append(f"m_new = tl.maximum({s.var}, tl.max(tl.where(cmask, {v}, float('-inf')), 0))")
+                        for o in onl:
+                            onames = self._printer_names(o.body, loads, load_lines, row_loads, row_lines, {s.sym: "m_new"}, True)
+                            ov = pr(ctx, o.body, onames, f"row statistic {o.body}")
+                            body.append(f"{o.var} = {o.var} * tl.exp({s.var} - m_new) + tl.sum(tl.where(cmask, {ov}, 0.0), 0)")
+                        body.append(f"{s.var} = m_new")
+                    else:
+                        body.append(f"{s.var} = tl.maximum({s.var}, tl.max(tl.where(cmask, {v}, float('-inf')), 0))")
+                else:
+                    body.append(f"{s.var} += tl.sum(tl.where(cmask, {v}, 0.0), 0)")
+            passes.append(dict(init=init, loads=load_lines, body=body))
+        # Final pass: elementwise outputs, column partials, late statistics.
+        final = None
+        init, loads, load_lines, body = [], {}, [], []
+        late = [s for s in self.stats if s.late]
+        for s in late:
+            init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, tl.float32)")
+            names = self._printer_names(s.body, loads, load_lines, row_loads, row_lines, {}, True)
+            v = pr(ctx, s.body, names, f"row statistic {s.body}")
+            if s.kind == "max":
+                body.append(f"{s.var} = tl.maximum({s.var}, tl.max(tl.where(cmask, {v}, float('-inf')), 0))")
+            else:
+                body.append(f"{s.var} += tl.sum(tl.where(cmask, {v}, 0.0), 0)")
+        for st, role, e in self.entries:
+            if role != "rowcol":
+                continue
+            names = self._printer_names(e, loads, load_lines, row_loads, row_lines, {}, True)
+            v = pr(ctx, e, names, st.formula)
+            ptr = sig.buf(st.target)
+            line = (f"tl.store({ptr} + row * {sig.stride(st.target, 0)} + cols * {sig.stride(st.target, 1)}, "
+                    f"{store_value(ptr, v)}, mask=cmask)")
+            body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
+        part_init, part_store, part_host = [], [], []
+        for sym, b, coldep in self.crosses:
+            j = str(sym)[1:]
+            if coldep:
+                names = self._printer_names(b, loads, load_lines, row_loads, row_lines, {}, True)
+                v = pr(ctx, b, names, f"partial sum {b}")
+                ncol = sig.idim(self.coldim.name)
+                # The whole row in one block: keep this program's partial sums in registers across
+                # its rows; else read-modify-write this program's own partial row.
+                body += ["if ONE_BLOCK:", f"    pacc{j} += tl.where(cmask, {v}, 0.0)", "else:",
+                         f"    pp{j} = part{j}_ptr + pid64 * {ncol} + cols",
+                         f"    tl.store(pp{j}, tl.load(pp{j}, mask=cmask, other=0.0) + tl.where(cmask, {v}, 0.0), mask=cmask)"]
+                part_init.append(f"pacc{j} = tl.zeros([BLOCK], tl.float32)")
+                part_store += ["if ONE_BLOCK:", f"    tl.store(part{j}_ptr + pid64 * {ncol} + cols0, pacc{j}, mask=cols0 < {ncol})"]
+                part_host.append(f"part{j} = torch.zeros((n_prog, n_{self.coldim.name}), dtype=torch.float32, device=device)")
+            else:
+                part_init.append(f"acc{j} = tl.full([], 0.0, tl.float32)")
+                part_store.append(f"tl.store(part{j}_ptr + pid64, acc{j})")
+                part_host.append(f"part{j} = torch.zeros((n_prog,), dtype=torch.float32, device=device)")
+            sig.extra.append((f"part{j}_ptr", f"part{j}"))
+        if body or late:
+            final = dict(init=init, loads=load_lines, body=body)
+        # Row-level results after the passes.
+        row_after = []
+        for st, role, e in self.entries:
+            if role != "row":
+                continue
+            names = self._printer_names(e, {}, [], row_loads, row_lines, {}, False)
+            v = pr(ctx, e, names, st.formula)
+            ptr = sig.buf(st.target)
+            row_after.append(f"tl.store({ptr} + row * {sig.stride(st.target, 0)}, {store_value(ptr, v)})")
+        for sym, b, coldep in self.crosses:
+            if not coldep:
+                names = self._printer_names(b, {}, [], row_loads, row_lines, {}, False)
+                row_after.append(f"acc{str(sym)[1:]} += {pr(ctx, b, names, f'partial sum {b}')}")
+        nrow = sig.idim(self.rowdim.name)
+        ncol = sig.idim(self.coldim.name) if self.coldim is not None else None
+        sig.extra.append(("RPP", "rpp"))
+        sig.constexpr.append(("BLOCK", "blk"))
+        fused = any(st.fused for st in self.launch.stmts)
+        if fused:
+            sig.constexpr.append(("WRITE_GRAD", "write_grad"))
+        col_partials = any(c for _, _, c in self.crosses)
+        if col_partials:
+            sig.constexpr.append(("ONE_BLOCK", f"n_{self.coldim.name} <= blk"))
+        main = ctx.env.get_template("rows.j2").render(
+            name=self.kname, args=sig.kernel_args(), formulas=_formula_lines(self.launch.stmts),
+            scalar_loads=sorted(sig.scalar_loads.values()), nrow=nrow, ncol=ncol,
+            part_init=part_init, row_lines=row_lines, passes=passes, final=final, row_after=row_after,
+            part_store=part_store,
+        )
+        srcs = [main]
+        host = []
+        itemsize = "dtype.itemsize"
+        if ncol:
+            host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize}, whole_row={col_partials})")
+        else:
+            host.append("blk = 16")
+        if self.crosses:
+            host.append(f"n_prog, rpp = _rt.partial_programs(n_{self.rowdim.name}, device)")
+        else:
+            host.append(f"n_prog, rpp = n_{self.rowdim.name}, 1")
+        host += part_host
+        host.append(f"{self.kname}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
+        if self.crosses:
+            fsrc, fhost = self._finish()
+            srcs.append(fsrc)
+            host += fhost
+        return srcs, host, [s.target for s in self.launch.stmts]
+
+    def _finish(self):
+        ctx = self.ctx
+        sig = Sig(ctx)
+        fname = self.kname + "_finish"
+        lines, stores, scalar_stores = [], [], []
+        col = self.coldim is not None and any(c for _, _, c in self.crosses)
+        ncol = sig.idim(self.coldim.name) if col else None
+        for sym, b, coldep in self.crosses:
+            j = str(sym)[1:]
+            sig.extra.append((f"part{j}_ptr", f"part{j}"))
+            if coldep:
+                lines += [f"tot{j} = tl.zeros([BLOCK], tl.float32)",
+                          "for p in range(0, P):",
+                          f"    tot{j} += tl.load(part{j}_ptr + p * {ncol} + cols, mask=cmask, other=0.0)"]
+            else:
+                lines += [f"acc{j} = tl.zeros([BLOCK], tl.float32)",
+                          "for p0 in range(0, P, BLOCK):",
+                          "    po = p0 + tl.arange(0, BLOCK)",
+                          f"    acc{j} += tl.load(part{j}_ptr + po, mask=po < P, other=0.0)",
+                          f"tot{j} = tl.sum(acc{j}, 0)"]
+        loads: dict = {}
+        load_lines: list = []
+        for st, role, e in self.entries:
+            if role not in ("col", "scalar"):
+                continue
+            names = {sym: f"tot{str(sym)[1:]}" for sym, _, _ in self.crosses}
+            if role == "col":
+                names[COL] = "cols"
+            for node in sorted(e.atoms(sp.Indexed), key=sp.default_sort_key):
+                if role != "col" or not all(ix == COL for ix in node.indices):
+                    raise LoweringError(f"op {ctx.op.name}: {st.formula}: finishing reads {node}")
+                if node not in loads:
+                    loads[node] = f"c{len(loads)}"
+                    load_lines.append(_load(ctx, sig, node, {COL: "cols"}, loads[node], "cmask"))
+                names[node] = loads[node]
+            names = sig.names_for(e, names)
+            v = pr(ctx, e, names, st.formula)
+            ptr = sig.buf(st.target)
+            if role == "col":
+                stores.append(f"tl.store({ptr} + cols * {sig.stride(st.target, 0)}, {store_value(ptr, v)}, mask=cmask)")
+            else:
+                scalar_stores.append(f"tl.store({ptr}, {store_value(ptr, v)})")
+        sig.extra.append(("P", "n_prog"))
+        sig.constexpr.append(("BLOCK", "fblk"))
+        src = ctx.env.get_template("finish.j2").render(
+            name=fname, args=sig.kernel_args(), formulas=[f"finish: {s.formula}"[:110] for s, r, _ in self.entries if r in ("col", "scalar")],
+            ncol=ncol, scalar_loads=sorted(sig.scalar_loads.values()), lines=lines, loads=load_lines,
+            stores=stores, scalar_stores=scalar_stores,
+        )
+        if col:
+            host = [f"fblk = _rt.map_block(n_{self.coldim.name})",
+                    f"{fname}[(triton.cdiv(n_{self.coldim.name}, fblk),)]({', '.join(sig.host_args())})"]
+        else:
+            host = ["fblk = _rt.map_block(n_prog)", f"{fname}[(1,)]({', '.join(sig.host_args())})"]
+        return src, host
+
+
+def emit_rows(ctx: Context, launch: Launch, kname: str):
+    return RowBuilder(ctx, launch, kname).build()
