@@ -1,0 +1,215 @@
+"""Runtime for the generated NumPy modules: special functions, masked gathers, argument checks.
+
+Generated NumPy modules depend on NumPy and this module only (no SciPy, no PyTorch). Everything is
+vectorized; nothing loops over elements in Python.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+__all__ = ["ALL", "erf", "sigmoid", "gather", "bind_params", "bind_dims", "derived_dim", "check_shape", "float_dtype", "label_array"]
+
+
+# ------------------------------------------------------------------------------------------------
+# special functions
+
+# W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23 (1969),
+# coefficients as in netlib specfun CALERF: max relative error below 1e-16 on each interval.
+_A = (3.1611237438705656, 113.864154151050156, 377.485237685302021, 3209.37758913846947, 0.185777706184603153)
+_B = (23.6012909523441209, 244.024637934444173, 1282.61652607737228, 2844.23683343917062)
+_C = (0.564188496988670089, 8.88314979438837594, 66.1191906371416295, 298.635138197400131,
+      881.95222124176909, 1712.04761263407058, 2051.07837782607147, 1230.33935479799725, 2.15311535474403846e-8)
+_D = (15.7449261107098347, 117.693950891312499, 537.181101862009858, 1621.38957456669019,
+      3290.79923573345963, 4362.61909014324716, 3439.36767414372164, 1230.33935480374942)
+_P = (0.305326634961232344, 0.360344899949804439, 0.125781726111229246, 0.0160837851487422766,
+      6.58749161529837803e-4, 0.0163153871373020978)
+_Q = (2.56852019228982242, 1.87295284992346047, 0.527905102951428412, 0.0605183413124413191, 0.00233520497626869185)
+_SQRPI = 0.56418958354775628695  # 1/sqrt(pi)
+_THRESH = 0.46875
+_XBIG = 26.543  # erfc underflows beyond this
+
+
+def _erfc_scaled_tail(y: np.ndarray) -> np.ndarray:
+    """erfc(y) for y > THRESH (Cody's second and third intervals), without cancellation."""
+    mid = y <= 4.0
+    out = np.empty_like(y)
+    ym = y[mid]
+    num, den = _C[8] * ym, ym.copy()
+    for c, d in zip(_C[:7], _D[:7]):
+        num, den = (num + c) * ym, (den + d) * ym
+    out[mid] = (num + _C[7]) / (den + _D[7])
+    yt = y[~mid]
+    z = 1.0 / (yt * yt)
+    num, den = _P[5] * z, z.copy()
+    for p, q in zip(_P[:4], _Q[:4]):
+        num, den = (num + p) * z, (den + q) * z
+    out[~mid] = (_SQRPI - z * (num + _P[4]) / (den + _Q[4])) / yt
+    # exp(-y*y) split as exp(-ysq*ysq)*exp(-del): y*y would lose the low bits that matter here.
+    ysq = np.trunc(y * 16.0) / 16.0
+    delta = (y - ysq) * (y + ysq)
+    out *= np.exp(-ysq * ysq) * np.exp(-delta)
+    return np.where(y >= _XBIG, 0.0, out)
+
+
+def erf(x):
+    """The error function, elementwise, accurate to about 1 ulp in float64 (Cody's algorithm).
+
+    Computed in float64 and returned in the input's float dtype (float32 stays float32)."""
+    x = np.asarray(x)
+    dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
+    x64 = x.astype(np.float64, copy=False)
+    y = np.abs(x64)
+    out = np.empty_like(x64)
+    small = y <= _THRESH
+    ys = y[small]
+    z = ys * ys
+    num, den = _A[4] * z, z.copy()
+    for a, b in zip(_A[:3], _B[:3]):
+        num, den = (num + a) * z, (den + b) * z
+    out[small] = x64[small] * (num + _A[3]) / (den + _B[3])
+    big = ~small & ~np.isnan(y)
+    yb = np.minimum(y[big], 2 * _XBIG)  # keeps inf finite inside the rational function
+    out[big] = np.copysign((0.5 - _erfc_scaled_tail(yb)) + 0.5, x64[big])
+    out[np.isnan(y)] = np.nan
+    return out.astype(dtype, copy=False)
+
+
+def sigmoid(x):
+    """1/(1 + exp(-x)) without overflow: exp only ever sees -|x|."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+# ------------------------------------------------------------------------------------------------
+# indexing
+
+
+ALL = slice(None)  # a gather position read whole (a plain index over the tensor's extent)
+
+
+def gather(t: np.ndarray, *index) -> np.ndarray:
+    """``t[index]``, where reads outside ``t``'s extent give 0: the zero-extension convention (a
+    convolution's zero padding, ignored labels).
+
+    Each entry of ``index`` is :data:`ALL` (keep that axis) or an integer array; the arrays
+    broadcast together, and the result lays out axes as NumPy indexing does (the broadcast block
+    in place of the array positions when they are adjacent, else first). Small overhangs (a
+    convolution's padding) are served by zero-padding ``t``; large ones (a label of -100) by a mask.
+    """
+    arrays = [(k, np.asarray(ix)) for k, ix in enumerate(index) if not isinstance(ix, slice)]
+    pads = [(0, 0)] * t.ndim
+    shifted = list(index)
+    for k, ix in arrays:
+        n = t.shape[k]
+        lo, hi = (int(ix.min()), int(ix.max())) if ix.size else (0, 0)
+        below, above = max(0, -lo), max(0, hi - (n - 1))
+        pads[k] = (below, above)
+        shifted[k] = ix + below if below else ix
+    block = np.broadcast_shapes(*(ix.shape for _, ix in arrays))
+    result = int(np.prod(block)) * int(np.prod([t.shape[k] for k, ix in enumerate(index) if isinstance(ix, slice)]))
+    padded = int(np.prod([n + a + b for n, (a, b) in zip(t.shape, pads)]))
+    # Padding copies the tensor once: worth it when the result is at least that big (im2col), not
+    # for a few reads far outside (a label of -100 picking one logit per row).
+    if padded <= max(result, t.size) or all(p == (0, 0) for p in pads):
+        if any(p != (0, 0) for p in pads):
+            t = np.pad(t, pads)
+        return t[tuple(shifted)]
+    ok = True
+    clipped = list(index)
+    for k, ix in arrays:
+        n = t.shape[k]
+        ok = ok & (ix >= 0) & (ix < n)
+        clipped[k] = np.clip(ix, 0, n - 1)
+    values = t[tuple(clipped)]
+    # the mask has the broadcast block's shape: put it where indexing put the block
+    positions = [k for k, _ in arrays]
+    block = np.ndim(ok)
+    if positions == list(range(positions[0], positions[0] + len(positions))):
+        before = sum(1 for k in range(positions[0]) if isinstance(index[k], slice))
+    else:
+        before = 0
+    ok = np.reshape(ok, (1,) * before + np.shape(ok) + (1,) * (values.ndim - before - block))
+    return np.where(ok, values, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks shared by every generated module
+
+
+def bind_params(op: str, defaults: dict, integer: tuple, given: dict) -> dict:
+    """The op's params: defaults overridden by ``given``; an unknown name is a TypeError."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        known = ", ".join(defaults) or "none"
+        raise TypeError(f"{op}: unknown param(s) {', '.join(map(repr, unknown))}; its params are: {known}")
+    out = dict(defaults)
+    for name, value in given.items():
+        if name in integer:
+            try:
+                out[name] = operator.index(value)
+            except TypeError:
+                raise TypeError(f"{op}: param {name!r} must be an integer, got {value!r}") from None
+        else:
+            try:
+                out[name] = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"{op}: param {name!r} must be a number, got {value!r}") from None
+    return out
+
+
+def float_dtype(*values) -> np.dtype:
+    """The dtype the math runs in: float64 if any float input is float64, else float32.
+
+    Python scalars count as weak (NEP 50): ``dloss=1.0`` keeps a float32 backward in float32."""
+    args = [v if isinstance(v, (int, float, np.ndarray, np.generic)) else np.asarray(v) for v in values]
+    return np.result_type(*args, np.float32)
+
+
+def label_array(op: str, name: str, value) -> np.ndarray:
+    """An integer label tensor; a float array here is a mistake, not something to round."""
+    a = np.asarray(value)
+    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+        raise ValueError(f"{op}: input {name} holds integer labels, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def bind_dims(op: str, arrays: dict, spec: dict) -> dict:
+    """Each dim's size, read from the first input that has it; checks every input's rank and that
+    inputs sharing a dim agree. ``spec`` maps input name -> its dim names, in declaration order."""
+    dims: dict[str, int] = {}
+    source: dict[str, str] = {}
+    for name, names in spec.items():
+        shape = np.shape(arrays[name])
+        if len(shape) != len(names):
+            want = f"({', '.join(names)})" if names else "() (a scalar)"
+            raise ValueError(f"{op}: input {name} must have {len(names)} dims {want}, got shape {tuple(shape)}")
+        for axis, (d, n) in enumerate(zip(names, shape)):
+            if d not in dims:
+                if n < 1:
+                    raise ValueError(f"{op}: input {name} has {d} = {n} (axis {axis}); every dim must be at least 1")
+                dims[d], source[d] = int(n), f"input {name} (axis {axis})"
+            elif dims[d] != n:
+                raise ValueError(f"{op}: input {name} has {d} = {n} (axis {axis}) but {source[d]} gives {d} = {dims[d]}")
+    return dims
+
+
+def derived_dim(op: str, name: str, formula: str, compute) -> int:
+    """A derived dim (a convolution's output size): must come out a positive integer."""
+    try:
+        value = compute()
+    except ZeroDivisionError:
+        raise ValueError(f"{op}: dim {name} = {formula} divides by zero at these params") from None
+    if value < 1:
+        raise ValueError(f"{op}: dim {name} = {formula} is {value} for these inputs and params; it must be at least 1")
+    return int(value)
+
+
+def check_shape(op: str, name: str, value, dims: tuple, shape: tuple, dtype) -> np.ndarray:
+    """A cotangent must have exactly its output's shape; returned as an array of ``dtype``."""
+    a = np.asarray(value, dtype=dtype)
+    if a.shape != tuple(shape):
+        pretty = ", ".join(f"{d}={n}" for d, n in zip(dims, shape)) or "a scalar"
+        raise ValueError(f"{op}: cotangent {name} must have shape {tuple(shape)} ({pretty}), got {a.shape}")
+    return a

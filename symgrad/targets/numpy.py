@@ -1,0 +1,272 @@
+"""The NumPy target: an op's lowered :class:`~symgrad.ir.Program` -> one NumPy reference module.
+
+``render(program, command)`` lowers each statement with :mod:`.numpy_printer` and fills the Jinja
+skeleton ``templates/numpy/module.py.j2``: the skeleton only places blocks this module computes.
+The module contract (functions, constants, errors) is in :mod:`symgrad.targets`.
+
+How the IR's kernel classes come out (every statement is evaluated over its axis space, see
+:mod:`.statements`; there are no Python loops over elements):
+
+* map: broadcast elementwise NumPy expressions;
+* row reduction: ``np.sum`` / ``np.max`` over the reduced axis (``np.einsum`` when the reduced
+  body is a product, e.g. layer_norm's ``sum(dy*w*xhat)``);
+* contraction: ``A @ B`` (with ``.T``) for two matrices, else ``np.einsum(..., optimize=True)``
+  straight on the operands;
+* stencil: strided reads are re-indexed so each spans one large axis (the stride becomes a
+  divisibility guard folded into the gather's index), read with ``_m.gather`` (zero-padding the
+  tensor: reads outside the extent are 0) and contracted with ``np.einsum``: the im2col form.
+
+Dtypes: the math runs in float64 when any float input is float64, else in float32 (float16 inputs
+compute in float32); outputs, saved values and gradients come back in that dtype.
+"""
+from __future__ import annotations
+
+import keyword
+import textwrap
+from functools import lru_cache
+
+import jinja2
+import sympy as sp
+
+from ..declare import Role
+from ..ir import Program, Statement
+from . import REPO_ROOT, declaration_file
+from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_statement_lines, mask_buffers
+from .statements import LoweringError, common_subexpressions, prepare
+
+TEMPLATE_DIR = REPO_ROOT / "templates" / "numpy"
+
+# Names the generated code itself uses: no buffer, param or dim may take one.
+RESERVED = frozenset({
+    "np", "math", "saved", "params", "dims", "forward", "backward", "vjp", "forward_with_saved",
+    "OP", "INPUTS", "DIFFERENTIABLE", "OUTPUTS", "PARAMS", "float", "abs", "True", "False", "None",
+})
+
+
+@lru_cache(maxsize=None)
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    return env.get_template("module.py.j2")
+
+
+def render(program: Program, command: str) -> str:
+    """The source of ``generated/numpy/<op>.py``."""
+    op = program.op
+    _check_names(program)
+    env = _env(program)
+    env.masks = mask_buffers(program.forward.statements + program.backward.statements, env)
+    context = {
+        "op": op.name,
+        "source": declaration_file(op.name),
+        "command": command,
+        "doc": _module_doc(program),
+        "constants": _constants(program),
+        "input_args": ", ".join(program.inputs),
+        "cotangent_args": ", ".join(program.cotangents),
+        "forward_prologue": _forward_prologue(program),
+        "forward_body": [_statement(st, program, env) for st in program.forward.statements],
+        "forward_returns": _tuple(program.outputs),
+        "saved": _saved_dict(program),
+        "backward_prologue": _backward_prologue(program),
+        "backward_body": [_statement(st, program, env) for st in program.backward.statements],
+        "gradients": _gradients(program),
+    }
+    return _template().render(**context)
+
+
+# ------------------------------------------------------------------------------------------------
+# names
+
+
+def _check_names(program: Program) -> None:
+    op = program.op
+    seen: dict[str, str] = {}
+    kinds = [("buffer", n) for n in program.buffers] + [("param", p.name) for p in program.params] + [("dim", d.name) for d in op.dims]
+    for kind, name in kinds:
+        if not name.isidentifier() or keyword.iskeyword(name) or name in RESERVED or name.startswith("_"):
+            raise LoweringError(f"op {op.name}: {kind} name {name!r} cannot be a local of the generated code (reserved or not an identifier)")
+        if name in seen and seen[name] != kind:
+            raise LoweringError(f"op {op.name}: {name!r} names both a {seen[name]} and a {kind}")
+        seen[name] = kind
+
+
+def _env(program: Program) -> Env:
+    op = program.op
+    return Env(
+        tensors={name: tuple(dims) for name, dims in program.buffers.items()},
+        labels={t.name for t in op.inputs if t.role is Role.LABEL},
+        params={p.name for p in program.params},
+        dims={d.name for d in op.dims},
+        sizes={sp.expand(d.size): d.name for d in op.dims},
+        where=f"op {op.name}",
+    )
+
+
+def _reserved(program: Program) -> set[str]:
+    return set(program.buffers) | {p.name for p in program.params} | {d.name for d in program.op.dims} | RESERVED
+
+
+# ------------------------------------------------------------------------------------------------
+# statements
+
+
+def _statement(st: Statement, program: Program, env: Env) -> str:
+    """One statement's block: its formula as a comment, then the lines computing it."""
+    where = f"op {program.op.name}, statement {st.target}"
+    prepared = prepare(st.expr, st.indices, st.dims, _reserved(program), env.tensors, where)
+    printer = NumPyPrinter(env, prepared, where)
+    reps, reduced = common_subexpressions(prepared.expr)
+    shape = _tuple([d.name for d in st.dims], parens=True)
+    lines = lower_statement_lines(printer, reps, reduced, st.target, prepared.indices, shape)
+    comment = _wrap(f"{st.formula}  [{st.kind.value}]")
+    if prepared.reindexed:  # say what the code computes: the strided sum over the read positions
+        comment += _wrap(f"computed as {sp.sstr(prepared.expr)}")
+    return "\n".join([*comment, *lines])
+
+
+def _wrap(text: str) -> list[str]:
+    lines = textwrap.wrap(text, width=96, break_long_words=False, break_on_hyphens=False)
+    return [f"# {lines[0]}", *(f"#     {c}" for c in lines[1:])]
+
+
+def _tuple(names, parens: bool = False) -> str:
+    names = list(names)
+    if len(names) == 1 and not parens:
+        return names[0]
+    if len(names) == 1:
+        return f"({names[0]},)"
+    return f"({', '.join(names)})"
+
+
+# ------------------------------------------------------------------------------------------------
+# prologues: arguments in, dims bound, dtypes fixed
+
+
+def _size_code(expr: sp.Expr) -> str:
+    """A derived dim's formula as Python over ints (``floor(a/b)`` -> ``(a)//b``)."""
+
+    def go(e) -> str:
+        if isinstance(e, sp.floor):
+            num, den = sp.fraction(sp.together(e.args[0]))
+            return f"({go(num)})//{atom(den)}" if den != 1 else go(num)
+        if e.is_Add:
+            out = ""
+            for t in e.as_ordered_terms():
+                neg = t.could_extract_minus_sign()
+                code = go(-t if neg else t)
+                out += (" - " if neg else " + ") + code if out else ("-" + code if neg else code)
+            return out
+        if e.is_Mul:
+            coeff, rest = e.as_coeff_Mul()
+            factors = [atom(f) for f in sp.Mul.make_args(rest)]
+            if coeff == -1:
+                return "-" + "*".join(factors)
+            return "*".join(([str(coeff)] if coeff != 1 else []) + factors)
+        if e.is_Integer or e.is_Symbol:
+            return str(e)
+        raise LoweringError(f"cannot compute a dim from {e}")
+
+    def atom(e) -> str:
+        code = go(e)
+        return code if (e.is_Symbol or e.is_Integer and e >= 0) else f"({code})"
+
+    return go(expr)
+
+
+def _forward_prologue(program: Program) -> str:
+    op = program.op
+    lines = ["params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)"]
+    if program.params:
+        names = [p.name for p in program.params]
+        lines.append(f"{', '.join(names)} = {', '.join(f'params[{n!r}]' for n in names)}")
+    floats = []
+    for t in op.inputs:
+        if t.role is Role.LABEL:
+            lines.append(f"{t.name} = _m.label_array(OP, {t.name!r}, {t.name})")
+        else:
+            lines.append(f"{t.name} = np.asarray({t.name})")
+            floats.append(t.name)
+    lines.append(f"dims = _m.bind_dims(OP, {{{', '.join(f'{t.name!r}: {t.name}' for t in op.inputs)}}}, _INPUT_DIMS)")
+    given = [s.dim.name for s in program.dims if s.formula is None]
+    lines.append(f"{', '.join(given)} = {', '.join(f'dims[{n!r}]' for n in given)}")
+    for s in program.dims:
+        if s.formula is not None:
+            code = _size_code(s.formula)
+            lines.append(f"{s.dim.name} = _m.derived_dim(OP, {s.dim.name!r}, {sp.sstr(s.formula)!r}, lambda: {code})")
+    lines.append(f"{DTYPE} = _m.float_dtype({', '.join(floats)})")
+    lines += [f"{n} = {n}.astype({DTYPE}, copy=False)" for n in floats]
+    return "\n".join(lines)
+
+
+def _saved_dict(program: Program) -> str:
+    names = list(program.saved) + [p.name for p in program.params] + [d.name for d in program.op.dims]
+    return "{" + ", ".join(f"{n!r}: {n}" for n in names) + "}"
+
+
+def _backward_prologue(program: Program) -> str:
+    op = program.op
+    lines = []
+    groups = [list(program.saved), [p.name for p in program.params], [d.name for d in op.dims]]
+    for names in groups:
+        if names:
+            lines.append(f"{', '.join(names)} = {', '.join(f'saved[{n!r}]' for n in names)}")
+    labels = {t.name for t in op.inputs if t.role is Role.LABEL}
+    floats = [n for n in program.saved if n not in labels] + list(program.cotangents)
+    lines.append(f"{DTYPE} = _m.float_dtype({', '.join(floats)})")
+    for cot, out in zip(program.cotangents, op.outputs):
+        names = tuple(d.name for d in out.dims)
+        lines.append(f"{cot} = _m.check_shape(OP, {cot!r}, {cot}, {names!r}, {_tuple(names, parens=True) if names else '()'}, {DTYPE})")
+    return "\n".join(lines)
+
+
+def _gradients(program: Program) -> str:
+    grads = {g[1:]: g for g in program.backward.returns}
+    return _tuple([grads.get(name, "None") for name in program.inputs], parens=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# constants and documentation
+
+
+def _constants(program: Program) -> str:
+    op = program.op
+    params = "{" + ", ".join(f"{p.name!r}: {int(p.default) if p.integer else float(p.default)!r}" for p in program.params) + "}"
+    integer = tuple(p.name for p in program.params if p.integer)
+    input_dims = "{" + ", ".join(f"{t.name!r}: {tuple(d.name for d in t.dims)!r}" for t in op.inputs) + "}"
+    return "\n".join([
+        f"OP = {op.name!r}",
+        f"INPUTS = {tuple(program.inputs)!r}",
+        f"DIFFERENTIABLE = {tuple(program.differentiable)!r}",
+        f"OUTPUTS = {tuple(program.outputs)!r}",
+        f"PARAMS = {params}",
+        "",
+        f"_INTEGER_PARAMS = {integer!r}",
+        f"_INPUT_DIMS = {input_dims}  # input -> its dims, in declaration order",
+    ])
+
+
+def _module_doc(program: Program) -> str:
+    op = program.op
+
+    def shape(name, dims):
+        return f"{name}[{', '.join(d.name for d in dims)}]" if dims else name
+
+    lines = [f"{op.name}: {op.doc}.", "", "Inputs:"]
+    for t in op.inputs:
+        lines.append(f"    {shape(t.name, t.dims)}  ({t.role.value})")
+    if program.params:
+        lines.append("Params:")
+        for p in program.params:
+            lines.append(f"    {p.name} = {p.default!r}" + (f"  ({p.doc})" if p.doc else ""))
+    lines.append("Outputs:")
+    for o in op.outputs:
+        lines.append(f"    {shape(o.name, o.dims)}")
+    lines.append(f"Saved for backward: {', '.join(program.saved) or 'nothing'} (and every param and dim).")
+    return "\n".join(line.rstrip() for line in lines).replace('"""', "'''").replace("\\", "\\\\")

@@ -1,0 +1,324 @@
+"""Target-neutral preparation of one IR statement for array code generation.
+
+An array target evaluates a statement ``target[indices] = expr`` in an *axis space*: every index of
+the statement, free or bound by a ``Sum``/``ReduceMax``, names one axis whose coordinates run over
+that index's range. A sub-expression is an array over exactly the axes of the indices it depends on
+(its free index symbols), so broadcasting lines sub-expressions up and reductions remove axes.
+
+For that to be sound each index symbol must have one range in the whole statement, and reads must
+be cheap to form. :func:`prepare` therefore
+
+1. renames an index whose name a buffer, param or dim also uses, and a bound index that is bound
+   elsewhere with a different range (shadowing with the *same* range is harmless: the inner binder
+   reduces its axis before the outer one sees it);
+2. re-indexes stencil sums (:func:`reindex_strided`): a bound index read at a *strided* position
+   ``a*j + rest`` (``a`` not +-1, the gradient of a strided convolution) is replaced by the position
+   itself, which runs over the read tensor's extent; the stride becomes a divisibility guard. Without
+   this the read would span two large axes (output rows x input rows) instead of one large, one small;
+3. lists the axes in a canonical order: the statement's indices, then bound indices in order of first
+   appearance.
+
+:func:`common_subexpressions` runs ``sympy.cse`` with tensor entries, brackets and sum limits held
+opaque, so extracted temporaries are plain array expressions over known axes.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..functions import Iverson, ReduceMax
+
+
+class LoweringError(ValueError):
+    """A statement uses a construct the target cannot lower; names the op, statement and node."""
+
+
+@dataclass
+class Prepared:
+    expr: sp.Expr
+    axes: tuple[sp.Symbol, ...]  # canonical order: statement indices first
+    ranges: dict  # index symbol -> (lo, hi), inclusive, expressions over dims and params
+    indices: tuple[sp.Symbol, ...]  # the statement's own indices, possibly renamed
+    reindexed: bool = False  # a strided read was re-indexed: ``expr`` differs from the IR's form
+
+
+def binders(node: sp.Basic):
+    """``(symbol, lo, hi)`` for each index that ``node`` binds (a Sum's limits, a ReduceMax)."""
+    if isinstance(node, sp.Sum):
+        return [tuple(lim) for lim in node.limits]
+    if isinstance(node, ReduceMax):
+        return [node.limits]
+    return []
+
+
+def _rebind(node: sp.Basic, old: sp.Symbol, new: sp.Symbol) -> sp.Basic:
+    """``node`` with its binder ``old`` renamed ``new`` (in its limits and its body)."""
+    if isinstance(node, sp.Sum):
+        limits = [(new if v == old else v, a, b) for v, a, b in node.limits]
+        return sp.Sum(node.function.xreplace({old: new}), *limits)
+    body, v, a, b = node.args
+    return ReduceMax(body.xreplace({old: new}), new, a, b)
+
+
+class _Names:
+    """Fresh, deterministic names that clash with nothing in the statement."""
+
+    def __init__(self, taken):
+        self.taken = set(taken)
+
+    def __call__(self, base: str) -> sp.Symbol:
+        for n in itertools.chain([""], itertools.count(2)):
+            name = f"{base}{n}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return sp.Symbol(name, integer=True)
+        raise AssertionError
+
+
+def prepare(expr: sp.Expr, indices, dims, reserved, tensors, where: str) -> Prepared:
+    """``expr`` ready for axis-space evaluation. ``dims`` are the statement's dims (``Dim``s),
+    ``reserved`` every name the generated code uses for something else, ``tensors`` maps a tensor
+    name to its ``Dim``s; ``where`` names the op and statement in errors."""
+    names = _Names(set(reserved) | {str(s) for s in expr.free_symbols} | _bound_names(expr))
+    ranges: dict = {}
+    indices = tuple(indices)
+    ren = {}
+    for ix, d in zip(indices, dims):
+        if str(ix) in reserved:
+            ren[ix] = names(f"{ix}_")
+    expr = expr.xreplace(ren)
+    indices = tuple(ren.get(ix, ix) for ix in indices)
+    for ix, d in zip(indices, dims):
+        ranges[ix] = (sp.Integer(0), d.size - 1)
+
+    def unique(node, scope):
+        if not isinstance(node, sp.Basic) or node.is_Atom:
+            return node
+        for v, lo, hi in binders(node):
+            for s in (lo, hi):
+                hit = sorted(str(a) for a in s.free_symbols if a in ranges or a in scope)
+                if hit:
+                    raise LoweringError(f"{where}: the bound of {v} depends on index {hit[0]} (a triangular sum); not supported")
+            if str(v) in reserved or (v in ranges and ranges[v] != (lo, hi)):
+                new = names(f"{v}_")
+                node = _rebind(node, v, new)
+                v = new
+            ranges.setdefault(v, (lo, hi))
+        inner = scope | {v for v, _, _ in binders(node)}
+        args = [unique(a, inner) for a in node.args]
+        return node.func(*args) if any(a is not b for a, b in zip(args, node.args)) else node
+
+    expr = unique(expr, frozenset())
+    before = expr
+    expr = reindex_strided(expr, ranges, tensors, names, where)
+    reindexed = expr != before
+    expr = unify_binders(expr, indices, ranges)
+    expr = collect_brackets(expr)
+    order = list(indices)
+    for node in sp.preorder_traversal(expr):
+        for v, _, _ in binders(node):
+            if v not in order:
+                order.append(v)
+    _check_index_positions(expr, ranges, where)
+    return Prepared(expr, tuple(order), ranges, indices, reindexed)
+
+
+def unify_binders(expr: sp.Expr, indices, ranges) -> sp.Expr:
+    """Rename a bound index to a free index of the same range that its sum does not read.
+
+    In the axis space the renamed sum is the same computation (its body reduces the shared axis
+    before anything else sees it), and it lets CSE see that ``exp(x[b, i] - m[b])`` and the summed
+    ``exp(x[b, k] - m[b])`` are one array: softmax then exponentiates once, as a person would."""
+
+    def visit(node):
+        if not isinstance(node, sp.Basic) or node.is_Atom:
+            return node
+        for v, lo, hi in binders(node):
+            taken = node.free_symbols | {w for inner in sp.preorder_traversal(node) for w, _, _ in binders(inner)}
+            for u in indices:
+                if ranges[u] == (lo, hi) and u not in taken:  # u is neither read nor bound inside
+                    node = _rebind(node, v, u)
+                    break
+        args = [visit(a) for a in node.args]
+        return node.func(*args) if any(a is not b for a, b in zip(args, node.args)) else node
+
+    return visit(expr)
+
+
+def collect_brackets(expr: sp.Expr) -> sp.Expr:
+    """``eps*[c] - [c] + p`` -> ``(eps - 1)*[c] + p``: one bracket array instead of two."""
+    def go(node):
+        if not isinstance(node, sp.Basic) or node.is_Atom:
+            return node
+        args = [go(a) for a in node.args]
+        if any(a is not b for a, b in zip(args, node.args)):
+            node = node.func(*args)
+        if node.is_Add:
+            brackets = sorted({f for t in node.args for f in sp.Mul.make_args(t) if isinstance(f, (Iverson, sp.KroneckerDelta))}, key=sp.default_sort_key)
+            if brackets:
+                node = sp.collect(node, brackets)
+        return node
+
+    return go(expr)
+
+
+def _bound_names(expr) -> set[str]:
+    return {str(v) for node in sp.preorder_traversal(expr) for v, _, _ in binders(node)}
+
+
+def _check_index_positions(expr, ranges, where) -> None:
+    for e in sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key):
+        for pos in e.indices:
+            if not _integer_valued(pos):
+                raise LoweringError(f"{where}: tensor entry {e} is read at {pos}, which is not an integer expression")
+
+
+def _integer_valued(e) -> bool:
+    """Integer arithmetic over integer symbols: +, *, non-negative powers, floor/ceiling, Mod."""
+    if e.is_integer:
+        return True
+    if isinstance(e, (sp.floor, sp.ceiling)):
+        return all(s.is_integer for s in e.args[0].free_symbols)
+    if isinstance(e, sp.Mod) or e.is_Add or e.is_Mul:
+        return all(_integer_valued(a) for a in e.args)
+    if e.is_Pow:
+        return _integer_valued(e.base) and e.exp.is_Integer and e.exp >= 0
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# stencils
+
+
+def reindex_strided(expr: sp.Expr, ranges: dict, tensors: dict, names: _Names, where: str) -> sp.Expr:
+    """Replace each bound index read at a strided position by the position itself (see module doc).
+
+    ``Sum(T[.., a*j + rest, ..]*F(j), (j, lo, hi))`` becomes
+    ``Sum([a | r - rest]*T[.., r, ..]*F((r - rest)/a), (r, 0, n - 1))`` with ``n`` the extent of T
+    there: reads of T outside its extent are 0, so no term is lost, and ``j -> a*j + rest`` is one to
+    one. A range guard ``lo <= (r - rest)/a <= hi`` is added unless another factor reads the
+    position ``j`` of a tensor whose extent there is exactly ``[lo, hi]`` (zero extension guards it).
+    """
+
+    def visit(node):
+        if not isinstance(node, sp.Basic) or node.is_Atom:
+            return node
+        args = [visit(a) for a in node.args]
+        if any(a is not b for a, b in zip(args, node.args)):
+            node = node.func(*args)
+        if isinstance(node, sp.Sum):
+            node = _reindex_sum(node, ranges, tensors, names)
+        return node
+
+    return visit(expr)
+
+
+def _reindex_sum(node: sp.Sum, ranges, tensors, names) -> sp.Expr:
+    while True:
+        body, limits = node.function, list(node.limits)
+        factors = list(sp.Mul.make_args(body))
+        for li, (j, lo, hi) in enumerate(limits):
+            found = _strided_read(factors, j, tensors, ranges)
+            if found is not None:
+                break
+        else:
+            return node
+        fi, pos, a = found
+        entry = factors[fi]
+        dim = tensors[str(entry.base)][pos]
+        r = names(dim.index)
+        rest = sp.expand(entry.indices[pos] - a * j)
+        num, den = (rest - r, -a) if a.could_extract_minus_sign() else (r - rest, a)
+        q = sp.floor(num / den)  # the old index, where the guard below holds
+        guards = [Iverson(sp.Eq(sp.Mod(num, den), 0))]
+        if not _covered(factors, fi, j, lo, hi, tensors):
+            guards.append(Iverson(sp.And(sp.Le(lo, q), sp.Le(q, hi))))
+        new_entry = entry.base[tuple(r if p == pos else ix for p, ix in enumerate(entry.indices))]
+        others = [f.xreplace({j: q}) for k, f in enumerate(factors) if k != fi]
+        limits[li] = (r, sp.Integer(0), dim.size - 1)
+        ranges[r] = (sp.Integer(0), dim.size - 1)
+        node = sp.Sum(sp.Mul(*guards, new_entry, *others), *limits)
+
+
+def _strided_read(factors, j, tensors, ranges):
+    """(factor index, position, coefficient) of a tensor factor read at ``a*j + rest`` with the
+    coefficient ``a`` (a stride: numbers, params) not +-1, and ``j`` in no other position."""
+    for fi, f in enumerate(factors):
+        if not isinstance(f, sp.Indexed) or str(f.base) not in tensors:
+            continue
+        hits = [p for p, ix in enumerate(f.indices) if j in ix.free_symbols]
+        if len(hits) != 1:
+            continue
+        e = sp.expand(f.indices[hits[0]])
+        a = sp.expand(sp.diff(e, j))
+        if a.is_zero or a in (sp.Integer(1), sp.Integer(-1)) or a.free_symbols & (set(ranges) | {j}):
+            continue
+        if sp.expand(e - a * j).has(j):  # not linear in j
+            continue
+        return fi, hits[0], a
+    return None
+
+
+def _covered(factors, skip, j, lo, hi, tensors) -> bool:
+    """Does another factor read ``j`` plainly at a position whose extent is exactly [lo, hi]?"""
+    if lo != 0:
+        return False
+    for k, f in enumerate(factors):
+        if k == skip or not isinstance(f, sp.Indexed) or str(f.base) not in tensors:
+            continue
+        for p, ix in enumerate(f.indices):
+            if ix == j and sp.expand(tensors[str(f.base)][p].size - (hi + 1)) == 0:
+                return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# common subexpressions
+
+
+def common_subexpressions(expr: sp.Expr, prefix: str = "_t"):
+    """``sympy.cse`` of ``expr`` with tensor entries, Iverson brackets, one-hots and sum limits held
+    opaque: a temporary is then an array expression over the statement's axes, never a piece of an
+    index or a bound. Returns ``(replacements, reduced)``; deterministic (placeholders are named in
+    traversal order, never ``Dummy``s, whose numbering depends on what ran before)."""
+    opaque: dict = {}
+    counter = itertools.count()
+
+    def hide(node):
+        if isinstance(node, (sp.Indexed, Iverson, sp.KroneckerDelta)):
+            if node not in opaque:
+                opaque[node] = sp.Symbol(f"_o{next(counter)}", real=True)
+            return opaque[node]
+        if not isinstance(node, sp.Basic) or node.is_Atom:
+            return node
+        if isinstance(node, sp.Sum):
+            limits = [(v, hide_bound(a), hide_bound(b)) for v, a, b in node.limits]
+            return sp.Sum(hide(node.function), *limits)
+        if isinstance(node, ReduceMax):
+            body, v, a, b = node.args
+            return ReduceMax(hide(body), v, hide_bound(a), hide_bound(b))
+        args = [hide(a) for a in node.args]
+        return node.func(*args) if any(a is not b for a, b in zip(args, node.args)) else node
+
+    def hide_bound(b):
+        if b.is_Atom:
+            return b
+        if b not in opaque:
+            opaque[b] = sp.Symbol(f"_o{next(counter)}", integer=True)
+        return opaque[b]
+
+    hidden = hide(expr)
+    if not opaque and hidden == expr and not expr.args:
+        return [], expr
+    back = {v: k for k, v in opaque.items()}
+    reps, reduced = sp.cse(hidden, symbols=sp.numbered_symbols(prefix, real=True), optimizations=None, order="canonical")
+    reduced = reduced[0]
+    # sympy.cse can leave an occurrence of an extracted subexpression in place (a product that is
+    # a term of an Add); replace what is left, so the temporary really is computed once.
+    for k, (sym, e) in enumerate(reps):
+        reduced = reduced.xreplace({e: sym})
+        reps[k + 1:] = [(s2, e2.xreplace({e: sym})) for s2, e2 in reps[k + 1:]]
+    reps = [(s, e.xreplace(back)) for s, e in reps]
+    return reps, reduced.xreplace(back)
