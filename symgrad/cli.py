@@ -229,7 +229,19 @@ def derive_expression(text: str, wrt: str | None, at: str | None):
 
 #: Each entry adds one subcommand's parser (and its ``func``). Other subcommands (``generate``,
 #: ``check``) append their ``add_<name>_parser`` here.
-SUBCOMMANDS: list[Callable] = [add_list_parser, add_derive_parser]
+def add_generate_parser(subparsers):
+    from .generate import add_generate_parser as add
+
+    return add(subparsers)
+
+
+def add_check_parser(subparsers):
+    from .check import add_check_parser as add
+
+    return add(subparsers)
+
+
+SUBCOMMANDS: list[Callable] = [add_list_parser, add_derive_parser, add_generate_parser, add_check_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -266,13 +266,6 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def add_check_parser(subparsers) -> argparse.ArgumentParser:
-    """``symgrad check`` (gradient agreement); lives in :mod:`symgrad.check`."""
-    from .check import add_check_parser as add
-
-    return add(subparsers)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="symgrad")
     sub = parser.add_subparsers(dest="command")
