@@ -18,8 +18,6 @@ import pytest
 torch = pytest.importorskip("torch")
 # Compiled kernels on a CUDA machine, else the interpreter on CPU. Triton reads this when a kernel
 # is decorated, so it is set before triton (and any generated module) is imported.
-if "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
 if INTERPRET:
     os.environ.setdefault("SYMGRAD_TRITON_MAX_BLOCK", "16")  # rows of 41 columns span 3 blocks
