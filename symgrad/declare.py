@@ -8,10 +8,12 @@ depend on sizes.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Mapping
 
 import sympy as sp
 
@@ -123,8 +125,7 @@ class Op:
     # Sizes to instantiate in tests: each a dict dim name -> int.
     test_sizes: tuple[Mapping[str, int], ...] = ()
     tolerances: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # dtype -> (rtol, atol)
-    # Dims whose extent the generated code reads from a param rather than an input shape.
-    dim_checks: tuple[tuple[str, Callable], ...] = ()
+    module: str = ""  # the module that registered it (set by ``register``), named in generated banners
 
     @property
     def dims(self) -> tuple[Dim, ...]:
@@ -207,4 +208,7 @@ REGISTRY = Registry()
 
 
 def register(op: Op) -> Op:
+    """Add ``op`` to the registry, recording the module that declares it."""
+    if not op.module:
+        op = dataclasses.replace(op, module=sys._getframe(1).f_globals.get("__name__", ""))
     return REGISTRY.add(op)

@@ -52,8 +52,6 @@ float64, else float32).
 """
 from __future__ import annotations
 
-import ast
-import functools
 import importlib
 import sys
 from dataclasses import dataclass
@@ -118,41 +116,13 @@ def load_renderer(name: str) -> ModuleType:
 # where an op is declared (for the banner of its generated files)
 
 
-@functools.lru_cache(maxsize=None)
-def _declared_names(path: str) -> tuple[frozenset, frozenset]:
-    """Op names a source file declares: ``Op("name", ...)`` / ``Op(name="name")`` calls, and (a
-    weaker sign) the string keys of dict literals, such as the activations' table that a loop
-    registers one op per key of."""
-    try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError):
-        return frozenset(), frozenset()
-    calls, keys = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Op":
-            args = [node.args[0]] if node.args else []
-            args += [k.value for k in node.keywords if k.arg == "name"]
-            calls.update(a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str))
-        elif isinstance(node, ast.Dict):
-            keys.update(k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
-    return frozenset(calls), frozenset(keys)
-
-
 def declaration_file(op_name: str) -> str:
-    """The file that declares ``op_name``, relative to the repository root (``symgrad/ops/conv.py``):
-    the op library first, then other loaded modules of this repository (an example that registers
-    its own op). ``Op`` does not record where it was declared, so this reads the sources."""
-    library = sorted((REPO_ROOT / "symgrad" / "ops").glob("*.py"))
+    """The file that declares ``op_name`` relative to the repository root (``symgrad/ops/conv.py``),
+    or the declaring module's name when it lives outside the repository."""
+    from ..declare import REGISTRY
 
-    def loaded():
-        files = {Path(str(getattr(m, "__file__", None) or "")) for m in list(sys.modules.values())}
-        inside = {f.resolve() for f in files if f.suffix == ".py" and f.resolve().is_relative_to(REPO_ROOT)}
-        return sorted(inside - set(library))
-
-    for paths in (lambda: library, loaded):
-        paths = paths()
-        for kind in (0, 1):  # an Op(...) call beats a dict key
-            for path in paths:
-                if op_name in _declared_names(str(path))[kind]:
-                    return path.relative_to(REPO_ROOT).as_posix()
-    return "a file not found under the repository"
+    module = REGISTRY.get(op_name).module
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if path and Path(path).resolve().is_relative_to(REPO_ROOT):
+        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
+    return module or "an unknown module"
