@@ -396,9 +396,9 @@ def _load(op):
     """Render an (unregistered) op's NumPy module and execute it in memory."""
     import types
 
-    from symgrad.targets.numpy import render
+    from symgrad.targets import numpy as numpy_target
 
-    source = render(lower(derive(op, trace=False)), f"symgrad generate {op.name} --target numpy")
+    source = numpy_target.render(lower(derive(op, trace=False)), f"symgrad generate {op.name} --target numpy")
     mod = types.ModuleType(op.name)
     exec(compile(source, op.name, "exec"), mod.__dict__)
     return mod
@@ -449,3 +449,119 @@ def test_nested_sums_sharing_a_range_with_a_free_index():
     c = np.arange(5)
     want = xv * (((xv * (c + 1)).sum(1)) * (xv * c).sum(1))[:, None]
     np.testing.assert_allclose(_load(op).forward(xv), want, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# one-hots, row masks and in-place evaluation (numpy_printer.lower_row_form_lines)
+
+
+def _ce_reference(x, y, dloss, eps, ignore_index):
+    """dx of softmax + cross-entropy written densely in float64: a label outside [0, C) has an
+    all-zero one-hot, an ignored row a zero gradient (whatever its logits)."""
+    B, C = x.shape
+    w = (y != ignore_index).astype(np.float64)
+    ok = w != 0
+    p = np.zeros_like(x)
+    z = x[ok] - x[ok].max(axis=1, keepdims=True)
+    p[ok] = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    onehot = (np.arange(C)[None, :] == y[:, None]).astype(np.float64)
+    return (dloss * w / w.sum())[:, None] * ((1 - eps) * -onehot + p - eps / C)
+
+
+def test_softmax_cross_entropy_backward_has_no_dense_onehot():
+    import inspect
+
+    mod = module("softmax_cross_entropy")
+    source = inspect.getsource(mod.backward)
+    assert "== y[:, None]" not in source and "y[:, None] ==" not in source, source
+    assert "_m.add_onehot(" in source and "_m.zero_unless(" in source
+    assert "np.where((w[:, None] != 0)" not in source  # no full-size mask pass
+
+    rng = np.random.default_rng(7)
+    B, C = 9, 6
+    x = rng.normal(size=(B, C)) * 3
+    x[2] = np.inf  # an ignored row whose softmax is nan: its gradient must still be exactly 0
+    x[5, 1] = -np.inf
+    y = np.array([0, 5, -100, 3, 9, 2, -7, 1, 5])  # ignored, above C and below 0 (but not ignored)
+    for eps in (0.0, 0.1, 1.0):
+        for dloss in (1.0, -2.5):
+            (dx, dy) = mod.vjp(x, y, dloss, eps=eps)
+            assert dy is None
+            want = _ce_reference(x, y, dloss, eps, -100)
+            assert np.all(dx[2] == 0) and np.all(np.isfinite(dx))
+            np.testing.assert_allclose(dx, want, rtol=1e-12, atol=1e-15, err_msg=f"eps={eps}, dloss={dloss}")
+    # every row ignored: n_valid = 0, and the gradient is 0, not 0/0
+    (dx, _) = mod.vjp(x, np.full(B, -100), 1.0, eps=0.1)
+    assert np.all(dx == 0)
+    # float32 stays float32, and the saved values are never written (dx takes p's buffer, not x's)
+    x32 = rng.normal(size=(B, C)).astype(np.float32)
+    loss, saved = mod.forward_with_saved(x32, y)
+    before = {k: np.copy(v) for k, v in saved.items()}
+    (dx32, _) = mod.backward(saved, np.float32(1.0))
+    assert dx32.dtype == np.float32
+    for k, v in saved.items():
+        np.testing.assert_array_equal(v, before[k])
+    np.testing.assert_allclose(dx32, _ce_reference(x32.astype(np.float64), y, 1.0, 0.0, -100), rtol=1e-5, atol=1e-6)
+
+
+def test_onehot_along_the_first_axis_is_written_per_column():
+    # out[i] = x[y[i], i]: the gradient dout[i]*KroneckerDelta(b, y[i]) is one entry per column,
+    # the one-hot on axis 0 and the scale dout over axis 1; a label outside [0, B) picks nothing.
+    from symgrad.declare import Op, Tensor, output
+
+    b, i = idx("b i")
+    B, C = Dim("B", "b"), Dim("C", "i")
+    x, y = Tensor("x", (B, C)), Tensor("y", (C,), Role.LABEL)
+    op = Op("pick_rows", "x at the row each column's label names", (x, y), (output("out", i, x[y[i], i], C),))
+    mod = _load(op)
+    xv = np.random.default_rng(3).normal(size=(4, 5))
+    yv = np.array([0, 3, 7, -1, 2])
+    np.testing.assert_allclose(mod.forward(xv, yv), [xv[0, 0], xv[3, 1], 0.0, 0.0, xv[2, 4]])
+    dout = np.arange(1.0, 6.0)
+    (dx, _) = mod.vjp(xv, yv, dout)
+    want = np.zeros_like(xv)
+    want[[0, 3, 2], [0, 1, 4]] = dout[[0, 1, 4]]
+    np.testing.assert_array_equal(dx, want)
+
+
+def test_row_mask_is_a_strong_zero_without_a_full_pass():
+    # m[b] = [y[b] != 0] multiplies the whole statement: it scales rows, and a masked row is 0 even
+    # where the rest is inf or nan.
+    from symgrad.declare import Op, Tensor, output
+    from symgrad.functions import Iverson
+
+    b, i = idx("b i")
+    B, C = Dim("B", "b"), Dim("C", "i")
+    x, y = Tensor("x", (B, C)), Tensor("y", (B,), Role.LABEL)
+    m = sp.IndexedBase("m", real=True)
+    op = Op("masked_square", "x**2 on the rows whose label is not 0", (x, y),
+            (output("out", (b, i), m[b] * x[b, i] ** 2, (B, C)),),
+            intermediates=(output("m", b, Iverson(sp.Ne(y[b], 0)), B),))
+    mod = _load(op)
+    xv = np.array([[1.0, -2.0], [np.inf, np.nan], [3.0, 0.5]])
+    yv = np.array([1, 0, 4])
+    out = mod.forward(xv, yv)
+    np.testing.assert_array_equal(out, [[1.0, 4.0], [0.0, 0.0], [9.0, 0.25]])
+    (dx, _) = mod.vjp(xv, yv, np.ones_like(xv))
+    np.testing.assert_array_equal(dx, [[2.0, -4.0], [0.0, 0.0], [6.0, 1.0]])
+
+
+def test_runtime_onehot_and_zero_unless():
+    out = np.zeros((3, 4))
+    numpy_math.add_onehot(out, 1, np.array([1, -100, 4]), np.array([2.0, 3.0, 5.0]))
+    np.testing.assert_array_equal(out, [[0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    numpy_math.add_onehot(out, 0, np.array([2, 0, 3, -1]), 1.5)  # labels per column, a scalar value
+    np.testing.assert_array_equal(out, [[0, 3.5, 0, 0], [0, 0, 0, 0], [1.5, 0, 0, 0]])
+    vec = np.zeros(3)
+    numpy_math.add_onehot(vec, 0, 2, 7.0)
+    numpy_math.add_onehot(vec, 0, 3, 7.0)
+    np.testing.assert_array_equal(vec, [0, 0, 7.0])
+
+    a = np.full((3, 2), np.nan)
+    assert numpy_math.zero_unless(a, np.array([[True], [True], [True]])) is a and np.isnan(a).all()
+    numpy_math.zero_unless(a, np.array([[True], [False], [True]]))  # rows, by index
+    assert np.isnan(a[[0, 2]]).all() and np.all(a[1] == 0)
+    numpy_math.zero_unless(a, np.array([[False, True]]))  # a column mask: one masked pass
+    assert np.all(a[:, 0] == 0) and np.isnan(a[[0, 2], 1]).all()
+    numpy_math.zero_unless(a, False)
+    assert np.all(a == 0)

@@ -88,8 +88,14 @@ def backward(saved, dloss):
 
     # dx[b, i] = dloss*(eps*KroneckerDelta(i, y[b]) - KroneckerDelta(i, y[b]) + p[b, i] -
     #     eps/C)*w[b]/n_valid  [map]
-    _i = np.arange(C)
-    dx = np.where((w[:, None] != 0), (dloss*w/n_valid)[:, None]*((eps - 1)*np.asarray((_i[None, :] == y[:, None]), dtype=_dt) + p - eps/C), 0)
+    _scale = np.where((w != 0), dloss/n_valid*w, 0)
+    dx = p  # p is read nowhere else: dx takes over its buffer
+    if eps != 0:
+        dx -= eps/C
+    np.multiply(dx, _scale[:, None], out=dx)
+    if eps - 1 != 0:
+        _m.add_onehot(dx, 1, y, _scale*(eps - 1))
+    _m.zero_unless(dx, (w[:, None] != 0))
 
     return (dx, None)
 

@@ -9,7 +9,10 @@ import operator
 
 import numpy as np
 
-__all__ = ["ALL", "erf", "sigmoid", "gather", "bind_params", "bind_dims", "derived_dim", "check_shape", "float_dtype", "label_array"]
+__all__ = [
+    "ALL", "erf", "sigmoid", "gather", "add_onehot", "zero_unless",
+    "bind_params", "bind_dims", "derived_dim", "check_shape", "float_dtype", "label_array",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,6 +135,49 @@ def gather(t: np.ndarray, *index) -> np.ndarray:
         before = 0
     ok = np.reshape(ok, (1,) * before + np.shape(ok) + (1,) * (values.ndim - before - block))
     return np.where(ok, values, 0)
+
+
+def add_onehot(out: np.ndarray, axis: int, labels, values) -> np.ndarray:
+    """``out += values * onehot(labels)`` along ``axis``, in place, touching one entry per position
+    of the other axes: the one its label picks. A dense one-hot would be a full pass (and a full
+    array) for what is one entry per row.
+
+    ``labels`` (integers) and ``values`` broadcast to the shape of ``out`` without ``axis``. A label
+    outside ``[0, out.shape[axis])`` adds nothing: the one-hot of a label that names no entry is 0
+    (the zero-extension convention; an ignored row's label of -100). Every position of the other
+    axes updates a different entry, so a fancy-indexed ``+=`` is exact (no ``np.add.at``)."""
+    other = out.shape[:axis] + out.shape[axis + 1:]
+    labels = np.broadcast_to(np.asarray(labels), other)
+    values = np.broadcast_to(np.asarray(values), other)
+    if not other:  # a vector: at most one entry
+        if 0 <= labels < out.shape[axis]:
+            out[int(labels)] += values
+        return out
+    at = np.nonzero((labels >= 0) & (labels < out.shape[axis]))
+    out[at[:axis] + (labels[at],) + at[axis:]] += values[at]
+    return out
+
+
+def zero_unless(out: np.ndarray, keep) -> np.ndarray:
+    """``out`` set to exactly 0 wherever ``keep`` is false, in place: the strong zeros of a mask
+    that multiplied ``out`` (``0*inf`` gave NaN there; a masked entry must be 0).
+
+    ``keep`` broadcasts to ``out`` (``(B, 1)`` for a row mask). When it holds everywhere (the usual
+    case) this only looks at ``keep``; a mask over leading axes zeroes the masked rows by index;
+    any other pattern takes one masked pass."""
+    keep = np.asarray(keep, dtype=bool)
+    if keep.all():
+        return out
+    if keep.ndim == 0:
+        out[...] = 0
+        return out
+    keep = keep.reshape((1,) * (out.ndim - keep.ndim) + keep.shape)
+    lead = max(k + 1 for k, n in enumerate(keep.shape) if n != 1) if keep.size > 1 else 1
+    if keep.shape[:lead] == out.shape[:lead]:
+        out[~keep.reshape(keep.shape[:lead])] = 0
+    else:
+        np.copyto(out, 0, where=~keep)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

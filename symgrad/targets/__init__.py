@@ -116,12 +116,10 @@ def load_renderer(name: str) -> ModuleType:
 # where an op is declared (for the banner of its generated files)
 
 
-def declaration_file(op_name: str) -> str:
-    """The file that declares ``op_name`` relative to the repository root (``symgrad/ops/conv.py``),
+def declaration_file(op) -> str:
+    """The file that declares ``op`` relative to the repository root (``symgrad/ops/conv.py``),
     or the declaring module's name when it lives outside the repository."""
-    from ..declare import REGISTRY
-
-    module = REGISTRY.get(op_name).module
+    module = op.module
     path = getattr(sys.modules.get(module), "__file__", None)
     if path and Path(path).resolve().is_relative_to(REPO_ROOT):
         return Path(path).resolve().relative_to(REPO_ROOT).as_posix()

@@ -16,6 +16,11 @@ How the IR's kernel classes come out (every statement is evaluated over its axis
   divisibility guard folded into the gather's index), read with ``_m.gather`` (zero-padding the
   tensor: reads outside the extent are 0) and contracted with ``np.einsum``: the im2col form.
 
+A map statement with one-hot terms or a row mask (softmax + cross-entropy's ``dx``) is computed in
+place as row scale * (dense + one-hots) (:func:`.numpy_printer.lower_row_form_lines`); a temporary
+of the kernel that no later statement reads (the ``p`` that backward recomputes) may become its
+result's buffer.
+
 Dtypes: the math runs in float64 when any float input is float64, else in float32 (float16 inputs
 compute in float32); outputs, saved values and gradients come back in that dtype.
 """
@@ -31,8 +36,8 @@ import sympy as sp
 from ..declare import Role
 from ..ir import Program, Statement
 from . import REPO_ROOT, declaration_file
-from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_statement_lines, mask_buffers
-from .statements import LoweringError, common_subexpressions, prepare
+from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_row_form_lines, lower_statement_lines, mask_buffers, row_form_applies
+from .statements import LoweringError, common_subexpressions, prepare, row_form
 
 TEMPLATE_DIR = REPO_ROOT / "templates" / "numpy"
 
@@ -64,18 +69,18 @@ def render(program: Program, command: str) -> str:
     env.masks = mask_buffers(program.forward.statements + program.backward.statements, env)
     context = {
         "op": op.name,
-        "source": declaration_file(op.name),
+        "source": declaration_file(op),
         "command": command,
         "doc": _module_doc(program),
         "constants": _constants(program),
         "input_args": ", ".join(program.inputs),
         "cotangent_args": ", ".join(program.cotangents),
         "forward_prologue": _forward_prologue(program),
-        "forward_body": [_statement(st, program, env) for st in program.forward.statements],
+        "forward_body": _blocks(program.forward, program, env, set(program.outputs) | set(program.saved)),
         "forward_returns": _tuple(program.outputs),
         "saved": _saved_dict(program),
         "backward_prologue": _backward_prologue(program),
-        "backward_body": [_statement(st, program, env) for st in program.backward.statements],
+        "backward_body": _blocks(program.backward, program, env, set(program.backward.returns)),
         "gradients": _gradients(program),
     }
     return _template().render(**context)
@@ -117,14 +122,32 @@ def _reserved(program: Program) -> set[str]:
 # statements
 
 
-def _statement(st: Statement, program: Program, env: Env) -> str:
-    """One statement's block: its formula as a comment, then the lines computing it."""
+def _blocks(kernel, program: Program, env: Env, handed_out: set) -> list[str]:
+    """The kernel's statement blocks. Each statement may take over the buffer of a temporary the
+    kernel computed earlier and nothing reads afterwards: not one it hands out (outputs, saved
+    values, gradients), and only one of the statement's own shape."""
+    blocks = []
+    for k, st in enumerate(kernel.statements):
+        later = set().union(*(s.reads() for s in kernel.statements[k + 1:]))
+        owned = {s.target for s in kernel.statements[:k]} - later - handed_out
+        owned = {name for name in owned if tuple(program.buffers[name]) == tuple(st.dims)}
+        blocks.append(_statement(st, program, env, owned))
+    return blocks
+
+
+def _statement(st: Statement, program: Program, env: Env, owned=frozenset()) -> str:
+    """One statement's block: its formula as a comment, then the lines computing it. ``owned``:
+    buffers the statement may overwrite (temporaries of the kernel read by nothing after it)."""
     where = f"op {program.op.name}, statement {st.target}"
     prepared = prepare(st.expr, st.indices, st.dims, _reserved(program), env.tensors, where)
     printer = NumPyPrinter(env, prepared, where)
-    reps, reduced = common_subexpressions(prepared.expr)
     shape = _tuple([d.name for d in st.dims], parens=True)
-    lines = lower_statement_lines(printer, reps, reduced, st.target, prepared.indices, shape)
+    form = row_form(prepared.expr, prepared.indices)
+    if row_form_applies(printer, form, prepared.indices):
+        lines = lower_row_form_lines(printer, form, st.target, prepared.indices, shape, owned)
+    else:
+        reps, reduced = common_subexpressions(prepared.expr)
+        lines = lower_statement_lines(printer, reps, reduced, st.target, prepared.indices, shape)
     comment = _wrap(f"{st.formula}  [{st.kind.value}]")
     if prepared.reindexed:  # say what the code computes: the strided sum over the read positions
         comment += _wrap(f"computed as {sp.sstr(prepared.expr)}")

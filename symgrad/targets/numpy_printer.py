@@ -20,17 +20,25 @@ How each node lowers:
 * functions use the spellings in :data:`FUNCTIONS` (arrays) or ``math`` (params only: NumPy scalars
   would promote float32 arrays to float64).
 
+A statement with one-hot terms, or with a mask among the factors over fewer axes than the statement
+(a row mask ``w[b]``), is lowered by :func:`lower_row_form_lines` instead, in place: the row scale
+is formed once per row, one-hots are written as one entry per row (``_m.add_onehot``), masked rows
+are zeroed by index afterwards (``_m.zero_unless``), and a temporary the kernel no longer reads
+becomes the result's buffer. softmax + cross-entropy's ``dx`` then costs three passes over B x C,
+not nine.
+
 The printer is strict: a node without a rule raises :class:`LoweringError` naming it.
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 import sympy as sp
 from sympy.printing.printer import Printer
 
 from ..functions import Iverson, ReduceMax
-from .statements import LoweringError, Prepared
+from .statements import LoweringError, Prepared, RowForm, common_subexpressions
 
 DTYPE = "_dt"  # the local holding the float dtype the kernel computes in
 
@@ -119,6 +127,8 @@ class NumPyPrinter(Printer):
         self._aranges: dict[sp.Symbol, str] = {}
         self._hoisted = 0
         self._axes_cache: dict = {}
+        # params known to be nonzero here: the code is inside ``if <param> != 0:`` already
+        self.nonzero: set = set()
         self.letters = self._letters()
 
     # --- axes and classification ---------------------------------------------------------------
@@ -207,6 +217,19 @@ class NumPyPrinter(Printer):
 
     def aligned(self, e: sp.Basic, want: tuple) -> str:
         return self.align(self._print(e), self.axes(e), want)
+
+    def switches(self, factors) -> list:
+        """The factors that are params only and may be 0 at run time (label smoothing's ``eps``):
+        a product with one is skipped by a Python ``if`` rather than masked elementwise."""
+        return [f for f in factors if self.is_weight(f) and not self.axes(f) and not self.has_data(f) and f not in self.nonzero]
+
+    def fresh_name(self, base: str) -> str:
+        """A local name no temporary or index array of this statement uses."""
+        taken = {str(t) for t in self.temps} | {f"_{a}" for a in self.axis_order} | set(self._aranges.values())
+        for n in itertools.chain([""], itertools.count(2)):
+            if f"{base}{n}" not in taken:
+                return f"{base}{n}"
+        raise AssertionError
 
     def hoist(self, e: sp.Expr) -> sp.Expr:
         """``e`` computed once into a named temporary (it is used twice); returns its symbol."""
@@ -385,8 +408,8 @@ class NumPyPrinter(Printer):
             return self.product(factors, ax)
         # Strong zeros: where a bracket or a weight is 0 the product is 0, even against inf.
         # A weight of params only (label smoothing's eps) is a Python test: the term is skipped.
-        switches = [w for w in weights if not self.axes(w) and not self.has_data(w)]
-        masks = [w for w in weights if w not in switches]
+        switches = self.switches(weights)
+        masks = [w for w in weights if w not in switches and w not in self.nonzero]
         rest = [f for f in factors if f not in brackets and f not in masks]
         conds = [self.cond(b, ax) for b in brackets]
         if masks:
@@ -675,18 +698,158 @@ def lower_statement_lines(printer: NumPyPrinter, reps, reduced, target: str, ind
     the kernel dtype, never an alias of another buffer (the caller may write to what it gets)."""
     for sym, e in reps:
         printer.define_temp(sym, e)
-    code = printer._print(reduced)
-    have = printer.axes(reduced)
-    bare = isinstance(reduced, (sp.Indexed, sp.Symbol)) and reduced not in printer.index_set
-    if not indices:
-        line = f"{target} = np.array({code}, dtype={DTYPE})"
-    elif have == indices and bare:  # a copy: the result never aliases an argument
-        line = f"{target} = np.array({code}, dtype={DTYPE})"
-    elif have == indices and not printer.reads_values(reduced) and not reduced.has(Iverson, sp.KroneckerDelta):
-        # label or index arithmetic only: the values may be integers
-        line = f"{target} = np.asarray({code}, dtype={DTYPE})"
-    elif have == indices:
-        line = f"{target} = {code}"
-    else:
-        line = f"{target} = np.broadcast_to({printer.align(code, have, indices)}, {shape}).astype({DTYPE})"
+    line = assign_line(printer, reduced, target, indices, shape)
     return printer.lines + [line]
+
+
+def assign_line(printer: NumPyPrinter, expr, target: str, indices: tuple, shape: str) -> str:
+    """``target = <expr>`` as a fresh array of exactly the target's shape, in the kernel dtype."""
+    code = printer._print(expr)
+    have = printer.axes(expr)
+    bare = isinstance(expr, (sp.Indexed, sp.Symbol)) and expr not in printer.index_set
+    if not indices:
+        return f"{target} = np.array({code}, dtype={DTYPE})"
+    if have == indices and bare:  # a copy: the result never aliases an argument
+        return f"{target} = np.array({code}, dtype={DTYPE})"
+    if have == indices and not printer.reads_values(expr) and not expr.has(Iverson, sp.KroneckerDelta):
+        # label or index arithmetic only: the values may be integers
+        return f"{target} = np.asarray({code}, dtype={DTYPE})"
+    if have == indices:
+        return f"{target} = {code}"
+    return f"{target} = np.broadcast_to({printer.align(code, have, indices)}, {shape}).astype({DTYPE})"
+
+
+# ------------------------------------------------------------------------------------------------
+# statements as row scale * (dense + one-hots), evaluated in place
+
+
+def row_form_applies(printer: NumPyPrinter, form: RowForm, indices: tuple) -> bool:
+    """Is :func:`lower_row_form_lines` worth it for a map statement: a one-hot to write as one entry
+    per row, or a mask among the row scale that the plain product would turn into a full-size
+    ``np.where``? (Statements with reductions keep the plain form.)"""
+    if not indices or set(printer.axis_order) != set(indices) or not (form.dense or form.onehots):
+        return False
+    if form.onehots:
+        return True
+    masks = [f for f in form.scale if (printer.is_bracket(f) or printer.is_weight(f)) and printer.has_data(f)]
+    return bool(masks) and any(printer.reads_values(t) for t in form.dense)
+
+
+def lower_row_form_lines(printer: NumPyPrinter, form: RowForm, target: str, indices: tuple, shape: str,
+                         owned=frozenset()) -> list[str]:
+    """The statement ``scale * (dense + one-hots)`` (:func:`~.statements.row_form`), in place:
+
+    1. the row scale once, over its own few axes (its masks are strong zeros there already);
+    2. the dense terms into ``target``: a temporary of the kernel that nothing reads afterwards
+       (``owned``) becomes ``target`` itself when it is a term, so no B x C array is allocated;
+       a term whose coefficient is a param that is 0 at run time (``eps``) is skipped by an ``if``;
+       then one in-place multiply by the row scale;
+    3. each one-hot as one entry per row (``_m.add_onehot``), never a dense one-hot array;
+    4. entries a mask of the scale zeroes set to exactly 0 (``_m.zero_unless``, by row index): step
+       2 gave ``0*inf = nan`` there where the dense part was not finite (a row of +inf logits that
+       an ignored label masks). Masks are strong zeros; nothing else ever is.
+
+    Every step is exact: the terms and the scale are the statement's own, only grouped per row.
+    """
+    ax = tuple(indices)
+    lines: list[str] = []
+
+    def emit(line: str, guard: str | None = None) -> None:
+        lines.extend(printer.lines)  # index arrays and hoisted temporaries the line reads
+        printer.lines.clear()
+        lines.extend([f"if {guard} != 0:", f"    {line}"] if guard else [line])
+
+    def guard_of(factors) -> tuple[str | None, list]:
+        sw = printer.switches(factors)
+        return (wrap(printer._print(sp.Mul(*sw)), {"+", "-", "*", "/", "**"}) if sw else None), sw
+
+    def guarded(sw, fn):
+        printer.nonzero |= set(sw)  # inside ``if sw != 0:`` the product needs no second test
+        try:
+            return fn()
+        finally:
+            printer.nonzero -= set(sw)
+
+    # One reading of each tensor in the whole statement: a consumed buffer is read nowhere else.
+    reads: dict = {}
+    for piece in (*form.scale, *form.dense, *(o.coeff for o in form.onehots), *(o.label for o in form.onehots)):
+        for node in sp.preorder_traversal(piece):
+            if isinstance(node, sp.Indexed):
+                reads[str(node.base)] = reads.get(str(node.base), 0) + 1
+
+    n = len(form.dense)
+    reps, reduced = common_subexpressions(sp.Tuple(sp.Mul(*form.scale), *form.dense, *(o.coeff for o in form.onehots)))
+    for sym, e in reps:
+        printer.define_temp(sym, e)
+    scale, dense, coeffs = reduced[0], list(reduced[1:1 + n]), list(reduced[1 + n:])
+
+    # 1. the row scale; a weight that is an expression is computed once (the scale and step 4 read it)
+    factors = [printer.hoist(f) if printer.is_weight(f) and printer.has_data(f) else f for f in sp.Mul.make_args(scale)]
+    keep = [printer.cond(f, ax) if printer.is_bracket(f) else f"({printer.aligned(f, ax)} != 0)"
+            for f in factors if printer.is_bracket(f) or printer.is_weight(f)]
+    scale = sp.Mul(*factors)
+    if scale != 1 and printer.has_data(scale) and not isinstance(scale, (sp.Indexed, sp.Symbol)):
+        sym = sp.Symbol(printer.fresh_name("_scale"), real=True)
+        code = printer._print(scale)
+        # a plain value from here on: its zeros are restored by step 4, never by a full-size np.where
+        printer.temps[sym] = _Temp(printer.axes(scale), values=True, weight=False, data=True)
+        emit(f"{sym} = {code}")
+        scale = sym
+    scale_code = printer.aligned(scale, ax) if scale != 1 else None
+
+    # 2. the dense part
+    plain = [t for t in dense if not printer.switches(sp.Mul.make_args(t))]
+    switched = [t for t in dense if t not in plain]
+
+    def owned_read(t) -> bool:
+        return (isinstance(t, sp.Indexed) and str(t.base) in owned and tuple(t.indices) == ax
+                and printer._plain(t) and reads.get(str(t.base)) == 1)
+
+    def add(t, sw=()) -> None:
+        if t.could_extract_minus_sign():
+            code = guarded(sw, lambda: printer.aligned(-t, ax))
+            line = f"{target} -= {code}"
+        else:
+            line = f"{target} += {guarded(sw, lambda: printer.aligned(t, ax))}"
+        emit(line, guard_of(sp.Mul.make_args(t))[0] if sw else None)
+
+    base = next((t for t in plain if owned_read(t)), None)
+    scaled = False
+    if base is not None:
+        emit(f"{target} = {base.base}  # {base.base} is read nowhere else: {target} takes over its buffer")
+        for t in plain:
+            if t is not base:
+                add(t)
+    elif plain:
+        body = sp.Add(*plain)
+        if scale_code is not None and not switched and printer.axes(body) == ax:
+            # fold the scale into the one pass that builds the array; a plain product: the scale's
+            # masks are step 4's business, not a full-size np.where's
+            emit(f"{target} = {printer.product([scale, body], ax)}")
+            scaled = True
+        else:
+            emit(assign_line(printer, body, target, ax, shape))
+    else:
+        # no dense part: zeros, never scaled (a one-hot is a strong zero: 0*inf stays 0 off the label)
+        emit(f"{target} = {printer.zeros(ax)}")
+        scaled = not switched
+    for t in switched:
+        add(t, printer.switches(sp.Mul.make_args(t)))
+    if scale_code is not None and not scaled:
+        emit(f"np.multiply({target}, {scale_code}, out={target})")
+
+    # 3. one entry per position of the other axes; labels outside the axis's range add nothing
+    for o, c in zip(form.onehots, coeffs):
+        other = tuple(a for a in ax if a != o.axis)
+        value = c if scale == 1 else sp.Mul(scale, c)
+        guard, sw = guard_of(sp.Mul.make_args(value))
+        code = guarded(sw, lambda: printer.align(printer._print(value), printer.axes(value), other))
+        lo = printer.ranges[o.axis][0]
+        label = o.label - lo if lo != 0 else o.label
+        label_code = printer.align(printer._print(label), printer.axes(label), other)
+        emit(f"_m.add_onehot({target}, {ax.index(o.axis)}, {label_code}, {code})", guard)
+
+    # 4. strong zeros of the scale's masks
+    if keep:
+        emit(f"_m.zero_unless({target}, {' & '.join(keep)})")
+    return lines

@@ -20,6 +20,11 @@ be cheap to form. :func:`prepare` therefore
 
 :func:`common_subexpressions` runs ``sympy.cse`` with tensor entries, brackets and sum limits held
 opaque, so extracted temporaries are plain array expressions over known axes.
+
+:func:`row_form` splits a statement into a *row scale* (the factors over fewer axes than the
+statement: ``dloss*w[b]/n_valid``), *dense* terms and *one-hot* terms ``c*KroneckerDelta(i, y[b])``,
+so a target can scale each row once and write the one-hots as one entry per row instead of
+forming a dense one-hot array.
 """
 from __future__ import annotations
 
@@ -322,3 +327,100 @@ def common_subexpressions(expr: sp.Expr, prefix: str = "_t"):
         reps[k + 1:] = [(s2, e2.xreplace({e: sym})) for s2, e2 in reps[k + 1:]]
     reps = [(s, e.xreplace(back)) for s, e in reps]
     return reps, reduced.xreplace(back)
+
+
+# ------------------------------------------------------------------------------------------------
+# row scale, dense part and one-hots
+
+
+@dataclass(frozen=True)
+class OneHot:
+    """The term ``coeff*KroneckerDelta(axis, label)``: nonzero only where ``axis == label``, so it is
+    one entry per position of the other axes. ``coeff`` is free of ``axis`` (it is read at the
+    label: ``p[b, i]*delta(i, y[b])`` has ``coeff = p[b, y[b]]``)."""
+
+    axis: sp.Symbol
+    label: sp.Expr
+    coeff: sp.Expr
+
+
+@dataclass(frozen=True)
+class RowForm:
+    """``expr == Mul(*scale) * (Add(*dense) + sum(c*KroneckerDelta(axis, label)))``."""
+
+    scale: tuple[sp.Expr, ...]  # factors over a strict subset of the axes, none a one-hot's axis
+    dense: tuple[sp.Expr, ...]  # terms without a one-hot factor
+    onehots: tuple[OneHot, ...]
+
+
+def row_form(expr: sp.Expr, indices) -> RowForm:
+    """``expr`` (a prepared statement over ``indices``) as a row scale times dense plus one-hot terms.
+
+    A factor of the whole statement that lacks one of its axes is a *scale*: it multiplies every
+    term, so it can be applied once per row (a ``(B, 1)`` array) rather than inside a full-size
+    expression; masks among them (``w[b]``, brackets) stay factors of the whole statement. The rest
+    is expanded over one sum, if one carries the one-hots; a term with a factor
+    ``KroneckerDelta(i, L)`` (``i`` a statement axis, ``L`` an integer expression free of ``i``,
+    such as a label ``y[b]``) is a one-hot: only the entries ``i == L`` are nonzero. Deltas
+    elsewhere (nested in a function, in two sums) stay dense terms: always correct, only slower."""
+    axes = set(indices)
+    bound = _bound_symbols(expr)
+
+    def onehot(d) -> tuple | None:
+        """``(axis, label)`` of a delta that picks one entry along a statement axis."""
+        if not isinstance(d, sp.KroneckerDelta):
+            return None
+        for a, label in (d.args, d.args[::-1]):
+            if a in axes and label.is_integer and not label.free_symbols & (bound | {a}):
+                return a, label
+        return None
+
+    onehot_axes = {hit[0] for d in expr.atoms(sp.KroneckerDelta) if (hit := onehot(d))}
+    factors = sp.Mul.make_args(expr)
+    scale, body = [], []
+    for f in factors:
+        own = f.free_symbols & axes
+        if own != axes and not own & onehot_axes and not any(onehot(d) for d in f.atoms(sp.KroneckerDelta)):
+            scale.append(f)
+        else:
+            body.append(f)
+
+    def carries(f) -> bool:
+        return f.is_Add and any(onehot(g) for t in f.args for g in sp.Mul.make_args(t))
+
+    carriers = [f for f in body if carries(f)]
+    if len(carriers) > 1:  # one-hots in two sums multiply (a product of deltas): keep it dense
+        return RowForm(tuple(scale), (sp.Mul(*body),), ())
+    if carriers:  # distribute the other factors over the sum that carries the one-hots
+        others = [f for f in body if f is not carriers[0]]
+        terms = [sp.Mul(*others, t) for t in carriers[0].args]
+    else:
+        terms = [sp.Mul(*body)]
+    dense, onehots = [], []
+    for t in terms:
+        hit = _onehot_term(t, onehot)
+        if hit is None:
+            dense.append(t)
+        else:
+            onehots.append(hit)
+    return RowForm(tuple(scale), tuple(d for d in dense if d != 0), tuple(onehots))
+
+
+def _onehot_term(term, onehot) -> OneHot | None:
+    factors = list(sp.Mul.make_args(term))
+    for k, f in enumerate(factors):
+        hit = onehot(f)
+        if hit is None:
+            continue
+        axis, label = hit
+        rest = sp.Mul(*factors[:k], *factors[k + 1:])
+        if axis in _bound_symbols(rest):
+            continue  # a sum over the same name inside: substituting would capture it
+        if axis in rest.free_symbols:  # delta(i, L)*f(i) == delta(i, L)*f(L)
+            rest = rest.xreplace({axis: label})
+        return OneHot(axis, label, rest)
+    return None
+
+
+def _bound_symbols(expr) -> set:
+    return {v for node in sp.preorder_traversal(expr) for v, _, _ in binders(node)}

@@ -16,6 +16,7 @@ Lowering is planned in ``triton_plan`` and emitted per kernel class by ``triton_
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jinja2
@@ -34,7 +35,9 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "triton"
 NAMESPACE = "symgrad_triton"
 
 
+@functools.lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
+    # One environment for the process: Jinja compiles each template once per environment.
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         undefined=jinja2.StrictUndefined,
@@ -47,11 +50,9 @@ _EMIT = {"map": emit_map, "rows": emit_rows, "gemm": emit_gemm}
 
 
 def _declared_in(op) -> str:
-    try:
-        from . import declaration_file  # the target table's helper, shared with the NumPy target
-    except ImportError:
-        return "symgrad/ops"
-    return declaration_file(op.name)
+    from . import declaration_file  # the target table's helper, shared with the NumPy target
+
+    return declaration_file(op)
 
 
 def _host_dim_formula(expr: sp.Expr, dims, params) -> str:
