@@ -1,6 +1,6 @@
 """``symgrad generate``: write ``generated/<target>/<op>.py`` for registered ops, reproducibly.
 
-    symgrad generate [OPS...] [--target numpy|triton|all] [--out DIR] [--check]
+    symgrad generate [OPS...] [--target numpy|triton|all] [--out DIR] [--check] [--force]
 
 Without ``--target``, every target whose renderer exists is generated (a renderer module that is
 absent is noted and skipped; one that fails to import is an error); ``--target all`` requires all.
@@ -9,7 +9,16 @@ absent is noted and skipped; one that fails to import is an error); ``--target a
 * atomic: each file is written to a temporary file in its own directory, then ``os.replace``d, so
   a reader (or a crash) never sees half a module;
 * incremental: a module whose bytes would not change is not rewritten (its mtime stays);
-* ``--check`` writes nothing; it lists stale, missing and orphaned modules and exits 1 if any.
+* fast when nothing changed: ``<out>/.manifest.json`` (committed, deterministic) records each
+  generated file's sha256 and the fingerprint of its inputs (:mod:`symgrad.fingerprint`: the package
+  sources, templates, interpreter and SymPy/Jinja versions, the target and the op's declaration).
+  A file whose fingerprint and bytes both match its entry is up to date without deriving anything;
+  any other file is derived, rendered and compared byte for byte, as without a manifest. So a
+  changed input that leaves a file's bytes alone is *not* stale: ``--check`` passes (and notes that
+  the manifest is behind), and ``symgrad generate`` brings the manifest up to date. ``--force``
+  ignores the manifest (derives everything) and rewrites it;
+* ``--check`` writes nothing (not even the manifest); it lists stale (bytes differ from what
+  generation gives, e.g. a hand edit), missing and orphaned modules and exits 1 if any.
 
 Progress goes to stderr, one line per module (``[3/29] softmax numpy: written``), then a summary.
 This module renders and writes; the renderers live in :mod:`symgrad.targets`, one per target.
@@ -25,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import fingerprint
 from .targets import REPO_ROOT, TARGETS, TargetUnavailable, load_renderer
 
 DEFAULT_OUT = REPO_ROOT / "generated"
@@ -103,6 +113,7 @@ class Renderer:
 
     def __init__(self):
         self._programs: dict = {}
+        self.derived = 0  # ops derived so far
 
     def program(self, op_name: str):
         if op_name not in self._programs:
@@ -111,6 +122,7 @@ class Renderer:
             from .ir import lower
 
             self._programs[op_name] = lower(derive(REGISTRY.get(op_name), trace=False))
+            self.derived += 1
         return self._programs[op_name]
 
     def render(self, op_name: str, target: str) -> str:
@@ -123,9 +135,11 @@ def package_init(target: str) -> str:
     return custom() if callable(custom) else TARGET_INIT.format(target=target)
 
 
-def expected_files(out: Path, ops: Sequence[str], targets: Sequence[str]) -> list[tuple[Path, str, str | None, Callable[[], str]]]:
+def expected_files(
+    out: Path, ops: Sequence[str], targets: Sequence[str], renderer: Renderer | None = None
+) -> list[tuple[Path, str, str | None, Callable[[], str]]]:
     """Every file generation owns: ``(path, target, op or None, how to render it)``."""
-    renderer = Renderer()
+    renderer = renderer or Renderer()
     files = [(out / "__init__.py", "", None, lambda: ROOT_INIT)]
     for target in targets:
         t = TARGETS[target]
@@ -174,6 +188,24 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+def _manifest_entries(
+    recorded: dict[str, dict], fresh: dict[str, dict], out: Path, files, targets: Sequence[str], whole_registry: bool
+) -> dict[str, dict]:
+    """The manifest after a run: recorded entries updated with this run's. A run over the whole
+    registry also drops entries of files it no longer generates (removed ops, removed targets);
+    entries of a target that was skipped this run stay."""
+    entries = {**recorded, **fresh}
+    if whole_registry:
+        owned = {path.relative_to(out).as_posix() for path, *_ in files}
+        done = {TARGETS[t].subpackage for t in targets}
+        other = {t.subpackage for name, t in TARGETS.items() if name not in targets}
+        entries = {
+            k: v for k, v in entries.items()
+            if k in owned or ("/" in k and k.split("/")[0] in other and k.split("/")[0] not in done)
+        }
+    return entries
+
+
 def run_generate(args) -> int:
     start = time.perf_counter()
     try:
@@ -181,8 +213,11 @@ def run_generate(args) -> int:
     except KeyError as e:
         print(f"symgrad: error: {e.args[0]}", file=sys.stderr)
         return EXIT_USAGE
+    from .declare import REGISTRY
+
     out = Path(args.out) if args.out else DEFAULT_OUT
     targets = resolve_targets(args.target)
+    force = getattr(args, "force", False)
     failed = False
     usable = []
     for target in targets:  # an unavailable renderer is reported once, and the others still run
@@ -195,31 +230,84 @@ def run_generate(args) -> int:
                 continue
             print(f"symgrad: error: {e}", file=sys.stderr)
             failed = True
-    files = expected_files(out, ops, usable)
+    renderer = Renderer()
+    files = expected_files(out, ops, usable, renderer)
     modules = [f for f in files if f[2] is not None]
+    inputs = fingerprint.Inputs()
+    registered = REGISTRY.names()
+    if force:
+        recorded, recorded_inputs, problem = {}, {}, None
+    else:
+        recorded, recorded_inputs, problem = fingerprint.read_manifest(out)
+        if problem and problem != "missing":
+            print(f"note: {_rel(out / fingerprint.MANIFEST_NAME)} is {problem}; deriving every module", file=sys.stderr)
+        elif problem and args.check:
+            print(f"note: no {_rel(out / fingerprint.MANIFEST_NAME)}; deriving every module", file=sys.stderr)
+    fresh: dict[str, dict] = {}  # manifest entries of the files rendered in this run
+    behind: list[str] = []  # why files the manifest did not vouch for were derived, when their bytes came out the same
     outcomes: list[Outcome] = []
     n = 0
     for path, target, op_name, make in files:
         if op_name is not None:
             n += 1
+        key = path.relative_to(out).as_posix()
         try:
-            text = make()
+            fp = inputs.fingerprint(target, REGISTRY.get(op_name)) if op_name else inputs.fingerprint(target, None, registered)
+            entry = recorded.get(key)
+            if fp is None:
+                why = "unfingerprintable"  # its declaration's code has no source file: always derive
+            elif entry is None:
+                why = "no entry"
+            elif entry["fingerprint"] != fp:
+                why = "changed inputs"
+            elif fingerprint.file_sha256(path) != entry["sha256"]:
+                why = "changed bytes"
+            else:
+                why = None  # the manifest vouches for these bytes: nothing to derive
+            text = None if why is None else make()
         except Exception as e:  # a lowering error names the op and statement; go on with the rest
             outcomes.append(Outcome(path, "error", f"{type(e).__name__}: {e}"))
             print(f"[{n}/{len(modules)}] {op_name} {target}: error: {type(e).__name__}: {e}", file=sys.stderr)
             failed = True
             continue
-        if args.check:
-            status = compare(path, text)
+        if text is None:
+            status = "unchanged"
         else:
-            status = "written" if write_if_changed(path, text) else "unchanged"
+            if args.check:
+                status = compare(path, text)
+            else:
+                status = "written" if write_if_changed(path, text) else "unchanged"
+            if fp is not None:
+                fresh[key] = {"fingerprint": fp, "sha256": fingerprint.sha256_bytes(text.encode("utf-8"))}
+            if status == "unchanged":
+                behind.append(why)
         outcomes.append(Outcome(path, status))
         if op_name is not None:
             print(f"[{n}/{len(modules)}] {op_name} {target}: {status}", file=sys.stderr)
     # Orphans only make sense against the whole registry.
     strays = orphans(out, ops, usable) if not args.ops else []
+    moved = inputs.changed() if fresh else []
+    if moved and args.check:
+        print(
+            f"warning: {', '.join(moved[:3])}{' and others' if len(moved) > 3 else ''} changed while checking (or just before): "
+            f"the code that ran may not be the code on disk; check again",
+            file=sys.stderr,
+        )
+    elif moved:  # what ran may not be what was fingerprinted: record nothing for what was rendered
+        print(
+            f"warning: {', '.join(moved[:3])}{' and others' if len(moved) > 3 else ''} changed while generating (or just before); "
+            f"the manifest does not record the {len(fresh)} file(s) rendered in this run, so the next run derives them again",
+            file=sys.stderr,
+        )
+        for key in fresh:
+            recorded.pop(key, None)
+        fresh = {}
+    if not args.check:
+        entries = _manifest_entries(recorded, fresh, out, files, usable, whole_registry=not args.ops)
+        write_if_changed(out / fingerprint.MANIFEST_NAME, fingerprint.manifest_text(entries, inputs.describe()))
     elapsed = time.perf_counter() - start
     counts = {s: sum(o.status == s for o in outcomes) for s in ("written", "unchanged", "stale", "missing", "error")}
+    derived = f"{renderer.derived} op{'s' * (renderer.derived != 1)} derived"
     if args.check:
         bad = [o for o in outcomes if o.status in ("stale", "missing")]
         for o in bad:
@@ -229,9 +317,23 @@ def run_generate(args) -> int:
         if bad or strays:
             print(f"{len(bad) + len(strays)} generated file(s) out of date; run `symgrad generate` to update them", file=sys.stderr)
             failed = True
+        if behind and not force and not problem:
+            changes = fingerprint.input_changes(recorded_inputs, inputs.describe())
+            if "changed inputs" in behind:
+                why = "inputs changed: " + (", ".join(changes) if changes else "an op's declaration")
+            else:
+                why = "no manifest entry" if "no entry" in behind else "bytes differ from the manifest"
+            later = f"`symgrad generate` updates {_rel(out / fingerprint.MANIFEST_NAME)} so later runs skip them"
+            if set(behind) == {"unfingerprintable"}:
+                why, later = "declared by code without a source file", "such ops are always derived"
+            print(
+                f"note: {len(behind)} file(s) were derived again because the manifest did not vouch for them "
+                f"({why}) and came out identical; {later}",
+                file=sys.stderr,
+            )
         print(
             f"symgrad generate --check: {len(modules)} modules (+{len(files) - len(modules)} package files): {counts['unchanged']} up to date, "
-            f"{counts['stale']} stale, {counts['missing']} missing, {len(strays)} orphaned in {elapsed:.1f}s",
+            f"{counts['stale']} stale, {counts['missing']} missing, {len(strays)} orphaned, {derived} in {elapsed:.1f}s",
             file=sys.stderr,
         )
     else:
@@ -239,7 +341,7 @@ def run_generate(args) -> int:
             print(f"warning: {_rel(p)} has no registered op; delete it if the op is gone", file=sys.stderr)
         print(
             f"symgrad generate: {len(modules)} modules (+{len(files) - len(modules)} package files) into {_rel(out)}: "
-            f"{counts['written']} files written, {counts['unchanged']} unchanged, {counts['error']} failed in {elapsed:.1f}s",
+            f"{counts['written']} files written, {counts['unchanged']} unchanged, {counts['error']} failed, {derived} in {elapsed:.1f}s",
             file=sys.stderr,
         )
     return EXIT_FAIL if failed else EXIT_OK
@@ -251,7 +353,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="write generated/<target>/<op>.py for registered ops",
         description=(
             "Derive, lower and render registered ops into importable modules, one per op and target. "
-            "Files are only rewritten when their bytes change, atomically. --check writes nothing and "
+            "Files are only rewritten when their bytes change, atomically; a module whose inputs and bytes "
+            "match the manifest (generated/.manifest.json) is not even derived. --check writes nothing and "
             "exits 1 if any module is stale, missing or orphaned."
         ),
     )
@@ -262,6 +365,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", metavar="DIR", default=None, help=f"output directory (default: {_rel(DEFAULT_OUT)} at the repository root)")
     p.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 when anything is out of date")
+    p.add_argument(
+        "--force", action="store_true",
+        help=f"ignore {fingerprint.MANIFEST_NAME} (which lets unchanged modules skip derivation): derive and compare every module",
+    )
     p.set_defaults(func=run_generate)
     return p
 
