@@ -12,7 +12,9 @@ A ``Program`` holds an op's forward and backward as ordered ``Statement``s, each
 
 Backward reads forward values through ``saved``: a forward value the gradients read is saved
 when it needs a reduction to compute, and recomputed in backward when it is a map of saved
-values (softmax_cross_entropy saves the row's log-sum-exp, not the B x C softmax).
+values (softmax_cross_entropy saves the row's log-sum-exp, not the B x C softmax). An output is
+recomputed only when it is plain arithmetic of other values; one that costs a transcendental
+call (sigmoid's) is saved.
 """
 from __future__ import annotations
 
@@ -100,6 +102,12 @@ def classify(expr: sp.Expr) -> KernelClass:
     return KernelClass.ROW_REDUCTION
 
 
+def _is_arithmetic(expr: sp.Expr) -> bool:
+    """Only + and * of values (rms_norm's y = xhat*w): recomputing is cheaper than saving a tensor.
+    Outputs that cost a transcendental call (sigmoid's out) are saved instead."""
+    return not expr.atoms(sp.Function) and all(p.exp.is_Integer for p in expr.atoms(sp.Pow))
+
+
 def _is_label_index(ix) -> bool:
     return isinstance(ix, sp.Indexed)
 
@@ -138,7 +146,7 @@ def lower(derivation: Derivation) -> Program:
     while pending:
         name = pending.pop()
         st = statements[name]
-        if st.kind is KernelClass.MAP and name not in outputs:
+        if st.kind is KernelClass.MAP and (name not in outputs or _is_arithmetic(st.expr)):
             if name not in recompute:
                 recompute.append(name)
                 pending.extend(sorted((st.reads() & set(fwd)) - saved - set(recompute)))

@@ -9,7 +9,7 @@ Params:
     eps = 1e-06
 Outputs:
     y[B, D]
-Saved for backward: x, w, rstd, y (and every param and dim).
+Saved for backward: x, w, rstd (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -59,21 +59,24 @@ def forward_with_saved(x, w, **params):
     # y[b, i] = w[i]*xhat[b, i]  [map]
     y = w[None, :]*xhat
 
-    saved = {'x': x, 'w': w, 'rstd': rstd, 'y': y, 'eps': eps, 'B': B, 'D': D}
+    saved = {'x': x, 'w': w, 'rstd': rstd, 'eps': eps, 'B': B, 'D': D}
     return y, saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dy):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    x, w, rstd, y = saved['x'], saved['w'], saved['rstd'], saved['y']
+    x, w, rstd = saved['x'], saved['w'], saved['rstd']
     eps = saved['eps']
     B, D = saved['B'], saved['D']
-    _dt = _m.float_dtype(x, w, rstd, y, dy)
+    _dt = _m.float_dtype(x, w, rstd, dy)
     dy = _m.check_shape(OP, 'dy', dy, ('B', 'D'), (B, D), _dt)
 
     # xhat[b, i] = rstd[b]*x[b, i]  [map]
     xhat = rstd[:, None]*x
+
+    # y[b, i] = w[i]*xhat[b, i]  [map]
+    y = w[None, :]*xhat
 
     # dx[b, i] = (dy[b, i]*w[i] - xhat[b, i]*Sum(dy[b, k]*y[b, k], (k, 0, D - 1))/D)*rstd[b]
     #     [row_reduction]

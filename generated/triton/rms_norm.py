@@ -9,6 +9,7 @@ Forward (kernel classes: MAP, ROW_REDUCTION):
 
 Backward:
     xhat[b, i] = rstd[b]*x[b, i]
+    y[b, i] = w[i]*xhat[b, i]
     dx[b, i] = (dy[b, i]*w[i] - xhat[b, i]*Sum(dy[b, k]*y[b, k], (k, 0, D - 1))/D)*rstd[b]
     dw[i] = Sum(dy[k, i]*xhat[k, i], (k, 0, B - 1))
 """
@@ -26,7 +27,7 @@ INPUTS = ('x', 'w', )
 DIFFERENTIABLE = ('x', 'w', )
 OUTPUTS = ('y', )
 PARAMS = {'eps': 1e-06}
-SAVED = ('x', 'w', 'rstd', 'y', )
+SAVED = ('x', 'w', 'rstd', )
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
@@ -97,9 +98,6 @@ def _bac0_rows(
     x_ptr,
     x_s0,
     x_s1,
-    y_ptr,
-    y_s0,
-    y_s1,
     n_B,
     n_D,
     f_D,
@@ -108,7 +106,7 @@ def _bac0_rows(
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
-    # dx[b, i] = (dy[b, i]*w[i] - rstd[b]*x[b, i]*Sum(dy[b, k]*y[b, k], (k, 0, D - 1))/D)*rstd[b]
+    # dx[b, i] = (dy[b, i]*w[i] - rstd[b]*x[b, i]*Sum(dy[b, k]*rstd[b]*w[k]*x[b, k], (k, 0, D - 1))/D)*rstd[b]
     # dw[i] = Sum(dy[k, i]*rstd[k]*x[k, i], (k, 0, B - 1))
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -125,21 +123,22 @@ def _bac0_rows(
             cols = col0 + cols0
             cmask = cols < n_D
             cv0 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-            cv1 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, (cv0 * cv1), 0.0), 0)
+            cv1 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 += tl.sum(tl.where(cmask, (rv0 * cv1 * cv0 * cv2), 0.0), 0)
         # final pass: outputs
         for col0 in range(0, n_D, BLOCK):
             cols = col0 + cols0
             cmask = cols < n_D
-            cv2 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-            cv3 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
-            cv4 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv3 * cv2) - (st0 * rv0 * cv4 / (f_D))) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
+            cv3 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
+            cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+            cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv4 * cv3) - (st0 * rv0 * cv5 / (f_D))) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
             if ONE_BLOCK:
-                pacc0 += tl.where(cmask, (rv0 * cv2 * cv4), 0.0)
+                pacc0 += tl.where(cmask, (rv0 * cv3 * cv5), 0.0)
             else:
                 pp0 = part0_ptr + pid64 * n_D + cols
-                tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, (rv0 * cv2 * cv4), 0.0), mask=cmask)
+                tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, (rv0 * cv3 * cv5), 0.0), mask=cmask)
     if ONE_BLOCK:
         tl.store(part0_ptr + pid64 * n_D + cols0, pacc0, mask=cols0 < n_D)
 
@@ -192,7 +191,6 @@ def _forward(t_x, t_w, p_eps, write_grad):
         'x': t_x,
         'w': t_w,
         'rstd': t_rstd,
-        'y': t_y,
         'eps': p_eps,
         'B': n_B,
         'D': n_D,
@@ -223,7 +221,6 @@ def backward(saved, dy, ):
     t_x = saved['x']
     t_w = saved['w']
     t_rstd = saved['rstd']
-    t_y = saved['y']
     if dy is None:
         dy = torch.zeros((n_B, n_D, ), dtype=dtype, device=device)
     _rt.check_cotangent(OP, 'dy', dy, (n_B, n_D, ), device)
@@ -234,7 +231,7 @@ def backward(saved, dy, ):
     blk = _rt.row_block(n_D, dtype.itemsize, whole_row=True)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
-    _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), part0, rpp, BLOCK=blk, ONE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, rpp, BLOCK=blk, ONE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
     _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dw, t_dw.stride(0), n_D, part0, n_prog, BLOCK=fblk)
     return (t_dx, t_dw, )
@@ -282,12 +279,11 @@ def _(x, w, eps, ):
 
 
 @torch.library.custom_op("symgrad_triton::rms_norm_backward", mutates_args=())
-def _backward_op(s_x: torch.Tensor, s_w: torch.Tensor, s_rstd: torch.Tensor, s_y: torch.Tensor, c_dy: torch.Tensor, n_B: int, n_D: int, p_eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_op(s_x: torch.Tensor, s_w: torch.Tensor, s_rstd: torch.Tensor, c_dy: torch.Tensor, n_B: int, n_D: int, p_eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     saved = {
         'x': s_x,
         'w': s_w,
         'rstd': s_rstd,
-        'y': s_y,
         'eps': p_eps,
         'B': n_B,
         'D': n_D,
@@ -300,7 +296,7 @@ def _backward_op(s_x: torch.Tensor, s_w: torch.Tensor, s_rstd: torch.Tensor, s_y
 
 
 @_backward_op.register_fake
-def _(s_x, s_w, s_rstd, s_y, c_dy, n_B, n_D, p_eps, dtype):
+def _(s_x, s_w, s_rstd, c_dy, n_B, n_D, p_eps, dtype):
     res = (
         c_dy.new_empty((n_B, n_D, ), dtype=dtype),
         c_dy.new_empty((n_D, ), dtype=dtype),
