@@ -46,8 +46,8 @@ def library_table(repeat: int) -> str:
         sec, d = timed(lambda op=op: derive(op), repeat)
         total += sec
         fired = sum(1 for g in d.gradients.values() for s in g.trace.steps if not s.quiet)
-        rows.append(f"| `{op.name}` | {sec * 1e3:.0f} | {', '.join(d.gradients) or '-'} | {fired} | {', '.join(d.saved) or '-'} |")
-    head = ["| op | derive (ms) | gradients | rules fired | saved |", "|---|---:|---|---:|---|"]
+        rows.append(f"| `{op.name}` | {sec * 1e3:.0f} | {', '.join(d.gradients) or '-'} | {fired} | {', '.join(d.reads) or '-'} |")
+    head = ["| op | derive (ms) | gradients | rules fired | forward values read |", "|---|---:|---|---:|---|"]
     tail = [f"| **total ({len(rows)} ops)** | **{total * 1e3:.0f}** | | | |"]
     return "\n".join(head + rows + tail)
 

@@ -43,7 +43,7 @@ class Derivation:
     cotangents: dict[str, str]  # output name -> cotangent tensor name
     forward: dict[str, Output]  # intermediates and outputs in evaluation order, stabilized
     gradients: dict[str, Gradient]
-    saved: tuple[str, ...]  # forward values (outputs, intermediates) the gradients read
+    reads: tuple[str, ...]  # forward values (outputs, intermediates) the gradients read; the IR decides what is saved
     seconds: float = 0.0
     forward_trace: Trace = field(default_factory=Trace)
 
@@ -203,8 +203,8 @@ def derive(op: Op, trace: bool = True) -> Derivation:
     read = set()
     for g in gradients.values():
         read |= {str(a.base) for a in g.expr.atoms(sp.Indexed)} | {str(s) for s in g.expr.free_symbols}
-    saved = tuple(q.name for q in (*op.intermediates, *op.outputs) if q.name in read & names)
-    return Derivation(op, contraction, cot, forward, gradients, saved, time.perf_counter() - start, ftrace)
+    reads = tuple(q.name for q in (*op.intermediates, *op.outputs) if q.name in read & names)
+    return Derivation(op, contraction, cot, forward, gradients, reads, time.perf_counter() - start, ftrace)
 
 
 def _is_onehot(delta: sp.KroneckerDelta, op: Op) -> bool:

@@ -292,6 +292,20 @@ def _step_json(v: StepView) -> dict:
 # Op derivations
 
 
+def saved_plan(d) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(what backward saves, what it recomputes), as the lowering decides for every target."""
+    from .ir import lower
+
+    program = lower(d)
+    return program.saved, tuple(s.target for s in program.backward.statements if s.target in d.forward)
+
+
+def saved_line(d) -> str:
+    saved, recomputed = saved_plan(d)
+    line = "saved for backward: " + (", ".join(saved) if saved else "nothing (backward reads only cotangents)")
+    return line + (f"; recomputed in backward: {', '.join(recomputed)}" if recomputed else "")
+
+
 def derivation_dict(d, steps: bool = False) -> dict:
     """``symgrad derive OP --format json``: one object."""
     op = d.op
@@ -305,7 +319,9 @@ def derivation_dict(d, steps: bool = False) -> dict:
         "intermediates": {name: to_str(q.expr) for name, q in d.forward.items() if name not in outputs},
         "indices": {name: [str(i) for i in q.indices] for name, q in d.forward.items()},
         "cotangents": dict(d.cotangents),
-        "saved": list(d.saved),
+        "reads": list(d.reads),
+        "saved": list(saved_plan(d)[0]),
+        "recomputed": list(saved_plan(d)[1]),
         "gradients": {name: to_str(g.expr) for name, g in d.gradients.items()},
         "targets": {name: to_str(g.target) for name, g in d.gradients.items()},
         "steps": [_step_json(v) for v in (forward_steps(d) + gradient_steps(d))] if steps else [],
@@ -355,7 +371,7 @@ def derivation_text(d, steps: bool = False) -> str:
             lines += _steps_text(views, "=")
     lines += ["", f"gradients ({cot})" if d.gradients else "gradients: none (no differentiable inputs)"]
     lines += _aligned([(to_str(g.target), to_str(g.expr)) for g in d.gradients.values()])
-    lines += ["", "saved for backward: " + (", ".join(d.saved) if d.saved else "nothing (backward reads only inputs and cotangents)")]
+    lines += ["", saved_line(d)]
     return "\n".join(ln.rstrip() for ln in lines) + "\n"
 
 
@@ -399,7 +415,7 @@ def derivation_latex(d, steps: bool = False) -> str:
             lines.append(r"\end{align*}")
     lines.append("% gradients")
     lines += _latex_block([rf"{_latex_entry('d' + name, g.indices)} &= {to_latex(g.expr)}" for name, g in d.gradients.items()])
-    lines.append("% saved for backward: " + (", ".join(d.saved) if d.saved else "nothing"))
+    lines.append("% " + saved_line(d))
     return "\n".join(lines) + "\n"
 
 

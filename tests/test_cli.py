@@ -73,7 +73,8 @@ def test_derive_steps_end_to_end():
     for stage in ("[chain rule]", "[canonicalize]", "[eliminate deltas]", "[apply facts]", "[reuse forward]"):
         assert stage in r.stdout
     assert "guard_by_label_fact" in r.stdout and "declared fact" in r.stdout
-    assert "saved for backward: p, w, n_valid" in r.stdout
+    # backward keeps the row lse, not the B x C softmax, which it recomputes
+    assert "saved for backward: x, y, lse, n_valid; recomputed in backward: p, w" in r.stdout
 
 
 def test_expression_end_to_end():
@@ -149,7 +150,8 @@ def test_derive_json_every_op(capsys, name):
     assert [p["name"] for p in data["params"]] == [p.name for p in op.params]
     assert list(data["outputs"]) == [q.name for q in op.outputs]
     d = derive(op)
-    assert data["saved"] == list(d.saved)
+    assert data["reads"] == list(d.reads)
+    assert set(data["reads"]) <= set(data["saved"]) | set(data["recomputed"]) | set(data["outputs"])
     assert set(data["gradients"]) == set(d.gradients) == {t.name for t in op.differentiable}
     for inp, s in data["gradients"].items():
         # Exactly the same SymPy expression, from the string and the op alone.
@@ -184,7 +186,7 @@ def test_derive_text(capsys):
     assert "forward" in out and "mean[b]" in out and "(intermediate)" in out
     assert "dx[b, i] = (dy[b, i]*w[i]" in out
     assert "dw[i]" in out and "dbias[i]" in out
-    assert "saved for backward: rstd, xhat" in out
+    assert "saved for backward: x, w, mean, rstd; recomputed in backward: xhat" in out
     assert "[canonicalize]" not in out  # no steps without --steps
 
 
