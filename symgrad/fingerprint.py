@@ -10,7 +10,7 @@ A fingerprint is a sha256 over everything rendering reads:
 
 * the sources of the ``symgrad`` package (every ``.py`` under ``symgrad/``, by relative path: the
   engine, the rules, the targets, the runtime and the op library ``symgrad/ops``), and every file
-  under ``templates/``;
+  under ``symgrad/templates/``;
 * the interpreter (implementation and full version) and the installed versions of the packages
   that shape the output (:data:`DISTRIBUTIONS`);
 * the target, and the op: its whole declaration, canonically (``sympy.srepr`` for expressions,
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-TEMPLATE_DIR = REPO_ROOT / "templates"
+TEMPLATE_DIR = PACKAGE_DIR / "templates"
 MANIFEST_NAME = ".manifest.json"
 MANIFEST_FORMAT = 1
 FINGERPRINT_FORMAT = 1

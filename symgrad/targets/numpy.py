@@ -1,7 +1,7 @@
 """The NumPy target: an op's lowered :class:`~symgrad.ir.Program` -> one NumPy reference module.
 
 ``render(program, command)`` lowers each statement with :mod:`.numpy_printer` and fills the Jinja
-skeleton ``templates/numpy/module.py.j2``: the skeleton only places blocks this module computes.
+skeleton ``symgrad/templates/numpy/module.py.j2``: the skeleton only places blocks this module computes.
 The module contract (functions, constants, errors) is in :mod:`symgrad.targets`.
 
 How the IR's kernel classes come out (every statement is evaluated over its axis space, see
@@ -29,17 +29,18 @@ from __future__ import annotations
 import keyword
 import textwrap
 from functools import lru_cache
+from pathlib import Path
 
 import jinja2
 import sympy as sp
 
 from ..declare import Role
 from ..ir import Program, Statement
-from . import REPO_ROOT, declaration_file
+from . import declaration_file
 from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_row_form_lines, lower_statement_lines, mask_buffers, row_form_applies
 from .statements import LoweringError, common_subexpressions, prepare, row_form
 
-TEMPLATE_DIR = REPO_ROOT / "templates" / "numpy"
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates" / "numpy"
 
 # Names the generated code itself uses: no buffer, param or dim may take one.
 RESERVED = frozenset({

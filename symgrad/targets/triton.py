@@ -31,7 +31,7 @@ from .triton_plan import LoweringError, build_plan
 
 __all__ = ["render", "LoweringError", "TEMPLATES"]
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "triton"
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "triton"
 NAMESPACE = "symgrad_triton"
 
 
