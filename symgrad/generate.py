@@ -11,7 +11,7 @@ absent is noted and skipped; one that fails to import is an error); ``--target a
 * incremental: a module whose bytes would not change is not rewritten (its mtime stays);
 * fast when nothing changed: ``<out>/.manifest.json`` (committed, deterministic) records each
   generated file's sha256 and the fingerprint of its inputs (:mod:`symgrad.fingerprint`: the package
-  sources, templates, interpreter and SymPy/Jinja versions, the target and the op's declaration).
+  sources, templates, SymPy/Jinja versions, the target and the op's declaration).
   A file whose fingerprint and bytes both match its entry is up to date without deriving anything;
   any other file is derived, rendered and compared byte for byte, as without a manifest. So a
   changed input that leaves a file's bytes alone is *not* stale: ``--check`` passes (and notes that
