@@ -121,7 +121,7 @@ def forward_patterns(op: Op, defs, ctx: Context) -> list[Pattern]:
     inlined (found where the derivative never formed the earlier values), largest first."""
     found: list[Pattern] = []
     for q in (*op.intermediates, *op.outputs):
-        forms = [fresh_free(q.expr), defs[q.name][1]]
+        forms = [q.expr, defs[q.name][1]]
         for form in forms:
             pat = Pattern(q.name, q.indices, canonicalize(form, ctx.reserved, ctx.letters))
             if pat not in found:
@@ -132,10 +132,6 @@ def forward_patterns(op: Op, defs, ctx: Context) -> list[Pattern]:
                 found.append(Pattern(q.name, q.indices, canonicalize(e, ctx.reserved, ctx.letters), wrap="exp"))
     found.sort(key=lambda p: -sp.count_ops(p.expr))
     return found
-
-
-def fresh_free(expr):
-    return expr
 
 
 def gradient_indices(t) -> tuple[sp.Symbol, ...]:
