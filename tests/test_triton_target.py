@@ -219,6 +219,66 @@ EXTREME = {  # op -> input scale: logits of +-1e4 and a row with one huge entry
 
 @pytest.mark.parametrize("name", sorted(EXTREME))
 def test_extreme_values(name):
+    _extreme_case(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-block row kernels: when the row fits in one block (SINGLE_BLOCK), each row operand is
+# loaded once and every pass runs from registers. The cases above force several blocks
+# (SYMGRAD_TRITON_MAX_BLOCK=16 for rows of 41); these give a block that holds the row, and rows of
+# exactly BLOCK and BLOCK + 1 columns (the boundary between the two paths).
+
+SB_BLOCK = 64
+
+
+def _row_col_dims(name):
+    """Dims that the module's row kernels lay along a block (read from the host launch lines)."""
+    import re
+
+    return sorted(set(re.findall(r"_rt\.row_block\(n_(\w+)", (ROOT / "generated" / "triton" / f"{name}.py").read_text())))
+
+
+ROW_OPS = [op for op in OPS if _row_col_dims(op.name)]
+
+
+def _sb_sizes(op, n_cols):
+    sizes = dict(op.test_sizes[-1])
+    sizes.update({d: n_cols for d in _row_col_dims(op.name)})
+    if "B" in sizes and "B" not in _row_col_dims(op.name):
+        sizes["B"] = 9  # several rows per program where the kernel also reduces across rows
+    return sizes
+
+
+def _sb_cases():
+    for op in ROW_OPS:
+        for n_cols, single in ((41, True), (SB_BLOCK, True), (SB_BLOCK + 1, False)):
+            for dtype in (torch.float32, torch.bfloat16):
+                tag = "fp32" if dtype == torch.float32 else "bf16"
+                yield pytest.param(op, n_cols, single, dtype, id=f"{op.name}-{n_cols}-{tag}")
+
+
+@pytest.mark.parametrize("op,n_cols,single,dtype", list(_sb_cases()))
+def test_single_block_rows(op, n_cols, single, dtype, monkeypatch):
+    from symgrad.runtime import triton_support as rt
+
+    monkeypatch.setenv("SYMGRAD_TRITON_MAX_BLOCK", str(SB_BLOCK))
+    assert (rt.row_block(n_cols) >= n_cols) == single
+    run_case(op, _sb_sizes(op, n_cols), dtype, DEVICE)
+
+
+@pytest.mark.parametrize("name,n_cols", [("layer_norm", 1023), ("rms_norm", 3000), ("softmax_cross_entropy", 1500),
+                                         ("log_softmax", 16384)])
+def test_single_block_default_blocks(name, n_cols, monkeypatch):
+    """Without the test cap, rows up to SINGLE_BLOCK_MAX columns are one block."""
+    from symgrad.runtime import triton_support as rt
+
+    monkeypatch.delenv("SYMGRAD_TRITON_MAX_BLOCK", raising=False)
+    assert rt.row_block(n_cols) >= n_cols
+    op = REGISTRY.get(name)
+    run_case(op, {**_sb_sizes(op, n_cols), "B": 3}, torch.float32, DEVICE)
+
+
+def _extreme_case(name, shift=0.0):
     op = REGISTRY.get(name)
     mod = module(name)
     sizes = dict(op.test_sizes[-1])
@@ -226,6 +286,7 @@ def test_extreme_values(name):
     x = inputs[0]
     x.mul_(EXTREME[name] / 4)
     x[0, 0] = EXTREME[name]
+    x.add_(shift)
     params = op_params(op, sizes)
     outs, saved = mod.forward_with_saved(*inputs, **params)
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -237,6 +298,69 @@ def test_extreme_values(name):
     assert torch.isfinite(outs[0]).all() and torch.isfinite(grads[0]).all()
     torch.testing.assert_close(outs[0].double().cpu(), ref.detach(), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(grads[0].double().cpu(), rg, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0.0, -2e4], ids=["pm1e4", "all-negative"])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "softmax_cross_entropy"])
+def test_extreme_values_single_block(name, shift, monkeypatch):
+    """Logits of +-1e4 with the row in one block; all-negative rows check that masked lanes
+    (loaded as 0) never reach the row max or sum."""
+    monkeypatch.setenv("SYMGRAD_TRITON_MAX_BLOCK", str(SB_BLOCK))
+    _extreme_case(name, shift)
+
+
+def _single_block_sections(src):
+    """The lines inside every ``if SINGLE_BLOCK:`` block of a kernel's source."""
+    out, depth = [], None
+    for line in src.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if depth is not None and line.strip() and indent <= depth:
+            depth = None
+        if depth is not None:
+            out.append(line.strip())
+        elif line.strip() == "if SINGLE_BLOCK:":
+            depth = indent
+    return out
+
+
+def _row_kernels(name):
+    import inspect
+
+    from triton.runtime.jit import KernelInterface  # JITFunction, or InterpretedFunction under the interpreter
+
+    mod = module(name)
+    for kname, k in sorted(vars(mod).items()):
+        if isinstance(k, KernelInterface) and "SINGLE_BLOCK" in k.arg_names:
+            yield kname, inspect.getsource(k.fn)
+
+
+def test_layer_norm_forward_reads_x_once():
+    src = dict(_row_kernels("layer_norm"))["_for0_rows"]
+    single = _single_block_sections(src)
+    assert sum(l.count("tl.load(x_ptr") for l in single) == 1, single
+    assert not any(l.startswith("for ") for l in single)  # no loop over column blocks
+    # The multi-block loop is still there for rows longer than a block (mean, variance, output).
+    assert src.count("tl.load(x_ptr") == 1 + 3
+
+
+@pytest.mark.parametrize("op", ROW_OPS, ids=[op.name for op in ROW_OPS])
+def test_single_block_loads_each_operand_once(op):
+    """In every row kernel's single-block path, each address is loaded once and no loop walks
+    column blocks: one read of each row operand per row."""
+    import re
+
+    kernels = list(_row_kernels(op.name))
+    assert kernels
+    for kname, src in kernels:
+        single = _single_block_sections(src)
+        assert single, kname
+        assert not any(l.startswith("for ") for l in single), kname
+        loads = [m.group(1) for l in single for m in re.finditer(r"tl\.load\(([^,]+)", l)]
+        assert len(loads) == len(set(loads)), (kname, loads)
+        if "for col0 in range" in src:  # the multi-block path reads nothing the single path skips
+            multi = {m.group(1) for m in re.finditer(r"tl\.load\(([^,]+)", src.split("else:", 1)[-1])
+                     if not m.group(1).startswith("pp")}  # pp: the partial row read-modify-write
+            assert multi <= set(loads), (kname, multi - set(loads))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +539,7 @@ import symgrad.ops
 from symgrad.declare import REGISTRY, Role
 
 CONST = {"BLOCK": 1024, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "DOT_F32": False,
-         "PREC": "ieee", "WRITE_GRAD": True, "ONE_BLOCK": False, "IDX64": False}
+         "PREC": "ieee", "WRITE_GRAD": True, "SINGLE_BLOCK": False, "IDX64": False}
 
 def compile_op(name, ptr, arch, variants):
     op = REGISTRY.get(name)
@@ -427,7 +551,10 @@ def compile_op(name, ptr, arch, variants):
     for kname, k in sorted(vars(mod).items()):
         if not isinstance(k, JITFunction) or not kname.startswith("_"):
             continue
-        for variant in variants:
+        both_paths = variants
+        if "SINGLE_BLOCK" in k.arg_names:  # row kernels: the single-block path and the block loop
+            both_paths = [dict(v, SINGLE_BLOCK=flag) for v in variants for flag in (True, False)]
+        for variant in both_paths:
             sig, consts = {}, {}
             for a in k.arg_names:
                 if a in CONST:
@@ -450,7 +577,7 @@ if __name__ == "__main__":
     for name in names:
         cases = [("*bf16", [{"WRITE_GRAD": False}])]
         if both:
-            cases.append(("*fp32", [{"DOT_F32": True, "ONE_BLOCK": True, "IDX64": True}]))
+            cases.append(("*fp32", [{"DOT_F32": True, "IDX64": True}]))
         for ptr, variants in cases:
             total += compile_op(name, ptr, 90, variants)
     print(f"compiled {total} kernels for sm_90 in {time.time()-t:.1f}s")

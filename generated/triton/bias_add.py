@@ -81,7 +81,7 @@ def _bac0_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = dout[b, i]
     # dbias[i] = Sum(dout[k, i], (k, 0, B - 1))
@@ -93,18 +93,23 @@ def _bac0_rows(
     pacc0 = tl.zeros([BLOCK], tl.float32)
     for t in range(0, n_here):
         row = row0 + t
-        # final pass: outputs
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (cv0).to(dx_ptr.dtype.element_ty), mask=cmask)
-            if ONE_BLOCK:
-                pacc0 += tl.where(cmask, cv0, 0.0)
-            else:
+            cv1 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (cv1).to(dx_ptr.dtype.element_ty), mask=cmask)
+            pacc0 += tl.where(cmask, cv1, 0.0)
+        else:
+            # final pass: outputs
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (cv0).to(dx_ptr.dtype.element_ty), mask=cmask)
                 pp0 = part0_ptr + pid64 * n_C + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
-    if ONE_BLOCK:
+    if SINGLE_BLOCK:
         tl.store(part0_ptr + pid64 * n_C + cols0, pacc0, mask=cols0 < n_C)
 
 
@@ -184,10 +189,10 @@ def backward(saved, dout, ):
     # _bac0_rows: dx, dbias (rows)
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     t_dbias = torch.empty((n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=True)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog, n_C), dtype=torch.float32, device=device)
-    _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, ONE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_C)
     _bac0_rows_finish[(triton.cdiv(n_C, fblk),)](t_dbias, t_dbias.stride(0), n_C, part0, n_prog, BLOCK=fblk)
     return (t_dx, t_dbias, )

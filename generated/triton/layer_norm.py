@@ -56,6 +56,7 @@ def _for0_rows(
     p_eps,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # mean[b] = Sum(x[b, k], (k, 0, D - 1))/D
     # rstd[b] = 1/sqrt(eps + Sum((-mean[b] + x[b, k])**2, (k, 0, D - 1))/D)
@@ -65,30 +66,45 @@ def _for0_rows(
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    if SINGLE_BLOCK:
+        # row-invariant operands: loaded once per program
+        cols = cols0
+        cmask = cols < n_D
+        cv6 = tl.load(bias_ptr + cols * bias_s0, mask=cmask, other=0).to(tl.float32)
+        cv7 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
     for t in range(0, n_here):
         row = row0 + t
-        # pass 1: row statistics
-        st0 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_D
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
-        # pass 2: row statistics
-        st1 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_D
-            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st1 += tl.sum(tl.where(cmask, (((-(st0 / (f_D))) + cv1) * ((-(st0 / (f_D))) + cv1)), 0.0), 0)
-        # final pass: outputs
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_D
-            cv2 = tl.load(bias_ptr + cols * bias_s0, mask=cmask, other=0).to(tl.float32)
-            cv3 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
-            cv4 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt((p_eps + (st1 / (f_D))))) * ((-(st0 / (f_D))) + cv4) * cv3) + cv2)).to(y_ptr.dtype.element_ty), mask=cmask)
+            cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, cv5, 0.0), 0)
+            st1 = tl.sum(tl.where(cmask, (((-(st0 / (f_D))) + cv5) * ((-(st0 / (f_D))) + cv5)), 0.0), 0)
+            tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt((p_eps + (st1 / (f_D))))) * ((-(st0 / (f_D))) + cv5) * cv7) + cv6)).to(y_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
+            # pass 2: row statistics
+            st1 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st1 += tl.sum(tl.where(cmask, (((-(st0 / (f_D))) + cv1) * ((-(st0 / (f_D))) + cv1)), 0.0), 0)
+            # final pass: outputs
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv2 = tl.load(bias_ptr + cols * bias_s0, mask=cmask, other=0).to(tl.float32)
+                cv3 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+                cv4 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt((p_eps + (st1 / (f_D))))) * ((-(st0 / (f_D))) + cv4) * cv3) + cv2)).to(y_ptr.dtype.element_ty), mask=cmask)
         tl.store(mean_ptr + row * mean_s0, ((st0 / (f_D))).to(mean_ptr.dtype.element_ty))
         tl.store(rstd_ptr + row * rstd_s0, ((1.0 / tl.sqrt((p_eps + (st1 / (f_D)))))).to(rstd_ptr.dtype.element_ty))
 
@@ -122,7 +138,7 @@ def _bac0_rows(
     part1_ptr,
     RPP,
     BLOCK: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = (dy[b, i]*w[i] - (-mean[b] + x[b, i])*rstd[b]*Sum((-mean[b] + x[b, k])*dy[b, k]*rstd[b]*w[k], (k,
     #     0, D - 1))/D - Sum(dy[b, k]*w[k], (k, 0, D - 1))/D)*rstd[b]
@@ -135,42 +151,53 @@ def _bac0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     pacc0 = tl.zeros([BLOCK], tl.float32)
     pacc1 = tl.zeros([BLOCK], tl.float32)
+    if SINGLE_BLOCK:
+        # row-invariant operands: loaded once per program
+        cols = cols0
+        cmask = cols < n_D
+        cv7 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(mean_ptr + row * mean_s0).to(tl.float32)
         rv1 = tl.load(rstd_ptr + row * rstd_s0).to(tl.float32)
-        # pass 1: row statistics
-        st0 = tl.full([], 0.0, tl.float32)
-        st1 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_D
-            cv0 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-            cv1 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, (cv1 * cv0), 0.0), 0)
-            st1 += tl.sum(tl.where(cmask, (((-rv0) + cv2) * rv1 * cv1 * cv0), 0.0), 0)
-        # final pass: outputs
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_D
-            cv3 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-            cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
-            cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv4 * cv3) - (st0 / (f_D)) - (st1 * ((-rv0) + cv5) * rv1 / (f_D))) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
-            if ONE_BLOCK:
-                pacc0 += tl.where(cmask, (((-rv0) + cv5) * rv1 * cv3), 0.0)
-            else:
+            cv6 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
+            cv8 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, (cv7 * cv6), 0.0), 0)
+            st1 = tl.sum(tl.where(cmask, (((-rv0) + cv8) * rv1 * cv7 * cv6), 0.0), 0)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv7 * cv6) - (st0 / (f_D)) - (st1 * ((-rv0) + cv8) * rv1 / (f_D))) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
+            pacc0 += tl.where(cmask, (((-rv0) + cv8) * rv1 * cv6), 0.0)
+            pacc1 += tl.where(cmask, cv6, 0.0)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], 0.0, tl.float32)
+            st1 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv0 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+                cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, (cv1 * cv0), 0.0), 0)
+                st1 += tl.sum(tl.where(cmask, (((-rv0) + cv2) * rv1 * cv1 * cv0), 0.0), 0)
+            # final pass: outputs
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv3 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
+                cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+                cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv4 * cv3) - (st0 / (f_D)) - (st1 * ((-rv0) + cv5) * rv1 / (f_D))) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
                 pp0 = part0_ptr + pid64 * n_D + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, (((-rv0) + cv5) * rv1 * cv3), 0.0), mask=cmask)
-            if ONE_BLOCK:
-                pacc1 += tl.where(cmask, cv3, 0.0)
-            else:
                 pp1 = part1_ptr + pid64 * n_D + cols
                 tl.store(pp1, tl.load(pp1, mask=cmask, other=0.0) + tl.where(cmask, cv3, 0.0), mask=cmask)
-    if ONE_BLOCK:
+    if SINGLE_BLOCK:
         tl.store(part0_ptr + pid64 * n_D + cols0, pacc0, mask=cols0 < n_D)
-    if ONE_BLOCK:
+    if SINGLE_BLOCK:
         tl.store(part1_ptr + pid64 * n_D + cols0, pacc1, mask=cols0 < n_D)
 
 
@@ -224,9 +251,9 @@ def _forward(t_x, t_w, t_bias, p_eps, write_grad):
     t_mean = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_rstd = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_y = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_D, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_D, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_bias, t_bias.stride(0), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _for0_rows[(n_prog,)](t_bias, t_bias.stride(0), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'w': t_w,
@@ -271,11 +298,11 @@ def backward(saved, dy, ):
     t_dx = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
     t_dw = torch.empty((n_D, ), dtype=dtype, device=device)
     t_dbias = torch.empty((n_D, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_D, dtype.itemsize, whole_row=True)
+    blk = _rt.row_block(n_D, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
     part1 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
-    _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, part1, rpp, BLOCK=blk, ONE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, part1, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
     _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dbias, t_dbias.stride(0), t_dw, t_dw.stride(0), n_D, part0, part1, n_prog, BLOCK=fblk)
     return (t_dx, t_dw, t_dbias, )

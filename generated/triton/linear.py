@@ -212,7 +212,7 @@ def _bac2_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # dbias[j] = Sum(dY[l, j], (l, 0, B - 1))
     pid = tl.program_id(0)
@@ -223,17 +223,21 @@ def _bac2_rows(
     pacc0 = tl.zeros([BLOCK], tl.float32)
     for t in range(0, n_here):
         row = row0 + t
-        # final pass: outputs
-        for col0 in range(0, n_N, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_N
-            cv0 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(tl.float32)
-            if ONE_BLOCK:
-                pacc0 += tl.where(cmask, cv0, 0.0)
-            else:
+            cv1 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(tl.float32)
+            pacc0 += tl.where(cmask, cv1, 0.0)
+        else:
+            # final pass: outputs
+            for col0 in range(0, n_N, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_N
+                cv0 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(tl.float32)
                 pp0 = part0_ptr + pid64 * n_N + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
-    if ONE_BLOCK:
+    if SINGLE_BLOCK:
         tl.store(part0_ptr + pid64 * n_N + cols0, pacc0, mask=cols0 < n_N)
 
 
@@ -338,10 +342,10 @@ def backward(saved, dY, ):
     _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
     # _bac2_rows: dbias (rows)
     t_dbias = torch.empty((n_N, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_N, dtype.itemsize, whole_row=True)
+    blk = _rt.row_block(n_N, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog, n_N), dtype=torch.float32, device=device)
-    _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, ONE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
+    _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_N)
     _bac2_rows_finish[(triton.cdiv(n_N, fblk),)](t_dbias, t_dbias.stride(0), n_N, part0, n_prog, BLOCK=fblk)
     return (t_dX, t_dW, t_dbias, )

@@ -40,6 +40,7 @@ def _for0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # out[b, i] = -log(Sum(exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, k]), (k, 0, C - 1))) - ReduceMax(x[b, k],
     #     k, 0, C - 1) + x[b, i]
@@ -50,22 +51,31 @@ def _for0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        # pass 1: row statistics
-        st0 = tl.full([], float("-inf"), tl.float32)
-        st1 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            m_new = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
-            st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
-            st0 = m_new
-        # final pass: outputs
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_C
-            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(out_ptr + row * out_s0 + cols * out_s1, (((-st0) - tl.log(st1) + cv1)).to(out_ptr.dtype.element_ty), mask=cmask)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.max(tl.where(cmask, cv2, float('-inf')), 0)
+            st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
+            tl.store(out_ptr + row * out_s0 + cols * out_s1, (((-st0) - tl.log(st1) + cv2)).to(out_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], float("-inf"), tl.float32)
+            st1 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                m_new = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
+                st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
+                st0 = m_new
+            # final pass: outputs
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(out_ptr + row * out_s0 + cols * out_s1, (((-st0) - tl.log(st1) + cv1)).to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 
@@ -88,6 +98,7 @@ def _bac0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = -exp(out[b, i])*Sum(dout[b, k], (k, 0, C - 1)) + dout[b, i]
     pid = tl.program_id(0)
@@ -97,20 +108,29 @@ def _bac0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        # pass 1: row statistics
-        st0 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
-        # final pass: outputs
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_C
-            cv1 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
-            cv2 = tl.load(out_ptr + row * out_s0 + cols * out_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (((-(st0 * tl.exp(cv2))) + cv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
+            cv3 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
+            cv4 = tl.load(out_ptr + row * out_s0 + cols * out_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, cv3, 0.0), 0)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (((-(st0 * tl.exp(cv4))) + cv3)).to(dx_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
+            # final pass: outputs
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv1 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
+                cv2 = tl.load(out_ptr + row * out_s0 + cols * out_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (((-(st0 * tl.exp(cv2))) + cv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 
 
@@ -133,9 +153,9 @@ def _forward(t_x, write_grad):
     _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_rows: out (rows)
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'out': t_out,
         'B': n_B,
@@ -170,9 +190,9 @@ def backward(saved, dout, ):
     t_dout = dout
     # _bac0_rows: dx (rows)
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     return (t_dx, )
 
 

@@ -39,6 +39,7 @@ def _for0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # out[b] = ReduceMax(x[b, k], k, 0, C - 1)
     pid = tl.program_id(0)
@@ -48,13 +49,20 @@ def _for0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        # final pass: outputs, statistics only row results need
-        st0 = tl.full([], float("-inf"), tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
+            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.max(tl.where(cmask, cv1, float('-inf')), 0)
+        else:
+            # final pass: outputs, statistics only row results need
+            st0 = tl.full([], float("-inf"), tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st0 = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
         tl.store(out_ptr + row * out_s0, (st0).to(out_ptr.dtype.element_ty))
 
 
@@ -79,6 +87,7 @@ def _bac0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = Iverson(Eq(x[b, i], out[b]))*dout[b]/Sum(Iverson(Eq(x[b, k], out[b])), (k, 0, C - 1))
     pid = tl.program_id(0)
@@ -90,19 +99,27 @@ def _bac0_rows(
         row = row0 + t
         rv0 = tl.load(out_ptr + row * out_s0).to(tl.float32)
         rv1 = tl.load(dout_ptr + row * dout_s0).to(tl.float32)
-        # pass 1: row statistics
-        st0 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, tl.where((cv0 == rv0), 1.0, 0.0), 0.0), 0)
-        # final pass: outputs
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_C
-            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((rv1 * tl.where((cv1 == rv0), 1.0, 0.0) / (st0))).to(dx_ptr.dtype.element_ty), mask=cmask)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, tl.where((cv2 == rv0), 1.0, 0.0), 0.0), 0)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((rv1 * tl.where((cv2 == rv0), 1.0, 0.0) / (st0))).to(dx_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, tl.where((cv0 == rv0), 1.0, 0.0), 0.0), 0)
+            # final pass: outputs
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((rv1 * tl.where((cv1 == rv0), 1.0, 0.0) / (st0))).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 
 
@@ -125,9 +142,9 @@ def _forward(t_x, write_grad):
     _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_rows: out (rows)
     t_out = torch.empty((n_B, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'out': t_out,
@@ -164,9 +181,9 @@ def backward(saved, dout, ):
     t_dout = dout
     # _bac0_rows: dx (rows)
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     return (t_dx, )
 
 

@@ -48,6 +48,7 @@ def _for0_rows(
     RPP,
     BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # loss = Sum((X[b, i] - Y[b, i])**2, (b, 0, B - 1), (i, 0, C - 1))/2
     # dX_fused[b, i] = X[b, i] - Y[b, i]
@@ -59,16 +60,26 @@ def _for0_rows(
     acc0 = tl.full([], 0.0, tl.float32)
     for t in range(0, n_here):
         row = row0 + t
-        # final pass: outputs, statistics only row results need
-        st0 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(X_ptr + row * X_s0 + cols * X_s1, mask=cmask, other=0).to(tl.float32)
-            cv1 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, (((-cv1) + cv0) * ((-cv1) + cv0)), 0.0), 0)
+            cv2 = tl.load(X_ptr + row * X_s0 + cols * X_s1, mask=cmask, other=0).to(tl.float32)
+            cv3 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, (((-cv3) + cv2) * ((-cv3) + cv2)), 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, (((-cv1) + cv0)).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, (((-cv3) + cv2)).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # final pass: outputs, statistics only row results need
+            st0 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(X_ptr + row * X_s0 + cols * X_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, (((-cv1) + cv0) * ((-cv1) + cv0)), 0.0), 0)
+                if WRITE_GRAD:
+                    tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, (((-cv1) + cv0)).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
         acc0 += st0
     tl.store(part0_ptr + pid64, acc0)
 
@@ -151,10 +162,10 @@ def _forward(t_X, t_Y, write_grad):
     # _for0_rows: loss, dX_fused (rows)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dX_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    _for0_rows[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, num_warps=_rt.row_warps(blk))
+    _for0_rows[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_loss, part0, n_prog, BLOCK=fblk)
     saved = {

@@ -51,6 +51,7 @@ def _for0_rows(
     p_eps,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # rstd[b] = 1/sqrt(eps + Sum(x[b, k]**2, (k, 0, D - 1))/D)
     # y[b, i] = rstd[b]*w[i]*x[b, i]
@@ -59,22 +60,35 @@ def _for0_rows(
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    if SINGLE_BLOCK:
+        # row-invariant operands: loaded once per program
+        cols = cols0
+        cmask = cols < n_D
+        cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
     for t in range(0, n_here):
         row = row0 + t
-        # pass 1: row statistics
-        st0 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_D
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, (cv0 * cv0), 0.0), 0)
-        # final pass: outputs
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_D
-            cv1 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt((p_eps + (st0 / (f_D))))) * cv1 * cv2)).to(y_ptr.dtype.element_ty), mask=cmask)
+            cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, (cv3 * cv3), 0.0), 0)
+            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt((p_eps + (st0 / (f_D))))) * cv4 * cv3)).to(y_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, (cv0 * cv0), 0.0), 0)
+            # final pass: outputs
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv1 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+                cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt((p_eps + (st0 / (f_D))))) * cv1 * cv2)).to(y_ptr.dtype.element_ty), mask=cmask)
         tl.store(rstd_ptr + row * rstd_s0, ((1.0 / tl.sqrt((p_eps + (st0 / (f_D)))))).to(rstd_ptr.dtype.element_ty))
 
 
@@ -104,7 +118,7 @@ def _bac0_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = (dy[b, i]*w[i] - rstd[b]*x[b, i]*Sum(dy[b, k]*rstd[b]*w[k]*x[b, k], (k, 0, D - 1))/D)*rstd[b]
     # dw[i] = Sum(dy[k, i]*rstd[k]*x[k, i], (k, 0, B - 1))
@@ -114,32 +128,44 @@ def _bac0_rows(
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     pacc0 = tl.zeros([BLOCK], tl.float32)
+    if SINGLE_BLOCK:
+        # row-invariant operands: loaded once per program
+        cols = cols0
+        cmask = cols < n_D
+        cv7 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(rstd_ptr + row * rstd_s0).to(tl.float32)
-        # pass 1: row statistics
-        st0 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_D
-            cv0 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-            cv1 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, (rv0 * cv1 * cv0 * cv2), 0.0), 0)
-        # final pass: outputs
-        for col0 in range(0, n_D, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_D
-            cv3 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-            cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
-            cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv4 * cv3) - (st0 * rv0 * cv5 / (f_D))) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
-            if ONE_BLOCK:
-                pacc0 += tl.where(cmask, (rv0 * cv3 * cv5), 0.0)
-            else:
+            cv6 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
+            cv8 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, (rv0 * cv7 * cv6 * cv8), 0.0), 0)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv7 * cv6) - (st0 * rv0 * cv8 / (f_D))) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
+            pacc0 += tl.where(cmask, (rv0 * cv6 * cv8), 0.0)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv0 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+                cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, (rv0 * cv1 * cv0 * cv2), 0.0), 0)
+            # final pass: outputs
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv3 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
+                cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+                cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv4 * cv3) - (st0 * rv0 * cv5 / (f_D))) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
                 pp0 = part0_ptr + pid64 * n_D + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, (rv0 * cv3 * cv5), 0.0), mask=cmask)
-    if ONE_BLOCK:
+    if SINGLE_BLOCK:
         tl.store(part0_ptr + pid64 * n_D + cols0, pacc0, mask=cols0 < n_D)
 
 
@@ -184,9 +210,9 @@ def _forward(t_x, t_w, p_eps, write_grad):
     # _for0_rows: rstd, y (rows)
     t_rstd = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_y = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_D, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_D, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _for0_rows[(n_prog,)](t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'w': t_w,
@@ -228,10 +254,10 @@ def backward(saved, dy, ):
     # _bac0_rows: dx, dw (rows)
     t_dx = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
     t_dw = torch.empty((n_D, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_D, dtype.itemsize, whole_row=True)
+    blk = _rt.row_block(n_D, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
-    _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, rpp, BLOCK=blk, ONE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
     _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dw, t_dw.stride(0), n_D, part0, n_prog, BLOCK=fblk)
     return (t_dx, t_dw, )

@@ -51,6 +51,7 @@ def _for0_rows(
     RPP,
     BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # loss = -(Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) + Sum(-softplus(-x[b, i])*y[b,
     #     i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)
@@ -64,18 +65,29 @@ def _for0_rows(
     acc1 = tl.full([], 0.0, tl.float32)
     for t in range(0, n_here):
         row = row0 + t
-        # final pass: outputs, statistics only row results need
-        st0 = tl.full([], 0.0, tl.float32)
-        st1 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            cv1 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, (-((1.0 - cv1) * sg_softplus(cv0))), 0.0), 0)
-            st1 += tl.sum(tl.where(cmask, (-(cv1 * sg_softplus((-cv0)))), 0.0), 0)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv3 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, (-((1.0 - cv3) * sg_softplus(cv2))), 0.0), 0)
+            st1 = tl.sum(tl.where(cmask, (-(cv3 * sg_softplus((-cv2)))), 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-cv1) + sg_sigmoid(cv0)) / (f_B * f_C))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-cv3) + sg_sigmoid(cv2)) / (f_B * f_C))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # final pass: outputs, statistics only row results need
+            st0 = tl.full([], 0.0, tl.float32)
+            st1 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, (-((1.0 - cv1) * sg_softplus(cv0))), 0.0), 0)
+                st1 += tl.sum(tl.where(cmask, (-(cv1 * sg_softplus((-cv0)))), 0.0), 0)
+                if WRITE_GRAD:
+                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-cv1) + sg_sigmoid(cv0)) / (f_B * f_C))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         acc0 += st0
         acc1 += st1
     tl.store(part0_ptr + pid64, acc0)
@@ -168,11 +180,11 @@ def _forward(t_x, t_y, write_grad):
     # _for0_rows: loss, dx_fused (rows)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dx_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     part1 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, num_warps=_rt.row_warps(blk))
+    _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_loss, float(n_B), float(n_C), part0, part1, n_prog, BLOCK=fblk)
     saved = {

@@ -40,6 +40,7 @@ def _for0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # p[b, i] = exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, i])/Sum(exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b,
     #     k]), (k, 0, C - 1))
@@ -50,22 +51,31 @@ def _for0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        # pass 1: row statistics
-        st0 = tl.full([], float("-inf"), tl.float32)
-        st1 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            m_new = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
-            st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
-            st0 = m_new
-        # final pass: outputs
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_C
-            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp(((-st0) + cv1)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.max(tl.where(cmask, cv2, float('-inf')), 0)
+            st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
+            tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp(((-st0) + cv2)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], float("-inf"), tl.float32)
+            st1 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                m_new = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
+                st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
+                st0 = m_new
+            # final pass: outputs
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp(((-st0) + cv1)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
 
 
 
@@ -88,6 +98,7 @@ def _bac0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = (dp[b, i] - Sum(dp[b, k]*p[b, k], (k, 0, C - 1)))*p[b, i]
     pid = tl.program_id(0)
@@ -97,21 +108,30 @@ def _bac0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        # pass 1: row statistics
-        st0 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(tl.float32)
-            cv1 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, (cv0 * cv1), 0.0), 0)
-        # final pass: outputs
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_C
-            cv2 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(tl.float32)
-            cv3 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(tl.float32)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-st0) + cv2) * cv3)).to(dx_ptr.dtype.element_ty), mask=cmask)
+            cv4 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(tl.float32)
+            cv5 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, (cv4 * cv5), 0.0), 0)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-st0) + cv4) * cv5)).to(dx_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, (cv0 * cv1), 0.0), 0)
+            # final pass: outputs
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv2 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(tl.float32)
+                cv3 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-st0) + cv2) * cv3)).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 
 
@@ -134,9 +154,9 @@ def _forward(t_x, write_grad):
     _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_rows: p (rows)
     t_p = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_p, t_p.stride(0), t_p.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _for0_rows[(n_prog,)](t_p, t_p.stride(0), t_p.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'p': t_p,
         'B': n_B,
@@ -171,9 +191,9 @@ def backward(saved, dp, ):
     t_dp = dp
     # _bac0_rows: dx (rows)
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _bac0_rows[(n_prog,)](t_dp, t_dp.stride(0), t_dp.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_p, t_p.stride(0), t_p.stride(1), n_B, n_C, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _bac0_rows[(n_prog,)](t_dp, t_dp.stride(0), t_dp.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_p, t_p.stride(0), t_p.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     return (t_dx, )
 
 

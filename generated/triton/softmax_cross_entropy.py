@@ -100,6 +100,7 @@ def _for1_rows(
     RPP,
     BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # loss = (1 - eps)*Sum((log(Sum(exp(-ReduceMax(x[b, k_f2], k_f2, 0, C - 1) + x[b, k_f3]), (k_f3, 0, C - 1))) +
     #     ReduceMax(x[b, k_f1], k_f1, 0, C - 1) - x[b, y[b]])*Iverson(Ne(y[b], ignore_index)), (b, 0, B -
@@ -121,25 +122,36 @@ def _for1_rows(
         row = row0 + t
         rv0 = tl.load(y_ptr + row * y_s0)
         rv1 = tl.load(x_ptr + row * x_s0 + rv0.to(tl.int64) * x_s1, mask=(rv0.to(tl.int64) >= 0) & (rv0.to(tl.int64) < n_C), other=0).to(tl.float32)
-        # pass 1: row statistics
-        st0 = tl.full([], float("-inf"), tl.float32)
-        st1 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            m_new = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
-            st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
-            st0 = m_new
-        # final pass: outputs, statistics only row results need
-        st2 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
-            cmask = cols < n_C
-            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st2 += tl.sum(tl.where(cmask, cv1, 0.0), 0)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.max(tl.where(cmask, cv2, float('-inf')), 0)
+            st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
+            st2 = tl.sum(tl.where(cmask, cv2, 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-tl.where(cols == rv0, 1.0, 0.0)) + (p_eps * tl.where(cols == rv0, 1.0, 0.0)) + (tl.exp(((-st0) + cv1)) / (st1)) - (p_eps / (f_C))) * tl.where((rv0 != p_ignore_index), 1.0, 0.0) / (v_n_valid))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-tl.where(cols == rv0, 1.0, 0.0)) + (p_eps * tl.where(cols == rv0, 1.0, 0.0)) + (tl.exp(((-st0) + cv2)) / (st1)) - (p_eps / (f_C))) * tl.where((rv0 != p_ignore_index), 1.0, 0.0) / (v_n_valid))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+        else:
+            # pass 1: row statistics
+            st0 = tl.full([], float("-inf"), tl.float32)
+            st1 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                m_new = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
+                st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
+                st0 = m_new
+            # final pass: outputs, statistics only row results need
+            st2 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st2 += tl.sum(tl.where(cmask, cv1, 0.0), 0)
+                if WRITE_GRAD:
+                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-tl.where(cols == rv0, 1.0, 0.0)) + (p_eps * tl.where(cols == rv0, 1.0, 0.0)) + (tl.exp(((-st0) + cv1)) / (st1)) - (p_eps / (f_C))) * tl.where((rv0 != p_ignore_index), 1.0, 0.0) / (v_n_valid))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         acc0 += ((st0 - rv1 + tl.log(st1)) * tl.where((rv0 != p_ignore_index), 1.0, 0.0))
         acc1 += (((-st2) + (f_C * (st0 + tl.log(st1)))) * tl.where((rv0 != p_ignore_index), 1.0, 0.0))
     tl.store(part0_ptr + pid64, acc0)
@@ -242,11 +254,11 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, write_grad):
     # _for1_rows: loss, dx_fused (rows)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dx_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     part1 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    _for1_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, num_warps=_rt.row_warps(blk))
+    _for1_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for1_rows_finish[(1,)](t_loss, t_n_valid, float(n_C), p_eps, part0, part1, n_prog, BLOCK=fblk)
     saved = {

@@ -39,6 +39,7 @@ def _for0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     # out[b] = Sum(x[b, k], (k, 0, C - 1))
     pid = tl.program_id(0)
@@ -48,13 +49,20 @@ def _for0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        # final pass: outputs, statistics only row results need
-        st0 = tl.full([], 0.0, tl.float32)
-        for col0 in range(0, n_C, BLOCK):
-            cols = col0 + cols0
+        if SINGLE_BLOCK:
+            # the row in one block: each operand loaded once, every pass from registers
+            cols = cols0
             cmask = cols < n_C
-            cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
+            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, cv1, 0.0), 0)
+        else:
+            # final pass: outputs, statistics only row results need
+            st0 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_C, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_C
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
         tl.store(out_ptr + row * out_s0, (st0).to(out_ptr.dtype.element_ty))
 
 
@@ -113,9 +121,9 @@ def _forward(t_x, write_grad):
     _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_rows: out (rows)
     t_out = torch.empty((n_B, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, whole_row=False)
+    blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'B': n_B,
         'C': n_C,

@@ -89,16 +89,23 @@ def _max_block() -> int:
     return int(os.environ.get("SYMGRAD_TRITON_MAX_BLOCK", "0")) or (1024 if interpreting() else 4096)
 
 
-def row_block(n_cols: int, itemsize: int = 4, whole_row: bool = False) -> int:
-    """Columns per block of a row kernel: the row in one block when it fits, else a loop.
-    ``whole_row``: the kernel also reduces across rows (weight/bias gradients), which it does in
-    registers when the row is one block, so allow longer blocks (up to 16384 columns)."""
+SINGLE_BLOCK_MAX = 16384  # longest row a row kernel holds in registers as one block
+
+
+def row_block(n_cols: int, itemsize: int = 4) -> int:
+    """Columns per block of a row kernel. The whole row in one block when it fits
+    (``SINGLE_BLOCK_MAX`` columns): the kernel's ``SINGLE_BLOCK`` path then reads each row operand
+    from memory once and runs every pass from registers. Longer rows loop over blocks of the
+    loop cap. ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block (tests force several blocks with it)."""
+    want = triton.next_power_of_2(max(int(n_cols), 1))
+    if os.environ.get("SYMGRAD_TRITON_MAX_BLOCK"):
+        return max(16, min(want, _max_block()))
+    if want <= SINGLE_BLOCK_MAX:
+        return max(16, want)
     cap = _max_block()
     if not interpreting() and itemsize <= 2:
         cap = min(cap * 2, 8192)
-    if whole_row and not os.environ.get("SYMGRAD_TRITON_MAX_BLOCK"):
-        cap = max(cap, 16384)
-    return max(16, min(triton.next_power_of_2(max(int(n_cols), 1)), cap))
+    return max(16, cap)
 
 
 def map_block(n: int) -> int:

@@ -13,6 +13,12 @@ the row's column blocks; a statistic whose body reads another is computed in a l
 pass, where the elementwise outputs are written. A ``Sum`` over the row dim (bias and weight
 gradients, losses) is accumulated per program into a partial buffer and finished by a small
 second kernel.
+
+Every row kernel with a column dim has two paths, chosen on the host by the ``SINGLE_BLOCK``
+constexpr (``n_cols <= BLOCK``), so only the taken one is compiled. Single block: each row operand
+is loaded once into registers and every pass (statistics in dependency order, then outputs and
+column partials) runs from them; one read of the row from memory. Several blocks: the passes
+above, one loop over the row's column blocks each.
 """
 from __future__ import annotations
 
@@ -497,13 +503,12 @@ class RowBuilder:
                 names = self._printer_names(b, loads, load_lines, row_loads, row_lines, {}, True)
                 v = pr(ctx, b, names, f"partial sum {b}")
                 ncol = sig.idim(self.coldim.name)
-                # The whole row in one block: keep this program's partial sums in registers across
-                # its rows; else read-modify-write this program's own partial row.
-                body += ["if ONE_BLOCK:", f"    pacc{j} += tl.where(cmask, {v}, 0.0)", "else:",
-                         f"    pp{j} = part{j}_ptr + pid64 * {ncol} + cols",
-                         f"    tl.store(pp{j}, tl.load(pp{j}, mask=cmask, other=0.0) + tl.where(cmask, {v}, 0.0), mask=cmask)"]
+                # Several column blocks: read-modify-write this program's own partial row. (The
+                # single-block path keeps the partial sums in registers across the program's rows.)
+                body += [f"pp{j} = part{j}_ptr + pid64 * {ncol} + cols",
+                         f"tl.store(pp{j}, tl.load(pp{j}, mask=cmask, other=0.0) + tl.where(cmask, {v}, 0.0), mask=cmask)"]
                 part_init.append(f"pacc{j} = tl.zeros([BLOCK], tl.float32)")
-                part_store += ["if ONE_BLOCK:", f"    tl.store(part{j}_ptr + pid64 * {ncol} + cols0, pacc{j}, mask=cols0 < {ncol})"]
+                part_store += ["if SINGLE_BLOCK:", f"    tl.store(part{j}_ptr + pid64 * {ncol} + cols0, pacc{j}, mask=cols0 < {ncol})"]
                 part_host.append(f"part{j} = torch.zeros((n_prog, n_{self.coldim.name}), dtype=torch.float32, device=device)")
             else:
                 part_init.append(f"acc{j} = tl.full([], 0.0, tl.float32)")
@@ -512,6 +517,9 @@ class RowBuilder:
             sig.extra.append((f"part{j}_ptr", f"part{j}"))
         if body or late:
             final = dict(init=init, loads=load_lines, body=body)
+        single = self._single_block(row_loads, row_lines) if self.coldim is not None else None
+        if single is not None and not (passes or final):
+            raise LoweringError(f"op {ctx.op.name}: row kernel {self.kname} has a column dim but no column pass")
         # Row-level results after the passes.
         row_after = []
         for st, role, e in self.entries:
@@ -532,20 +540,19 @@ class RowBuilder:
         fused = any(st.fused for st in self.launch.stmts)
         if fused:
             sig.constexpr.append(("WRITE_GRAD", "write_grad"))
-        col_partials = any(c for _, _, c in self.crosses)
-        if col_partials:
-            sig.constexpr.append(("ONE_BLOCK", f"n_{self.coldim.name} <= blk"))
+        if single is not None:
+            sig.constexpr.append(("SINGLE_BLOCK", f"n_{self.coldim.name} <= blk"))
         main = ctx.env.get_template("rows.j2").render(
             name=self.kname, args=sig.kernel_args(), formulas=_formula_lines(self.launch.stmts),
             scalar_loads=sorted(sig.scalar_loads.values()), nrow=nrow, ncol=ncol,
-            part_init=part_init, row_lines=row_lines, passes=passes, final=final, row_after=row_after,
-            part_store=part_store,
+            part_init=part_init, row_lines=row_lines, single=single, passes=passes, final=final,
+            row_after=row_after, part_store=part_store,
         )
         srcs = [main]
         host = []
         itemsize = "dtype.itemsize"
         if ncol:
-            host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize}, whole_row={col_partials})")
+            host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize})")
         else:
             host.append("blk = 16")
         if self.crosses:
@@ -559,6 +566,46 @@ class RowBuilder:
             srcs.append(fsrc)
             host += fhost
         return srcs, host, [s.target for s in self.launch.stmts]
+
+    def _single_block(self, row_loads: dict, row_lines: list) -> dict:
+        """The ``SINGLE_BLOCK`` path: the whole row is one block, so every column operand is loaded
+        once into registers and all passes run from them: statistics in dependency order (a max
+        before the sums that read it, so no online rescaling), then late statistics, outputs and
+        column partials (accumulated in registers across the program's rows). Operands that do not
+        depend on the row (weights, biases) are loaded once per program, before the row loop.
+        Masked-out lanes are excluded exactly as in the multi-block passes."""
+        ctx = self.ctx
+        loads: dict = {}
+        load_lines: list = []
+        body: list = []
+
+        def names_of(expr):
+            return self._printer_names(expr, loads, load_lines, row_loads, row_lines, {}, True)
+
+        # Stats are created inner-first (deps before dependents); an online sum has its max's
+        # pass number and comes after it, so (pass, creation) order is a dependency order.
+        early = sorted((s for s in self.stats if not s.late), key=lambda s: s.pass_no)
+        for s in early + [s for s in self.stats if s.late]:
+            v = pr(ctx, s.body, names_of(s.body), f"row statistic {s.body}")
+            if s.kind == "max":
+                body.append(f"{s.var} = tl.max(tl.where(cmask, {v}, float('-inf')), 0)")
+            else:
+                body.append(f"{s.var} = tl.sum(tl.where(cmask, {v}, 0.0), 0)")
+        for st, role, e in self.entries:
+            if role != "rowcol":
+                continue
+            v = pr(ctx, e, names_of(e), st.formula)
+            ptr = self.sig.buf(st.target)
+            line = (f"tl.store({ptr} + row * {self.sig.stride(st.target, 0)} + cols * {self.sig.stride(st.target, 1)}, "
+                    f"{store_value(ptr, v)}, mask=cmask)")
+            body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
+        for sym, b, coldep in self.crosses:
+            if coldep:
+                v = pr(ctx, b, names_of(b), f"partial sum {b}")
+                body.append(f"pacc{str(sym)[1:]} += tl.where(cmask, {v}, 0.0)")
+        hoist = [line for node, line in zip(loads, load_lines) if not node.has(ROW)]
+        per_row = [line for node, line in zip(loads, load_lines) if node.has(ROW)]
+        return dict(hoist=hoist, loads=per_row, body=body)
 
     def _finish(self):
         ctx = self.ctx
