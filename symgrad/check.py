@@ -177,11 +177,10 @@ def add_check_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="symgrad")
-    sub = parser.add_subparsers(dest="command")
-    add_check_parser(sub)
-    args = parser.parse_args(["check", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """``python -m symgrad.check``: the same as ``symgrad check``, errors handled alike."""
+    from .cli import main as cli_main
+
+    return cli_main(["check", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

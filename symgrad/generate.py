@@ -376,11 +376,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="symgrad")
-    sub = parser.add_subparsers(dest="command")
-    add_generate_parser(sub)
-    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """``python -m symgrad.generate``: the same as ``symgrad generate``, errors handled alike."""
+    from .cli import main as cli_main
+
+    return cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
