@@ -383,14 +383,8 @@ def _group(views: list[StepView]) -> dict[str, list[StepView]]:
 
 
 def _latex_block(rows: list[str]) -> list[str]:
-    return [r"\begin{align*}", *[r + r" \\" for r in rows], r"\end{align*}"]
-
-
-def _latex_steps(views: list[StepView]) -> list[str]:
-    rows = []
-    for v in views:
-        rows.append(rf"&= {to_latex(v.expr)} && \text{{{_latex_text(v.stage + ': ' + v.rule)}}}")
-    return rows
+    """An align* environment; rows starting with % are LaTeX comments and end no line."""
+    return [r"\begin{align*}", *[r if r.startswith("%") else r + r" \\" for r in rows], r"\end{align*}"]
 
 
 def derivation_latex(d, steps: bool = False) -> str:
@@ -409,10 +403,7 @@ def derivation_latex(d, steps: bool = False) -> str:
                 lines_doc = f"%   {v.stage}: {v.rule}: {v.doc}"
                 rows.append(lines_doc)
                 rows.append(rf"&= {to_latex(v.expr)} && \text{{{_latex_text(v.rule)}}}")
-            lines.append(r"\begin{align*}")
-            for r in rows:
-                lines.append(r if r.startswith("%") else r + r" \\")
-            lines.append(r"\end{align*}")
+            lines += _latex_block(rows)
     lines.append("% gradients")
     lines += _latex_block([rf"{_latex_entry('d' + name, g.indices)} &= {to_latex(g.expr)}" for name, g in d.gradients.items()])
     lines.append("% " + saved_line(d))

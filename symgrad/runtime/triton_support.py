@@ -239,5 +239,3 @@ def check_float_param(op: str, name: str, value) -> float:
     return float(value)
 
 
-def zeros_if_none(t, like_shape, dtype, device):
-    return torch.zeros(like_shape, dtype=dtype, device=device) if t is None else t
