@@ -9,8 +9,10 @@ or entry) falls back to deriving, rendering and comparing bytes, as without a ma
 A fingerprint is a sha256 over everything rendering reads:
 
 * the sources of the ``symgrad`` package (every ``.py`` under ``symgrad/``, by relative path: the
-  engine, the rules, the targets, the runtime and the op library ``symgrad/ops``), and every file
-  under ``symgrad/templates/``;
+  engine, the rules, the targets, the runtime and the op library ``symgrad/ops``; not the library's
+  generated modules a wheel carries as ``symgrad/generated``), and every file under the templates
+  folder (:func:`symgrad.targets.template_root`: ``templates/`` in a checkout, ``symgrad/templates/``
+  in a wheel; labelled ``templates/...`` in both, so both give the same fingerprints);
 * the installed versions of the packages that shape the output (:data:`DISTRIBUTIONS`);
 * the target, and the op: its whole declaration, canonically (``sympy.srepr`` for expressions,
   every dataclass field, sets and mappings sorted), the declaring file the banner names, and the
@@ -47,7 +49,7 @@ from typing import Iterable, Mapping
 import sympy as sp
 from sympy.core.function import UndefinedFunction
 
-from .targets import REPO_ROOT, declaration_file
+from .targets import REPO_ROOT, declaration_file, template_root
 
 __all__ = [
     "MANIFEST_NAME", "DISTRIBUTIONS", "Inputs", "source_files", "environment", "read_manifest",
@@ -55,7 +57,9 @@ __all__ = [
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-TEMPLATE_DIR = PACKAGE_DIR / "templates"
+TEMPLATE_DIR = template_root()
+#: Folders under the package that are not its sources: what a wheel maps in at build time.
+_NOT_SOURCES = ("generated", "templates")
 MANIFEST_NAME = ".manifest.json"
 MANIFEST_FORMAT = 1
 FINGERPRINT_FORMAT = 1
@@ -90,15 +94,19 @@ def _visible(path: Path, root: Path) -> bool:
 
 def source_files() -> list[Path]:
     """The package sources and templates every fingerprint covers, in a fixed order."""
-    files = [p for p in PACKAGE_DIR.rglob("*.py") if _visible(p, PACKAGE_DIR)]
+    files = [
+        p for p in PACKAGE_DIR.rglob("*.py")
+        if _visible(p, PACKAGE_DIR) and p.relative_to(PACKAGE_DIR).parts[0] not in _NOT_SOURCES
+    ]
     if TEMPLATE_DIR.is_dir():
         files += [p for p in TEMPLATE_DIR.rglob("*") if p.is_file() and _visible(p, TEMPLATE_DIR)]
     return sorted(files, key=_label)
 
 
 def _label(path: Path) -> str:
-    """A path as fingerprints name it: relative to the repository (or package), whatever the checkout."""
-    for root, prefix in ((REPO_ROOT, ""), (PACKAGE_DIR, "symgrad/")):
+    """A path as fingerprints name it: relative to the repository (or package), whatever the checkout;
+    a template as ``templates/<target>/<file>`` wherever it lies."""
+    for root, prefix in ((TEMPLATE_DIR, "templates/"), (REPO_ROOT, ""), (PACKAGE_DIR, "symgrad/")):
         try:
             return prefix + path.relative_to(root).as_posix()
         except ValueError:

@@ -58,9 +58,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["Target", "TARGETS", "TargetUnavailable", "get_target", "load_renderer", "declaration_file", "REPO_ROOT"]
+__all__ = [
+    "Target", "TARGETS", "TargetUnavailable", "get_target", "load_renderer", "declaration_file", "REPO_ROOT",
+    "template_root", "template_dir",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Where the Jinja skeletons live: ``templates/`` at the top of a checkout (the design card's layout);
+#: a wheel maps that folder into the package as ``symgrad/templates/`` at build time (setup.py).
+_TEMPLATE_ROOTS = (Path(__file__).resolve().parents[1] / "templates", REPO_ROOT / "templates")
+
+
+def template_root() -> Path:
+    """The folder holding every target's Jinja skeletons (``<root>/<target>/*.j2``), in an installed
+    wheel (``symgrad/templates``) or in a checkout (``templates/``). The one place that knows where
+    templates are: renderers and the fingerprint ask it."""
+    for root in _TEMPLATE_ROOTS:
+        if root.is_dir():
+            return root
+    raise FileNotFoundError(
+        f"symgrad's templates are missing: looked in {' and '.join(str(r) for r in _TEMPLATE_ROOTS)}")
+
+
+def template_dir(target: str) -> Path:
+    """The folder of one target's Jinja skeletons (``template_dir("numpy")``)."""
+    return template_root() / target
 
 
 @dataclass(frozen=True)

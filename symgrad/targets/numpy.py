@@ -40,7 +40,9 @@ from . import declaration_file
 from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_row_form_lines, lower_statement_lines, mask_buffers, row_form_applies
 from .statements import LoweringError, common_subexpressions, prepare, row_form
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates" / "numpy"
+from . import template_dir  # noqa: E402  (one template lookup, checkout or wheel)
+
+TEMPLATE_DIR = template_dir("numpy")
 
 # Names the generated code itself uses: no buffer, param or dim may take one.
 RESERVED = frozenset({

@@ -31,7 +31,9 @@ from .triton_plan import LoweringError, build_plan
 
 __all__ = ["render", "LoweringError", "TEMPLATES"]
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "triton"
+from . import template_dir  # noqa: E402  (one template lookup, checkout or wheel)
+
+TEMPLATES = template_dir("triton")
 NAMESPACE = "symgrad_triton"
 
 
