@@ -22,6 +22,14 @@ class DeclarationError(ValueError):
     """A declaration is malformed; the message names the op and the problem."""
 
 
+class DuplicateOpError(DeclarationError):
+    """Two declarations of one op name; ``first`` and ``second`` are their modules."""
+
+    def __init__(self, name: str, first: str, second: str):
+        super().__init__(f"op {name!r} is declared twice: in {first or '?'} and in {second or '?'}")
+        self.name, self.first, self.second = name, first, second
+
+
 class Role(enum.Enum):
     DIFF = "differentiable"  # a float tensor that gets a gradient
     LABEL = "label"  # integer class labels: no gradient
@@ -167,7 +175,7 @@ class Registry:
         if not _NAME.match(op.name):
             raise DeclarationError(f"op name {op.name!r} is not an identifier")
         if op.name in self._ops:
-            raise DeclarationError(f"op {op.name!r} is declared twice")
+            raise DuplicateOpError(op.name, self._ops[op.name].module, op.module)
         _check(op)
         self._ops[op.name] = op
         return op
