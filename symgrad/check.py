@@ -127,10 +127,11 @@ def check_op(name: str, seed: int = 0) -> tuple[dict, list[Comparison]]:
 
 
 def run_check(args) -> int:
-    import symgrad.ops  # noqa: F401  (registers the op library)
+    from . import project
     from .declare import REGISTRY
 
-    names = list(dict.fromkeys(args.ops)) or REGISTRY.names()
+    current = project.load(getattr(args, "ops_modules", None) or ())  # the library, and the user's ops
+    names = list(dict.fromkeys(args.ops)) or current.default_ops()
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         print(f"symgrad: error: unknown op(s) {', '.join(map(repr, unknown))}; `symgrad list` shows the registered ops", file=sys.stderr)
@@ -170,7 +171,7 @@ def add_check_parser(subparsers) -> argparse.ArgumentParser:
             "Prints max abs/rel errors per input; exits 1 on any disagreement beyond the op's tolerance."
         ),
     )
-    p.add_argument("ops", nargs="*", metavar="OP", help="ops to check (default: every registered op)")
+    p.add_argument("ops", nargs="*", metavar="OP", help="ops to check (default: the project's ops; without a project, every registered op)")
     p.add_argument("--seed", type=int, default=0, help="random seed for inputs and cotangents (default 0)")
     p.set_defaults(func=run_check)
     return p

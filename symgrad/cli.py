@@ -1,8 +1,12 @@
 """The ``symgrad`` command line.
 
-    symgrad list [--format text|json]
+    symgrad list [--format text|json] [--all]
     symgrad derive OP [--format text|latex|json] [--steps]
     symgrad derive "EXPR" --wrt x[,y...] [--at x=2,y=3] [--format ...] [--steps]
+
+Every command takes ``--ops MODULE`` (repeatable): import MODULE, from the current directory, to
+register its ops; a ``[tool.symgrad]`` table in ./pyproject.toml names such modules too
+(:mod:`symgrad.project`, which also decides which ops a command acts on by default).
 
 Adding a subcommand: write ``add_<name>_parser(subparsers)`` that adds its parser and sets
 ``func`` (``parser.set_defaults(func=run_<name>)``, where ``run_<name>(args) -> int`` returns the
@@ -48,18 +52,21 @@ class _ArgumentParser(argparse.ArgumentParser):
 def add_list_parser(subparsers) -> None:
     p = subparsers.add_parser("list", help="list the registered ops", description="List every registered op: its doc, inputs, params and outputs.")
     p.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or one JSON object {\"ops\": [...]}")
+    p.add_argument("--all", action="store_true", help="in a user project, also list symgrad's library ops")
     p.set_defaults(func=run_list)
 
 
 def run_list(args) -> int:
-    from . import render
+    from . import project, render
     from .declare import REGISTRY
 
-    _load_ops()
+    current = _load_ops(args)
+    ops = list(REGISTRY) if args.all else [REGISTRY.get(n) for n in current.default_ops()]
     if args.format == "json":
-        _write(json.dumps({"ops": [render.op_summary(op) for op in REGISTRY]}, indent=2) + "\n")
+        summaries = [{**render.op_summary(op), "modules": project.modules_for(op.name)} for op in ops]
+        _write(json.dumps({"ops": summaries}, indent=2) + "\n")
     else:
-        _write(render.op_list_text(REGISTRY))
+        _write(render.op_list_text(ops))
     return 0
 
 
@@ -91,7 +98,7 @@ def run_derive(args) -> int:
 
     target = args.target.strip()
     if _is_name(target):
-        op = _get_op(target)
+        op = _get_op(target, args)
         if args.wrt is not None or args.at is not None:
             raise UserError(f"--wrt and --at apply to expressions; {target!r} is an op (its inputs are declared)")
         from .derive import derive
@@ -124,14 +131,17 @@ def _is_name(text: str) -> bool:
     return text.isidentifier()
 
 
-def _load_ops() -> None:
-    import symgrad.ops  # noqa: F401  (registers the built-in library)
+def _load_ops(args=None):
+    """Register the library and the project's ops (``--ops`` and ``[tool.symgrad]``); the project."""
+    from . import project
+
+    return project.load(getattr(args, "ops_modules", None) or ())
 
 
-def _get_op(name: str):
+def _get_op(name: str, args=None):
     from .declare import REGISTRY
 
-    _load_ops()
+    _load_ops(args)
     try:
         return REGISTRY.get(name)
     except KeyError as e:
@@ -254,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in SUBCOMMANDS:
         add(sub)
+    for command in sub.choices.values():  # every command sees the user's ops the same way
+        command.add_argument(
+            "--ops", dest="ops_modules", action="append", default=[], metavar="MODULE",
+            help="import MODULE (from the current directory) to register its ops; repeatable. "
+                 "./pyproject.toml's [tool.symgrad] table can name them instead",
+        )
     return parser
 
 
@@ -298,8 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _classify(e: BaseException) -> tuple[str, int]:
     from .derive import DerivationError
+    from .project import ProjectError
 
-    if isinstance(e, UserError):
+    if isinstance(e, (UserError, ProjectError)):
         return str(e), EXIT_USER
     if isinstance(e, DerivationError):
         return str(e), EXIT_ENGINE

@@ -18,7 +18,9 @@ A fingerprint is a sha256 over everything rendering reads:
   every dataclass field, sets and mappings sorted), the declaring file the banner names, and the
   bytes of any source file outside the package the declaration comes from (the module of a user
   op such as ``examples/custom_op.py``, and of any function or SymPy class it uses);
-* for the package ``__init__.py`` files, the registered op names.
+* for an op's module, the regenerate command its banner quotes (``--ops`` or not, see
+  :mod:`symgrad.project`); for the package ``__init__.py`` files, the op names and the package's
+  import name.
 
 An entry states "inputs F render to bytes S", which stays true once recorded; only a run that
 rendered S from inputs it fingerprinted as F records it. A mismatching fingerprint is therefore not
@@ -284,10 +286,13 @@ class Inputs:
             known = self._ops[op.name] = (op, digest)
         return known[1]
 
-    def fingerprint(self, target: str, op=None, registered: Iterable[str] = ()) -> str | None:
-        """The fingerprint of one generated file: an op's module (``op`` given) or a package
-        ``__init__.py`` (``op`` None; ``registered`` the op names, which such a file may list).
-        None when the op's declaration cannot be fingerprinted (see :meth:`declaration`)."""
+    def fingerprint(
+        self, target: str, op=None, registered: Iterable[str] = (), command: str | None = None, package: str | None = None,
+    ) -> str | None:
+        """The fingerprint of one generated file: an op's module (``op`` given; ``command`` the
+        regenerate command its banner quotes) or a package ``__init__.py`` (``op`` None;
+        ``registered`` the op names, which such a file may list, and ``package`` the import name it
+        states). None when the op's declaration cannot be fingerprinted (see :meth:`declaration`)."""
         if op is not None and self.declaration(op) is None:
             return None
         payload = {
@@ -298,6 +303,8 @@ class Inputs:
             "op": None if op is None else op.name,
             "declaration": None if op is None else self.declaration(op),
             "registered": list(registered) if op is None else None,
+            "command": command,
+            "package": package,
         }
         return sha256_bytes(json.dumps(payload, sort_keys=True).encode())
 

@@ -60,7 +60,7 @@ from types import ModuleType
 
 __all__ = [
     "Target", "TARGETS", "TargetUnavailable", "get_target", "load_renderer", "declaration_file", "REPO_ROOT",
-    "template_root", "template_dir",
+    "template_root", "template_dir", "library_package",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +83,14 @@ def template_root() -> Path:
 def template_dir(target: str) -> Path:
     """The folder of one target's Jinja skeletons (``template_dir("numpy")``)."""
     return template_root() / target
+
+
+def library_package() -> str:
+    """The import name of the library's own generated modules: ``symgrad.generated`` in an installed
+    wheel (which maps the checkout's ``generated/`` there, so a user's ``./generated`` cannot shadow
+    it), ``generated`` in a checkout (the top-level folder, importable from the repository root)."""
+    installed = Path(__file__).resolve().parents[1] / "generated" / "__init__.py"
+    return "symgrad.generated" if installed.is_file() else "generated"
 
 
 @dataclass(frozen=True)
@@ -139,10 +147,16 @@ def load_renderer(name: str) -> ModuleType:
 
 
 def declaration_file(op) -> str:
-    """The file that declares ``op`` relative to the repository root (``symgrad/ops/conv.py``),
-    or the declaring module's name when it lives outside the repository."""
+    """The file that declares ``op``: relative to the user's project folder when it lies there
+    (``userops/huber.py``, see :mod:`symgrad.project`), else relative to the repository root
+    (``symgrad/ops/conv.py``), else the declaring module's name."""
+    from ..project import current
+
     module = op.module
     path = getattr(sys.modules.get(module), "__file__", None)
-    if path and Path(path).resolve().is_relative_to(REPO_ROOT):
-        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
+    project = current()
+    roots = ((project.root,) if project.is_user else ()) + (REPO_ROOT,)
+    for root in roots:
+        if path and Path(path).resolve().is_relative_to(root.resolve()):
+            return Path(path).resolve().relative_to(root.resolve()).as_posix()
     return module or "an unknown module"
