@@ -493,7 +493,7 @@ def test_custom_ops_registered():
 @pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
 def test_generated_file_is_current(op):
     from symgrad.derive import derive
-    from symgrad.ir import lower
+    from symgrad.plan import lower
     from symgrad.targets.triton import render
 
     path = ROOT / "generated" / "triton" / f"{op.name}.py"

@@ -1,4 +1,4 @@
-"""The NumPy target: an op's lowered :class:`~symgrad.ir.Program` -> one NumPy reference module.
+"""The NumPy target: an op's :class:`~symgrad.plan.KernelPlan` -> one NumPy reference module.
 
 ``render(program, command)`` lowers each statement with :mod:`.numpy_printer` and fills the Jinja
 skeleton ``symgrad/templates/numpy/module.py.j2``: the skeleton only places blocks this module computes.
@@ -35,10 +35,10 @@ import jinja2
 import sympy as sp
 
 from ..declare import Role
-from ..ir import Program, Statement
+from ..plan import KernelPlan, LoweringError, Statement
 from . import declaration_file
 from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_row_form_lines, lower_statement_lines, mask_buffers, row_form_applies
-from .statements import LoweringError, common_subexpressions, prepare, row_form
+from .statements import common_subexpressions, prepare, row_form
 
 from . import template_dir  # noqa: E402  (one template lookup, checkout or wheel)
 
@@ -64,7 +64,7 @@ def _template() -> jinja2.Template:
     return env.get_template("module.py.j2")
 
 
-def render(program: Program, command: str) -> str:
+def render(program: KernelPlan, command: str) -> str:
     """The source of ``generated/numpy/<op>.py``."""
     op = program.op
     _check_names(program)
@@ -93,7 +93,7 @@ def render(program: Program, command: str) -> str:
 # names
 
 
-def _check_names(program: Program) -> None:
+def _check_names(program: KernelPlan) -> None:
     op = program.op
     seen: dict[str, str] = {}
     kinds = [("buffer", n) for n in program.buffers] + [("param", p.name) for p in program.params] + [("dim", d.name) for d in op.dims]
@@ -105,7 +105,7 @@ def _check_names(program: Program) -> None:
         seen[name] = kind
 
 
-def _env(program: Program) -> Env:
+def _env(program: KernelPlan) -> Env:
     op = program.op
     return Env(
         tensors={name: tuple(dims) for name, dims in program.buffers.items()},
@@ -117,7 +117,7 @@ def _env(program: Program) -> Env:
     )
 
 
-def _reserved(program: Program) -> set[str]:
+def _reserved(program: KernelPlan) -> set[str]:
     return set(program.buffers) | {p.name for p in program.params} | {d.name for d in program.op.dims} | RESERVED
 
 
@@ -125,7 +125,7 @@ def _reserved(program: Program) -> set[str]:
 # statements
 
 
-def _blocks(kernel, program: Program, env: Env, handed_out: set) -> list[str]:
+def _blocks(kernel, program: KernelPlan, env: Env, handed_out: set) -> list[str]:
     """The kernel's statement blocks. Each statement may take over the buffer of a temporary the
     kernel computed earlier and nothing reads afterwards: not one it hands out (outputs, saved
     values, gradients), and only one of the statement's own shape."""
@@ -138,7 +138,7 @@ def _blocks(kernel, program: Program, env: Env, handed_out: set) -> list[str]:
     return blocks
 
 
-def _statement(st: Statement, program: Program, env: Env, owned=frozenset()) -> str:
+def _statement(st: Statement, program: KernelPlan, env: Env, owned=frozenset()) -> str:
     """One statement's block: its formula as a comment, then the lines computing it. ``owned``:
     buffers the statement may overwrite (temporaries of the kernel read by nothing after it)."""
     where = f"op {program.op.name}, statement {st.target}"
@@ -152,8 +152,6 @@ def _statement(st: Statement, program: Program, env: Env, owned=frozenset()) -> 
         reps, reduced = common_subexpressions(prepared.expr)
         lines = lower_statement_lines(printer, reps, reduced, st.target, prepared.indices, shape)
     comment = _wrap(f"{st.formula}  [{st.kind.value}]")
-    if prepared.reindexed:  # say what the code computes: the strided sum over the read positions
-        comment += _wrap(f"computed as {sp.sstr(prepared.expr)}")
     return "\n".join([*comment, *lines])
 
 
@@ -206,7 +204,7 @@ def _size_code(expr: sp.Expr) -> str:
     return go(expr)
 
 
-def _forward_prologue(program: Program) -> str:
+def _forward_prologue(program: KernelPlan) -> str:
     op = program.op
     lines = ["params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)"]
     if program.params:
@@ -231,12 +229,12 @@ def _forward_prologue(program: Program) -> str:
     return "\n".join(lines)
 
 
-def _saved_dict(program: Program) -> str:
+def _saved_dict(program: KernelPlan) -> str:
     names = list(program.saved) + [p.name for p in program.params] + [d.name for d in program.op.dims]
     return "{" + ", ".join(f"{n!r}: {n}" for n in names) + "}"
 
 
-def _backward_prologue(program: Program) -> str:
+def _backward_prologue(program: KernelPlan) -> str:
     op = program.op
     lines = []
     groups = [list(program.saved), [p.name for p in program.params], [d.name for d in op.dims]]
@@ -252,7 +250,7 @@ def _backward_prologue(program: Program) -> str:
     return "\n".join(lines)
 
 
-def _gradients(program: Program) -> str:
+def _gradients(program: KernelPlan) -> str:
     grads = {g[1:]: g for g in program.backward.returns}
     return _tuple([grads.get(name, "None") for name in program.inputs], parens=True)
 
@@ -261,7 +259,7 @@ def _gradients(program: Program) -> str:
 # constants and documentation
 
 
-def _constants(program: Program) -> str:
+def _constants(program: KernelPlan) -> str:
     op = program.op
     params = "{" + ", ".join(f"{p.name!r}: {int(p.default) if p.integer else float(p.default)!r}" for p in program.params) + "}"
     integer = tuple(p.name for p in program.params if p.integer)
@@ -278,7 +276,7 @@ def _constants(program: Program) -> str:
     ])
 
 
-def _module_doc(program: Program) -> str:
+def _module_doc(program: KernelPlan) -> str:
     op = program.op
 
     def shape(name, dims):

@@ -1,4 +1,4 @@
-"""Target-neutral preparation of one IR statement for array code generation.
+"""Preparation of one plan statement for array code generation (the NumPy target).
 
 An array target evaluates a statement ``target[indices] = expr`` in an *axis space*: every index of
 the statement, free or bound by a ``Sum``/``ReduceMax``, names one axis whose coordinates run over
@@ -6,16 +6,12 @@ that index's range. A sub-expression is an array over exactly the axes of the in
 (its free index symbols), so broadcasting lines sub-expressions up and reductions remove axes.
 
 For that to be sound each index symbol must have one range in the whole statement, and reads must
-be cheap to form. :func:`prepare` therefore
+be cheap to form (stencils arrive re-indexed by the plan). :func:`prepare` therefore
 
 1. renames an index whose name a buffer, param or dim also uses, and a bound index that is bound
    elsewhere with a different range (shadowing with the *same* range is harmless: the inner binder
    reduces its axis before the outer one sees it);
-2. re-indexes stencil sums (:func:`reindex_strided`): a bound index read at a *strided* position
-   ``a*j + rest`` (``a`` not +-1, the gradient of a strided convolution) is replaced by the position
-   itself, which runs over the read tensor's extent; the stride becomes a divisibility guard. Without
-   this the read would span two large axes (output rows x input rows) instead of one large, one small;
-3. lists the axes in a canonical order: the statement's indices, then bound indices in order of first
+2. lists the axes in a canonical order: the statement's indices, then bound indices in order of first
    appearance.
 
 :func:`common_subexpressions` runs ``sympy.cse`` with tensor entries, brackets and sum limits held
@@ -34,10 +30,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ..functions import Iverson, ReduceMax
-
-
-class LoweringError(ValueError):
-    """A statement uses a construct the target cannot lower; names the op, statement and node."""
+from ..plan import LoweringError, binders
 
 
 @dataclass
@@ -46,16 +39,6 @@ class Prepared:
     axes: tuple[sp.Symbol, ...]  # canonical order: statement indices first
     ranges: dict  # index symbol -> (lo, hi), inclusive, expressions over dims and params
     indices: tuple[sp.Symbol, ...]  # the statement's own indices, possibly renamed
-    reindexed: bool = False  # a strided read was re-indexed: ``expr`` differs from the IR's form
-
-
-def binders(node: sp.Basic):
-    """``(symbol, lo, hi)`` for each index that ``node`` binds (a Sum's limits, a ReduceMax)."""
-    if isinstance(node, sp.Sum):
-        return [tuple(lim) for lim in node.limits]
-    if isinstance(node, ReduceMax):
-        return [node.limits]
-    return []
 
 
 def _rebind(node: sp.Basic, old: sp.Symbol, new: sp.Symbol) -> sp.Basic:
@@ -116,9 +99,6 @@ def prepare(expr: sp.Expr, indices, dims, reserved, tensors, where: str) -> Prep
         return node.func(*args) if any(a is not b for a, b in zip(args, node.args)) else node
 
     expr = unique(expr, frozenset())
-    before = expr
-    expr = reindex_strided(expr, ranges, tensors, names, where)
-    reindexed = expr != before
     expr = unify_binders(expr, indices, ranges)
     expr = collect_brackets(expr)
     order = list(indices)
@@ -127,7 +107,7 @@ def prepare(expr: sp.Expr, indices, dims, reserved, tensors, where: str) -> Prep
             if v not in order:
                 order.append(v)
     _check_index_positions(expr, ranges, where)
-    return Prepared(expr, tuple(order), ranges, indices, reindexed)
+    return Prepared(expr, tuple(order), ranges, indices)
 
 
 def unify_binders(expr: sp.Expr, indices, ranges) -> sp.Expr:
@@ -190,92 +170,6 @@ def _integer_valued(e) -> bool:
         return all(_integer_valued(a) for a in e.args)
     if e.is_Pow:
         return _integer_valued(e.base) and e.exp.is_Integer and e.exp >= 0
-    return False
-
-
-# ------------------------------------------------------------------------------------------------
-# stencils
-
-
-def reindex_strided(expr: sp.Expr, ranges: dict, tensors: dict, names: _Names, where: str) -> sp.Expr:
-    """Replace each bound index read at a strided position by the position itself (see module doc).
-
-    ``Sum(T[.., a*j + rest, ..]*F(j), (j, lo, hi))`` becomes
-    ``Sum([a | r - rest]*T[.., r, ..]*F((r - rest)/a), (r, 0, n - 1))`` with ``n`` the extent of T
-    there: reads of T outside its extent are 0, so no term is lost, and ``j -> a*j + rest`` is one to
-    one. A range guard ``lo <= (r - rest)/a <= hi`` is added unless another factor reads the
-    position ``j`` of a tensor whose extent there is exactly ``[lo, hi]`` (zero extension guards it).
-    """
-
-    def visit(node):
-        if not isinstance(node, sp.Basic) or node.is_Atom:
-            return node
-        args = [visit(a) for a in node.args]
-        if any(a is not b for a, b in zip(args, node.args)):
-            node = node.func(*args)
-        if isinstance(node, sp.Sum):
-            node = _reindex_sum(node, ranges, tensors, names)
-        return node
-
-    return visit(expr)
-
-
-def _reindex_sum(node: sp.Sum, ranges, tensors, names) -> sp.Expr:
-    while True:
-        body, limits = node.function, list(node.limits)
-        factors = list(sp.Mul.make_args(body))
-        for li, (j, lo, hi) in enumerate(limits):
-            found = _strided_read(factors, j, tensors, ranges)
-            if found is not None:
-                break
-        else:
-            return node
-        fi, pos, a = found
-        entry = factors[fi]
-        dim = tensors[str(entry.base)][pos]
-        r = names(dim.index)
-        rest = sp.expand(entry.indices[pos] - a * j)
-        num, den = (rest - r, -a) if a.could_extract_minus_sign() else (r - rest, a)
-        q = sp.floor(num / den)  # the old index, where the guard below holds
-        guards = [Iverson(sp.Eq(sp.Mod(num, den), 0))]
-        if not _covered(factors, fi, j, lo, hi, tensors):
-            guards.append(Iverson(sp.And(sp.Le(lo, q), sp.Le(q, hi))))
-        new_entry = entry.base[tuple(r if p == pos else ix for p, ix in enumerate(entry.indices))]
-        others = [f.xreplace({j: q}) for k, f in enumerate(factors) if k != fi]
-        limits[li] = (r, sp.Integer(0), dim.size - 1)
-        ranges[r] = (sp.Integer(0), dim.size - 1)
-        node = sp.Sum(sp.Mul(*guards, new_entry, *others), *limits)
-
-
-def _strided_read(factors, j, tensors, ranges):
-    """(factor index, position, coefficient) of a tensor factor read at ``a*j + rest`` with the
-    coefficient ``a`` (a stride: numbers, params) not +-1, and ``j`` in no other position."""
-    for fi, f in enumerate(factors):
-        if not isinstance(f, sp.Indexed) or str(f.base) not in tensors:
-            continue
-        hits = [p for p, ix in enumerate(f.indices) if j in ix.free_symbols]
-        if len(hits) != 1:
-            continue
-        e = sp.expand(f.indices[hits[0]])
-        a = sp.expand(sp.diff(e, j))
-        if a.is_zero or a in (sp.Integer(1), sp.Integer(-1)) or a.free_symbols & (set(ranges) | {j}):
-            continue
-        if sp.expand(e - a * j).has(j):  # not linear in j
-            continue
-        return fi, hits[0], a
-    return None
-
-
-def _covered(factors, skip, j, lo, hi, tensors) -> bool:
-    """Does another factor read ``j`` plainly at a position whose extent is exactly [lo, hi]?"""
-    if lo != 0:
-        return False
-    for k, f in enumerate(factors):
-        if k == skip or not isinstance(f, sp.Indexed) or str(f.base) not in tensors:
-            continue
-        for p, ix in enumerate(f.indices):
-            if ix == j and sp.expand(tensors[str(f.base)][p].size - (hi + 1)) == 0:
-                return True
     return False
 
 

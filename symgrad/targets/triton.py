@@ -11,7 +11,7 @@ The module it writes takes and returns torch tensors (CUDA, or CPU under ``TRITO
   ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces a model that uses them.
 
 Layout follows Liger-Kernel: forward kernel(s), backward kernel(s), host wrappers, autograd.
-Lowering is planned in ``triton_plan`` and emitted per kernel class by ``triton_kernels``
+Lowering is planned once in :mod:`symgrad.plan` and emitted per kernel class by ``triton_kernels``
 (MAP, ROW_REDUCTION) and ``triton_gemm`` (CONTRACTION, STENCIL); see those modules.
 """
 from __future__ import annotations
@@ -23,11 +23,10 @@ import jinja2
 import sympy as sp
 
 from ..declare import Role
-from ..ir import Program
+from ..plan import KernelPlan, LoweringError
 from .triton_expr import HELPERS, print_expr
 from .triton_gemm import emit_gemm
 from .triton_kernels import Context, emit_map, emit_rows
-from .triton_plan import LoweringError, build_plan
 
 __all__ = ["render", "LoweringError", "TEMPLATES"]
 
@@ -63,31 +62,30 @@ def _host_dim_formula(expr: sp.Expr, dims, params) -> str:
     return print_expr(expr, names, index_mode=True)
 
 
-def render(program: Program, command: str | None = None) -> str:
+def render(plan: KernelPlan, command: str | None = None) -> str:
     """The generated module for ``program``; raises :class:`LoweringError` (a NotImplementedError)
     naming the op, statement and kernel class when a statement cannot be lowered yet."""
-    op = program.op
+    op = plan.op
     command = command or f"symgrad generate {op.name} --target triton"
-    plan = build_plan(program)
     env = _env()
     ctx = Context(plan, env)
     kernels = {"forward": [], "backward": []}
     host = {"forward": [], "backward": []}
     for side in ("forward", "backward"):
-        for n, launch in enumerate(getattr(plan, side)):
+        for n, launch in enumerate(getattr(plan, side).launches):
             kname = f"_{side[:3]}{n}_{launch.kind}"
             srcs, lines, targets = _EMIT[launch.kind](ctx, launch, kname)
             kernels[side] += srcs
             host[side].append((kname, launch, lines, targets))
 
-    dims = [ds.dim for ds in program.dims]
-    params = list(program.params)
-    inputs = [op.tensor(n) for n in program.inputs]
+    dims = [ds.dim for ds in plan.dims]
+    params = list(plan.params)
+    inputs = [op.tensor(n) for n in plan.inputs]
     float_inputs = [t for t in inputs if t.role is not Role.LABEL]
     dtype_src = float_inputs[0].name
-    outputs = list(program.outputs)
+    outputs = list(plan.outputs)
     out_dims = {o: plan.buffers[o] for o in outputs}
-    grads = [f"d{t}" for t in program.differentiable]
+    grads = [f"d{t}" for t in plan.differentiable]
     extra_saved = [n for n in plan.saved_values if n not in outputs]
     saved_all = list(plan.saved_inputs) + list(plan.saved_values)
 
@@ -101,7 +99,7 @@ def render(program: Program, command: str | None = None) -> str:
         return "torch.float32"
 
     dim_lines = []
-    for ds in program.dims:
+    for ds in plan.dims:
         if ds.buffer is None:
             dim_lines.append(f"n_{ds.dim.name} = {_host_dim_formula(ds.formula, dims, params)}")
         else:
@@ -109,7 +107,7 @@ def render(program: Program, command: str | None = None) -> str:
 
     def launch_block(side: str, skip_fused: bool) -> list[str]:
         lines = []
-        have = set(program.inputs) if side == "forward" else set(saved_all) | set(program.cotangents)
+        have = set(plan.inputs) if side == "forward" else set(saved_all) | set(plan.cotangents)
         for kname, launch, klines, targets in host[side]:
             lines.append(f"# {kname}: {', '.join(targets)} ({launch.kind})")
             for t in targets:
@@ -128,23 +126,23 @@ def render(program: Program, command: str | None = None) -> str:
     gemm_reads = set()
     for _, launch, _, _ in host["backward"]:
         if launch.kind == "gemm":
-            gemm_reads |= launch.stmts[0].reads()
+            gemm_reads |= launch.statements[0].reads()
 
     comments = {
-        "forward": [s.formula for s in program.forward.statements],
-        "backward": [s.formula for s in program.backward.statements],
+        "forward": [s.formula for s in plan.forward.statements if not s.fused],
+        "backward": [s.formula for s in plan.backward.statements],
     }
     return env.get_template("module.j2").render(
         op=op, declared=_declared_in(op), command=command, namespace=NAMESPACE,
         helpers=sorted(HELPERS), inputs=inputs, labels=labels, dims=dims, params=params,
-        outputs=outputs, out_dims=out_dims, grads=grads, differentiable=list(program.differentiable),
-        cotangents=list(program.cotangents), saved_inputs=list(plan.saved_inputs),
+        outputs=outputs, out_dims=out_dims, grads=grads, differentiable=list(plan.differentiable),
+        cotangents=list(plan.cotangents), saved_inputs=list(plan.saved_inputs),
         saved_values=list(plan.saved_values), extra_saved=extra_saved, saved_all=saved_all,
         fused=plan.fused, fused_any=fused_any, dtype_src=dtype_src,
         forward_kernels=kernels["forward"], backward_kernels=kernels["backward"],
         forward_launches=launch_block("forward", False), backward_launches=launch_block("backward", False),
         dim_lines=dim_lines, shape=shape, alloc_dtype=alloc_dtype, gemm_reads=gemm_reads,
         comments=comments, fused_cotangent=plan.fused_cotangent, repr=repr,
-        kinds=sorted({s.kind.name for s in program.forward.statements + program.backward.statements}),
+        kinds=sorted({s.kind.name for s in plan.forward.statements + plan.backward.statements}),
         plan=plan, str=str, len=len, float=float, zip=zip, range=range,
     )
