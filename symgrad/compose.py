@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Iterable, Mapping
 
+from .targets import library_package
+
 __all__ = ["Graph", "Value", "Node", "Tape", "GraphError", "TARGETS", "load_module"]
 
-#: Target name -> package holding one generated module per op.
-TARGETS = {"numpy": "generated.numpy", "triton": "generated.triton"}
+#: Target name -> package holding one generated module per op: the library's generated modules,
+#: ``generated.<target>`` in a checkout, ``symgrad.generated.<target>`` once installed.
+TARGETS = {name: f"{library_package()}.{name}" for name in ("numpy", "triton")}
 
 
 class GraphError(ValueError):

@@ -28,6 +28,7 @@ the module file that failed to import); the CLI prints it without a traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import tomllib
 import traceback
@@ -213,7 +214,14 @@ def _line(e: BaseException) -> str:
 
 
 def _module_file(module: str, root: Path) -> str:
+    """``module (its/file.py)``; also for a module whose import just failed (no longer in sys.modules)."""
     path = getattr(sys.modules.get(module), "__file__", None)
+    if path is None and module:
+        try:
+            spec = importlib.util.find_spec(module)
+            path = spec.origin if spec and spec.has_location else None
+        except (ImportError, ValueError):
+            path = None
     return f"{module} ({relative(path, root)})" if path else module
 
 
