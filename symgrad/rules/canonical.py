@@ -137,3 +137,78 @@ def expand_when_smaller(node, ctx):
         if sp.count_ops(new) < sp.count_ops(node):
             return new
     return None
+
+
+@rule("sum_nest", "a sum over several indices sums each one over only the factors that use it: sum_kj a[k]*b[k, j] = sum_k a[k]*sum_j b[k, j]")
+def sum_nest(node, ctx):
+    if not isinstance(node, sp.Sum) or len(node.limits) < 2:
+        return None
+    inner = bound(node)
+    factors = sp.Mul.make_args(node.function)
+    for pos in reversed(range(len(node.limits))):
+        k, lo, hi = node.limits[pos]
+        others = node.limits[:pos] + node.limits[pos + 1 :]
+        if (lo.free_symbols | hi.free_symbols) & inner or any(k in (l2.free_symbols | h2.free_symbols) for _, l2, h2 in others):
+            continue
+        uses = [f for f in factors if k in f.free_symbols]
+        if not uses or len(uses) == len(factors):
+            continue
+        rest = [f for f in factors if k not in f.free_symbols]
+        return sp.Sum(sp.Mul(*rest) * sp.Sum(sp.Mul(*uses), (k, lo, hi)), *others)
+    return None
+
+
+def _indices(expr) -> set:
+    """The indices (integer symbols other than dims, which are positive) ``expr`` depends on."""
+    return {x for x in expr.free_symbols if isinstance(x, sp.Symbol) and x.is_integer and not x.is_positive}
+
+
+def _apart(expr, names):
+    """Rename the dummies of sums inside ``expr`` that are called like ``names``, so that ``expr``
+    can move under a sum binding them."""
+    from ..rewrite import apply_bottom_up
+
+    def go(node):
+        if isinstance(node, sp.Sum) and bound(node) & names:
+            ren = {k: sp.Symbol(f"{k}_in", integer=True) for k in bound(node) & names}
+            return sp.Sum(node.function.xreplace(ren), *[(ren.get(k, k), lo, hi) for k, lo, hi in node.limits])
+        return None
+
+    return apply_bottom_up(expr, go)
+
+
+def _split_sum_term(term):
+    """``c*Sum(body, limits)`` -> [(c, sum)] for each Sum factor of a product."""
+    out = []
+    args = sp.Mul.make_args(term)
+    for pos, f in enumerate(args):
+        if isinstance(f, sp.Sum):
+            out.append((sp.Mul(*args[:pos], *args[pos + 1 :]), f))
+    return out
+
+
+@rule("sum_join", "two sums over one range with a common factor join into one pass: sum_k a*b*c1 + sum_k a*d*c2 = sum_k a*(b*c1 + d*c2)")
+def sum_join(node, ctx):
+    if not isinstance(node, sp.Add):
+        return None
+    terms = list(node.args)
+    for i, t1 in enumerate(terms):
+        for c1, s1 in _split_sum_term(t1):
+            for j in range(i + 1, len(terms)):
+                for c2, s2 in _split_sum_term(terms[j]):
+                    if s1.limits != s2.limits or (_indices(c1) | _indices(c2)) & bound(s1):
+                        continue
+                    f1, f2 = sp.Mul.make_args(s1.function), sp.Mul.make_args(s2.function)
+                    common = [f for f in f1 if f in f2 and f.free_symbols & bound(s1)]
+                    if not common:
+                        continue
+                    b1 = sp.Mul(*(f for f in f1 if f not in common))
+                    b2 = sp.Mul(*(f for f in f2 if f not in common))
+                    # only when the joined pass runs over the entries each of the two ran over
+                    if _indices(s1) != _indices(s2) or not _indices(c1) | _indices(c2) <= _indices(s1):
+                        continue
+                    c1, c2 = _apart(c1, bound(s1)), _apart(c2, bound(s1))
+                    joined = sp.Sum(sp.Mul(*common) * (c1 * b1 + c2 * b2), *s1.limits)
+                    rest = [t for n, t in enumerate(terms) if n not in (i, j)]
+                    return sp.Add(*rest, joined)
+    return None

@@ -1,7 +1,12 @@
 """Rewrites that keep float arithmetic finite where the math is finite.
 
 They apply to forward and gradient alike: max-shifted log-sum-exp and softmax (exp never sees a
-positive argument), softplus for log(1 + exp(z)), log-sigmoid through softplus, log1p and expm1.
+positive argument), any other exp under a sum shifted by its max over the sum, products of exps
+merged into one exp (so ``exp(m)*exp(-lse)`` is ``exp(m - lse)``, which cannot overflow), softplus
+for log(1 + exp(z)), log-sigmoid through softplus, log1p and expm1.
+
+Gradients first reuse the forward values (:mod:`symgrad.rules.reuse`): a declared ``p = exp(s - lse)``
+takes the place of ``exp(s)*exp(-lse)``, and what is left of an exp under a sum is shifted here.
 """
 from __future__ import annotations
 
@@ -53,6 +58,36 @@ def softmax_shift(node, ctx):
                         rest = [a for a in args if a is not s and a is not e]
                         return sp.Mul(*rest) * sp.exp(inner - m) / shifted
     return None
+
+
+@rule("exp_sum_shift", "sum(exp(f)*g) = exp(m)*sum(exp(f - m)*g) with m = max(f) over the sum: exp under a reduction never overflows")
+def exp_sum_shift(node, ctx):
+    if not isinstance(node, sp.Sum):
+        return None
+    bound = {lim[0] for lim in node.limits}
+    exps = [a for a in sp.Mul.make_args(node.function) if isinstance(a, sp.exp) and a.args[0].free_symbols & bound]
+    if not exps or any(e.has(ReduceMax) for e in exps):
+        return None
+    f = sp.Add(*(e.args[0] for e in exps))
+    m = f
+    for k, lo, hi in reversed(node.limits):
+        if k in f.free_symbols:
+            if (lo.free_symbols | hi.free_symbols) & bound:
+                return None  # a triangular range: the max would depend on another summed index
+            m = ReduceMax(m, k, lo, hi)
+    rest = [a for a in sp.Mul.make_args(node.function) if a not in exps]
+    return sp.exp(m) * sp.Sum(sp.Mul(*rest) * sp.exp(f - m), *node.limits)
+
+
+@rule("merge_exps", "exp(a)*exp(b) = exp(a + b): one exp of the (bounded) sum where each factor alone may overflow")
+def merge_exps(node, ctx):
+    if not isinstance(node, sp.Mul):
+        return None
+    exps = [a for a in node.args if isinstance(a, sp.exp) or (isinstance(a, sp.Pow) and isinstance(a.base, sp.exp))]
+    if len(exps) < 2:
+        return None
+    arg = sp.Add(*(a.args[0] if isinstance(a, sp.exp) else a.exp * a.base.args[0] for a in exps))
+    return sp.Mul(*(a for a in node.args if a not in exps)) * sp.exp(arg)
 
 
 @rule("softplus", "log(1 + exp(z)) = softplus(z), which never overflows")
