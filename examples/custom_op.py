@@ -24,15 +24,14 @@ from symgrad.render import derivation_text
 # --- the declaration: one block ----------------------------------------------------------------
 F = Dim("F", "f")  # a feature dim; gradients index it with f
 b, f = idx("b f")
-delta_param = Param("delta", 1.0, doc="where the loss turns from quadratic to linear")
-delta = delta_param.symbol  # the same symbol the generated code binds the param to
+delta = Param("delta", 1.0, doc="where the loss turns from quadratic to linear")  # used in the formula as it is
 pred, target = Tensor("pred", (B, F)), Tensor("target", (B, F), Role.CONST, domain=(-2.0, 2.0))
 r = pred[b, f] - target[b, f]
 huber = register(Op(
     name="huber",
     doc="mean Huber loss of pred against target: quadratic within delta, linear beyond",
     inputs=(pred, target),
-    params=(delta_param,),
+    params=(delta,),
     outputs=(output(
         "loss", (),
         sp.Sum(Iverson(sp.Abs(r) <= delta) * r**2 / 2 + Iverson(sp.Abs(r) > delta) * delta * (sp.Abs(r) - delta / 2),
@@ -56,7 +55,7 @@ print(derivation_text(d, steps=True))
 P, T = sp.IndexedBase("pred", real=True), sp.IndexedBase("target", real=True)
 bi, fi = grad.indices
 for p_val, t_val, want in ((0.8, 0.5, 0.3), (-1.5, 1.0, -1.0)):
-    value = grad.expr.subs({sp.Symbol("dloss", real=True): 1, B.symbol: 1, F.symbol: 1, delta: 1})
+    value = grad.expr.subs({sp.Symbol("dloss", real=True): 1, B.symbol: 1, F.symbol: 1, delta.symbol: 1})
     value = value.subs({P[bi, fi]: p_val, T[bi, fi]: t_val})
     print(f"pred = {p_val}, target = {t_val}:  dpred = {float(value):+.3f}  (expected {want:+.3f})")
     assert abs(float(value) - want) < 1e-12

@@ -17,6 +17,8 @@ from typing import Mapping
 
 import sympy as sp
 
+from . import primitives
+
 
 class DeclarationError(ValueError):
     """A declaration is malformed; the message names the op and the problem."""
@@ -83,6 +85,14 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Param:
+    """A scalar param (eps, lr, alpha...): a name with a default.
+
+    A param is its own symbol: use it in formulas directly (``x[b, i] + eps``, ``Param`` turns
+    into :attr:`symbol` under SymPy arithmetic), or through ``.symbol``. Either way the formula
+    and the declaration hold one object, so a typo'd name cannot silently become a new symbol:
+    a formula whose free symbol is no param, dim, input or index is refused at registration.
+    """
+
     name: str
     default: float
     integer: bool = False
@@ -93,6 +103,25 @@ class Param:
         if self.integer:
             return sp.Symbol(self.name, integer=True)
         return sp.Symbol(self.name, real=True)
+
+    def _sympy_(self) -> sp.Symbol:
+        return self.symbol
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _symbolic(name):
+    def method(self, *other):
+        return getattr(self.symbol, name)(*other)
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+              "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__lt__", "__le__", "__gt__", "__ge__"):
+    setattr(Param, _name, _symbolic(_name))
 
 
 @dataclass(frozen=True)
@@ -134,6 +163,20 @@ class Op:
     test_sizes: tuple[Mapping[str, int], ...] = ()
     tolerances: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # dtype -> (rtol, atol)
     module: str = ""  # the module that registered it (set by ``register``), named in generated banners
+
+    def __post_init__(self):
+        # Formulas hold only primitives every target lowers: Max, Min, sign, Heaviside and
+        # Piecewise become Iverson brackets here (symgrad.primitives, ``canonical``), once.
+        tensors = {t.name for t in self.inputs} | {q.name for q in (*self.intermediates, *self.outputs)}
+
+        def constant(e) -> bool:
+            return not e.atoms(sp.Indexed) and not any(str(s) in tensors for s in e.free_symbols)
+
+        for kind in ("intermediates", "outputs"):
+            forms = getattr(self, kind)
+            new = tuple(dataclasses.replace(q, expr=primitives.canonicalize(q.expr, constant)) for q in forms)
+            if any(a.expr is not b.expr for a, b in zip(new, forms)):
+                object.__setattr__(self, kind, new)
 
     @property
     def dims(self) -> tuple[Dim, ...]:
@@ -197,8 +240,13 @@ class Registry:
 
 
 def _check(op: Op) -> None:
-    """Reject declarations whose outputs read undeclared tensors or leave indices unbound."""
+    """Reject declarations whose outputs read undeclared tensors or symbols, leave indices unbound,
+    or use a function some target cannot lower (symgrad.primitives)."""
     known = {t.name for t in op.inputs} | {o.name for o in op.intermediates}
+    # the symbols a formula may use besides its indices: params, dims, scalar inputs and values
+    allowed = {p.symbol for p in op.params} | {d.symbol for d in op.dims}
+    allowed |= {s for d in op.dims if d.extent is not None for s in d.extent.free_symbols}
+    allowed |= {sp.Symbol(t.name, real=True) for t in op.inputs if not t.dims}
     for out in (*op.intermediates, *op.outputs):
         if len(out.indices) != len(out.dims):
             raise DeclarationError(f"op {op.name}: output {out.name} has {len(out.dims)} dims but {len(out.indices)} indices")
@@ -209,7 +257,20 @@ def _check(op: Op) -> None:
         loose = {s for s in loose if str(s) not in known} - {p.symbol for p in op.params}
         if loose:
             raise DeclarationError(f"op {op.name}: output {out.name} has unbound indices {sorted(map(str, loose))}")
+        labels = {base.label for base in out.expr.atoms(sp.IndexedBase)}
+        for s in sorted(out.expr.free_symbols - set(out.indices) - allowed - labels, key=str):
+            if not isinstance(s, sp.Symbol) or (s.is_integer and not s.is_positive):
+                continue  # an entry (x[b, i]) or an index (checked above)
+            same = [x for x in allowed if str(x) == str(s)]
+            hint = (f"; it has other assumptions than the declared {s} ({same[0].assumptions0}): use the declaration "
+                    "itself in the formula (a Param is its symbol) or its .symbol" if same
+                    else "; declare it as a Param, a Dim or an input, or fix its spelling")
+            raise DeclarationError(f"op {op.name}: output {out.name} uses undeclared symbol {s}{hint}")
+        for node, why in primitives.unsupported(out.expr):
+            raise DeclarationError(f"op {op.name}: output {out.name} uses {node}, which symgrad cannot lower: {why}")
         known.add(out.name)
+        if not out.indices:
+            allowed.add(sp.Symbol(out.name, real=True))
 
 
 REGISTRY = Registry()

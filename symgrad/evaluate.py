@@ -18,15 +18,14 @@ Unknown nodes raise :class:`EvaluationError` naming the node: a missing handler 
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
 import sympy as sp
-from sympy.codegen.cfunctions import expm1, log1p
 
+from . import primitives
 from .declare import Op, Role
-from .functions import Iverson, ReduceMax, sigmoid, softplus
+from .primitives import Iverson, ReduceMax
 
 
 class EvaluationError(ValueError):
@@ -37,32 +36,8 @@ class EvaluationError(ValueError):
 # the evaluator
 
 
-def _sigmoid(z):
-    e = np.exp(-np.abs(z))  # never overflows
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-_erf = np.vectorize(math.erf, otypes=[np.float64])
-
-# one-argument functions: SymPy class -> numpy
-_UNARY = {
-    sp.exp: np.exp,
-    sp.log: np.log,
-    sp.tanh: np.tanh,
-    sp.sinh: np.sinh,
-    sp.cosh: np.cosh,
-    sp.sin: np.sin,
-    sp.cos: np.cos,
-    sp.erf: lambda z: _erf(np.asarray(z, dtype=np.float64)),
-    sp.Abs: np.abs,
-    sp.sign: np.sign,
-    sp.floor: np.floor,
-    sp.ceiling: np.ceil,
-    sigmoid: _sigmoid,
-    softplus: lambda z: np.logaddexp(0.0, z),  # log(1 + exp(z)) without overflow
-    log1p: np.log1p,
-    expm1: np.expm1,
-}
+# functions: SymPy class -> float64 NumPy, from the primitives table (``reference``)
+_FUNCTIONS = {p.cls: p.reference for p in primitives.TABLE if p.cls is not None and callable(p.reference)}
 
 _RELATIONS = {
     sp.StrictGreaterThan: np.greater,
@@ -164,10 +139,6 @@ class _Evaluator:
             out = np.where(m, out, 0.0)
         return out
 
-    def pow(self, node, bound, axis):
-        base = np.asarray(self(node.base, bound, axis), dtype=np.float64)
-        return np.power(base, self(node.exp, bound, axis))
-
     def integer(self, node, bound, axis):
         return int(node)
 
@@ -178,17 +149,9 @@ class _Evaluator:
 
     # ---- functions
 
-    def unary(self, node, bound, axis):
-        (arg,) = node.args
-        return _UNARY[type(node)](np.asarray(self(arg, bound, axis), dtype=np.float64))
-
-    def minmax(self, node, bound, axis):
-        vals = [self(a, bound, axis) for a in node.args]
-        f = np.maximum if isinstance(node, sp.Max) else np.minimum
-        out = vals[0]
-        for v in vals[1:]:
-            out = f(out, v)
-        return out
+    def function(self, node, bound, axis):
+        args = [np.asarray(self(a, bound, axis), dtype=np.float64) for a in node.args]
+        return _FUNCTIONS[type(node)](*args)
 
     def iverson(self, node, bound, axis):
         return np.asarray(self(node.args[0], bound, axis)).astype(np.float64)
@@ -270,13 +233,10 @@ _HANDLERS = {
     sp.Indexed: _Evaluator.indexed,
     sp.Add: _Evaluator.add,
     sp.Mul: _Evaluator.mul,
-    sp.Pow: _Evaluator.pow,
     sp.Integer: _Evaluator.integer,
     sp.Rational: _Evaluator.number,
     sp.Float: _Evaluator.number,
     sp.NumberSymbol: _Evaluator.number,  # pi, E, ...
-    sp.Max: _Evaluator.minmax,
-    sp.Min: _Evaluator.minmax,
     Iverson: _Evaluator.iverson,
     sp.KroneckerDelta: _Evaluator.delta,
     sp.And: _Evaluator.logic,
@@ -288,7 +248,7 @@ _HANDLERS = {
     sp.Sum: _Evaluator.sum,
     ReduceMax: _Evaluator.reduce_max,
     **{cls: _Evaluator.relation for cls in _RELATIONS},
-    **{cls: _Evaluator.unary for cls in _UNARY},
+    **{cls: _Evaluator.function for cls in _FUNCTIONS},
 }
 
 

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import mpmath
 import sympy as sp
 
-from symgrad.functions import expm1, log1p, relu, sigmoid, softplus
+from symgrad import primitives
 
 __all__ = [
     "ParseError",
@@ -67,25 +67,11 @@ class _Function(NamedTuple):
     exponential: bool = False  # grows like exp(|z|): a numeric argument must stay moderate
 
 
+# The grammar's functions are the primitives that have a user-facing name (``grammar``).
 FUNCTIONS: dict[str, _Function] = {
-    "exp": _Function(sp.exp, 1, lambda z: (sp.E, z)),
-    "log": _Function(sp.log, 1),
-    "sqrt": _Function(sp.sqrt, 1, lambda z: (z, sp.S.Half)),
-    "sin": _Function(sp.sin, 1),
-    "cos": _Function(sp.cos, 1),
-    "tan": _Function(sp.tan, 1),
-    "tanh": _Function(sp.tanh, 1),
-    "sinh": _Function(sp.sinh, 1, exponential=True),
-    "cosh": _Function(sp.cosh, 1, exponential=True),
-    "abs": _Function(sp.Abs, 1),
-    "erf": _Function(sp.erf, 1),
-    "sigmoid": _Function(sigmoid, 1),
-    "softplus": _Function(softplus, 1),
-    "relu": _Function(relu, 1),
-    "log1p": _Function(log1p, 1),
-    "expm1": _Function(expm1, 1, lambda z: (sp.E, z)),
-    "max": _Function(sp.Max, 2),
-    "min": _Function(sp.Min, 2),
+    p.grammar.name: _Function(p.grammar.build, p.grammar.arity, p.grammar.as_power, p.grammar.exponential)
+    for p in primitives.TABLE
+    if p.grammar is not None
 }
 CONSTANTS: dict[str, sp.Expr] = {"pi": sp.pi, "E": sp.E}
 
@@ -235,24 +221,13 @@ _TINY = _MP.mpf(2) ** -44  # relative size below which an imaginary part is roun
 _MIRROR: dict[type, Callable] = {
     sp.Add: lambda *a: _MP.fsum(a),
     sp.Mul: lambda *a: _MP.fprod(a),
-    sp.Pow: _MP.power,
-    sp.exp: _MP.exp,
-    sp.log: _MP.log,
-    sp.sin: _MP.sin,
-    sp.cos: _MP.cos,
-    sp.tan: _MP.tan,
-    sp.cot: _MP.cot,
-    sp.sinh: _MP.sinh,
-    sp.cosh: _MP.cosh,
-    sp.tanh: _MP.tanh,
-    sp.Abs: abs,
-    sp.erf: _MP.erf,
-    sigmoid: lambda z: 1 / (1 + _MP.exp(-z)),
-    softplus: lambda z: max(z, 0) + _MP.log1p(_MP.exp(-abs(z))),
-    log1p: _MP.log1p,
-    expm1: _MP.expm1,
-    sp.Max: max,
-    sp.Min: min,
+    sp.cot: _MP.cot,  # SymPy writes 1/tan as cot
+    # the grammar's functions, with their mpmath values from the primitives table
+    **{
+        p.cls: (lambda f: lambda *a: f(_MP, *a))(p.mpmath)
+        for p in primitives.TABLE
+        if p.grammar is not None and p.cls is not None and p.mpmath is not None
+    },
 }
 _MIRROR_CONSTANTS = {sp.pi: +_MP.pi, sp.E: +_MP.e, sp.I: _MP.mpc(0, 1)}
 

@@ -12,7 +12,6 @@ tensor entries real), without which SymPy would build a different (unequal) expr
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -20,7 +19,7 @@ from typing import Iterable, Mapping
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
-from . import functions as _functions
+from . import primitives
 from .declare import Op, Role
 from .rewrite import Step
 
@@ -49,13 +48,9 @@ FORWARD = "forward"
 
 
 def function_classes() -> dict[str, type]:
-    """symgrad's own SymPy function classes (``sigmoid``, ``Iverson``, ``ReduceMax``...) by name."""
-    out = {}
-    for name in _functions.__all__:
-        obj = getattr(_functions, name)
-        if inspect.isclass(obj) and issubclass(obj, sp.Basic):
-            out[name] = obj
-    return out
+    """The primitives' SymPy classes that ``sympify`` does not know by itself (``sigmoid``,
+    ``Iverson``, ``ReduceMax``...), by name."""
+    return {name: cls for name, cls in primitives.classes().items() if getattr(sp, name, None) is not cls}
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -127,24 +122,20 @@ def entry(name: str, indices: Iterable) -> str:
 
 
 class SymgradLatexPrinter(LatexPrinter):
-    """SymPy's LaTeX printer, with the notation a person writes for symgrad's functions."""
+    """SymPy's LaTeX printer, with the notation a person writes for symgrad's functions (the
+    ``latex`` of their entries in :data:`symgrad.primitives.TABLE`)."""
 
-    def _print_Iverson(self, expr, exp=None):
-        tex = r"\left[%s\right]" % self._print(expr.args[0])
-        return f"{tex}^{{{exp}}}" if exp else tex
 
-    def _print_sigmoid(self, expr, exp=None):
-        head = r"\sigma" if not exp else r"\sigma^{%s}" % exp
-        return r"%s\left(%s\right)" % (head, self._print(expr.args[0]))
+def _latex_method(latex):
+    def method(self, expr, exp=None):
+        return latex(self, expr, exp)
 
-    def _print_softplus(self, expr, exp=None):
-        head = r"\operatorname{softplus}" + (f"^{{{exp}}}" if exp else "")
-        return r"%s\left(%s\right)" % (head, self._print(expr.args[0]))
+    return method
 
-    def _print_ReduceMax(self, expr, exp=None):
-        body, k, lo, hi = expr.args
-        tex = r"\max_{%s=%s}^{%s} %s" % (self._print(k), self._print(lo), self._print(hi), self.parenthesize(body, 1000))
-        return r"\left(%s\right)^{%s}" % (tex, exp) if exp else tex
+
+for _p in primitives.TABLE:
+    if _p.latex is not None and _p.cls is not None:
+        setattr(SymgradLatexPrinter, f"_print_{_p.cls.__name__}", _latex_method(_p.latex))
 
 
 def to_latex(expr: sp.Basic) -> str:
@@ -506,10 +497,8 @@ def expr_latex(e: ExprDerivation, steps: bool = False) -> str:
 
 def values_at(expr: sp.Expr, point: Mapping[sp.Symbol, sp.Expr]):
     """The numeric value of ``expr`` at ``point``: a float, or a string where it is not a finite real."""
-    from .functions import sigmoid, softplus
-
     v = expr.xreplace(dict(point))
-    v = v.replace(lambda n: isinstance(n, (sigmoid, softplus)), lambda n: n.rewrite(sp.exp))
+    v = v.replace(lambda n: isinstance(n, (primitives.sigmoid, primitives.softplus)), lambda n: n.rewrite(sp.exp))
     v = v.evalf(30)
     if v.free_symbols:
         raise ValueError(f"no value for {', '.join(sorted(s.name for s in v.free_symbols))}")

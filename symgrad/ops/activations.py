@@ -7,17 +7,17 @@ from .dims import B, C
 
 b, i = idx("b i")
 _x = sp.IndexedBase("x", real=True)[b, i]
-alpha, k = sp.Symbol("alpha", real=True), sp.Symbol("k", real=True)
+alpha, k = Param("alpha", 0.01), Param("k", 3.0)  # params are the symbols their formulas use
 
 # name: (forward of z, params, sampling domain of x, doc)
 TABLE = {
     "relu": (relu, (), (-2.0, 2.0), "max(x, 0); gradient 0 at x = 0"),
-    "leaky_relu": (lambda z: z * Iverson(z > 0) + alpha * z * Iverson(z <= 0), (Param("alpha", 0.01),), (-2.0, 2.0), "x if x > 0 else alpha*x"),
+    "leaky_relu": (lambda z: z * Iverson(z > 0) + alpha * z * Iverson(z <= 0), (alpha,), (-2.0, 2.0), "x if x > 0 else alpha*x"),
     "sigmoid": (sigmoid, (), (-4.0, 4.0), "1/(1 + exp(-x))"),
     "tanh": (sp.tanh, (), (-3.0, 3.0), "hyperbolic tangent"),
     "exp": (sp.exp, (), (-2.0, 2.0), "exp(x)"),
     "log": (sp.log, (), (0.2, 3.0), "natural log, for x > 0"),
-    "power": (lambda z: z**k, (Param("k", 3.0),), (0.2, 3.0), "x**k, for x > 0"),
+    "power": (lambda z: z**k, (k,), (0.2, 3.0), "x**k, for x > 0"),
     "softplus": (softplus, (), (-4.0, 4.0), "log(1 + exp(x)), computed without overflow"),
     "silu": (lambda z: z * sigmoid(z), (), (-4.0, 4.0), "x*sigmoid(x)"),
     "gelu": (lambda z: z * (1 + sp.erf(z / sp.sqrt(2))) / 2, (), (-4.0, 4.0), "x*Phi(x), the exact GELU"),

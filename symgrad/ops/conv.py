@@ -7,7 +7,7 @@ import sympy as sp
 
 from ..declare import Dim, Op, Param, Tensor, output, register, idx
 
-stride, pad = sp.Symbol("stride", integer=True), sp.Symbol("pad", integer=True)
+stride, pad = Param("stride", 1, integer=True), Param("pad", 0, integer=True)
 Nb, Ci, Co = Dim("N", "n"), Dim("Cin", "c"), Dim("Cout", "o")
 H, Wd, R, S = Dim("H", "h"), Dim("W", "w"), Dim("R", "r"), Dim("S", "s")
 Ho = Dim("Ho", "h", sp.floor((H.symbol + 2 * pad - R.symbol) / stride) + 1)
@@ -20,7 +20,7 @@ body = X[n, c, h * stride + r - pad, w * stride + s - pad] * Wt[o, c, r, s]
 register(Op(
     "conv2d", "2-D cross-correlation of X with filters Wt, with stride and zero padding", (X, Wt),
     (output("Y", (n, o, h, w), sp.Sum(body, (c, 0, Ci.size - 1), (r, 0, R.size - 1), (s, 0, S.size - 1)), (Nb, Co, Ho, Wo)),),
-    params=(Param("stride", 1, integer=True), Param("pad", 0, integer=True)),
+    params=(stride, pad),
     test_sizes=(
         {"N": 1, "Cin": 1, "Cout": 1, "H": 3, "W": 3, "R": 1, "S": 1, "stride": 1, "pad": 0},
         {"N": 2, "Cin": 3, "Cout": 2, "H": 5, "W": 6, "R": 3, "S": 3, "stride": 1, "pad": 1},

@@ -33,7 +33,8 @@ register(Op(
 # target t[b, i] = (1 - eps)*onehot(y[b], i) + eps/C; rows whose label is ignore_index weigh 0,
 # and the loss is averaged over the rows that count.
 logits, labels = Tensor("x", (B, C), domain=(-4.0, 4.0)), Tensor("y", (B,), Role.LABEL)
-eps, ignore = sp.Symbol("eps", real=True), sp.Symbol("ignore_index", integer=True)
+eps = Param("eps", 0.0, doc="label smoothing")
+ignore = Param("ignore_index", -100, integer=True, doc="label of rows to skip")
 valid = Iverson(sp.Ne(labels[b], ignore))
 lse = sp.IndexedBase("lse", real=True)
 w = sp.IndexedBase("w", real=True)
@@ -50,7 +51,7 @@ register(Op(
         output("n_valid", (), sp.Sum(w[b], (b, 0, Bs - 1)), ()),
     ),
     outputs=(output("loss", (), sp.Sum(w[b] * sp.Sum(target * (lse[b] - logits[b, i]), (i, 0, Cs - 1)), (b, 0, Bs - 1)) / count, ()),),
-    params=(Param("eps", 0.0, doc="label smoothing"), Param("ignore_index", -100, integer=True, doc="label of rows to skip")),
+    params=(eps, ignore),
     facts=(LabelRange("y", C),),
     test_sizes=SIZES, tolerances=TOL,
 ))

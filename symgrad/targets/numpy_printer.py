@@ -17,8 +17,8 @@ How each node lowers:
 * Iverson brackets, one-hots and weights (factors that read only params and brackets, such as a
   label-smoothing target) are strong zeros: ``[c]*v`` prints as ``np.where(c, v, 0)``, so a masked
   infinity never becomes NaN;
-* functions use the spellings in :data:`FUNCTIONS` (arrays) or ``math`` (params only: NumPy scalars
-  would promote float32 arrays to float64).
+* functions and powers use their spellings in :data:`symgrad.primitives.TABLE`: ``numpy`` (arrays)
+  or ``numpy_scalar`` (params only, ``math``: NumPy scalars would promote float32 arrays to float64).
 
 A statement with one-hot terms, or with a mask among the factors over fewer axes than the statement
 (a row mask ``w[b]``), is lowered by :func:`lower_row_form_lines` instead, in place: the row scale
@@ -37,29 +37,11 @@ import re
 import sympy as sp
 from sympy.printing.printer import Printer
 
-from ..functions import Iverson, ReduceMax
+from .. import primitives
+from ..primitives import Iverson, ReduceMax
 from .statements import LoweringError, Prepared, RowForm, common_subexpressions
 
 DTYPE = "_dt"  # the local holding the float dtype the kernel computes in
-
-# function name -> (array spelling, scalar spelling); "{}" is the argument.
-FUNCTIONS: dict[str, tuple[str, str]] = {
-    "exp": ("np.exp({})", "math.exp({})"),
-    "log": ("np.log({})", "math.log({})"),
-    "tanh": ("np.tanh({})", "math.tanh({})"),
-    "sinh": ("np.sinh({})", "math.sinh({})"),
-    "cosh": ("np.cosh({})", "math.cosh({})"),
-    "sin": ("np.sin({})", "math.sin({})"),
-    "cos": ("np.cos({})", "math.cos({})"),
-    "erf": ("_m.erf({})", "math.erf({})"),
-    "log1p": ("np.log1p({})", "math.log1p({})"),
-    "expm1": ("np.expm1({})", "math.expm1({})"),
-    "Abs": ("np.abs({})", "abs({})"),
-    "sign": ("np.sign({})", "float(np.sign({}))"),
-    "sigmoid": ("_m.sigmoid({})", "float(_m.sigmoid({}))"),
-    # log(1 + exp(z)) = logaddexp(0, z): exact for large z (softplus(1000) == 1000), no overflow.
-    "softplus": ("np.logaddexp(0, {})", "float(np.logaddexp(0, {}))"),
-}
 
 _RELATIONS = {sp.StrictGreaterThan: ">", sp.GreaterThan: ">=", sp.StrictLessThan: "<", sp.LessThan: "<=", sp.Eq: "==", sp.Ne: "!="}
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -477,20 +459,7 @@ class NumPyPrinter(Printer):
         return f"{sign}{code}" if sign else code
 
     def _print_Pow(self, e):
-        ax = self.axes(e)
-        base, exp = e.args
-        scalar = not self.has_data(e)
-        b = self.aligned(base, ax)
-        sqrt = "math.sqrt" if scalar else "np.sqrt"
-        if exp == sp.S.Half:
-            return f"{sqrt}({b})"
-        if exp == -sp.S.Half:
-            return f"1/{sqrt}({b})"
-        if exp == -1:
-            return f"1/{wrap(b)}"
-        if exp.is_Integer and exp < 0:
-            return f"1/{wrap(b)}**{-int(exp)}"
-        return f"{wrap(b)}**{wrap(self.aligned(exp, ax))}"
+        return self._print_Function(e)
 
     def _print_Mod(self, e):
         ax = self.axes(e)
@@ -515,11 +484,16 @@ class NumPyPrinter(Printer):
     # --- functions ---------------------------------------------------------------------------
 
     def _print_Function(self, e):
-        spelling = FUNCTIONS.get(type(e).__name__)
-        if spelling is None or len(e.args) != 1:
+        """A primitive in its table spelling: ``numpy`` over arrays, ``numpy_scalar`` over params."""
+        p = primitives.of(e)
+        spelling = p.numpy if p is not None else None
+        if spelling is None or spelling == primitives.STRUCTURAL:
             raise LoweringError(f"{self.where}: the NumPy target has no spelling for function {type(e).__name__} (in {e})")
-        array, scalar = spelling
-        return (scalar if not self.has_data(e) else array).format(self._print(e.args[0]))
+        if callable(spelling):
+            return spelling(self, e)
+        if p.numpy_scalar is not None and not self.has_data(e):
+            spelling = p.numpy_scalar
+        return spelling.format(*(self._print(a) for a in e.args))
 
     def _print_Iverson(self, e):
         cond = self.cond(e, self.axes(e))

@@ -1,4 +1,5 @@
-"""The Triton expression printer: a strict SymPy printer with a table of function spellings.
+"""The Triton expression printer: a strict SymPy printer; functions are spelled as the primitives
+table says (``triton`` in :data:`symgrad.primitives.TABLE`).
 
 Every node the generated kernels may compute has a spelling here; anything else raises
 :class:`TritonPrintError` naming the node, so a new construct fails at generation time rather
@@ -19,32 +20,19 @@ from __future__ import annotations
 from typing import Mapping
 
 import sympy as sp
-from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.printer import Printer
 
-from ..functions import ReduceMax, sigmoid, softplus
+from .. import primitives
+from ..primitives import ReduceMax
 
 
 class TritonPrintError(NotImplementedError):
     """A node has no Triton spelling (or no name in the current kernel context)."""
 
 
-#: Function spellings. Helpers named ``sg_*`` are ``@triton.jit`` functions in
-#: ``symgrad.runtime.triton_support`` (stable forms); the generated module imports them.
-FUNCTIONS: dict[type, str] = {
-    sp.exp: "tl.exp",
-    sp.log: "tl.log",
-    sp.Abs: "tl.abs",
-    sp.erf: "tl.math.erf",  # libdevice erf on CUDA, numpy's in the interpreter
-    sp.tanh: "sg_tanh",  # sign(z)*(1 - e)/(1 + e), e = exp(-2|z|)
-    sigmoid: "sg_sigmoid",  # branch on the sign: never exp of a large positive number
-    softplus: "sg_softplus",  # max(z, 0) + log1p(exp(-|z|))
-    log1p: "sg_log1p",
-    expm1: "sg_expm1",
-}
-
-#: The helpers a generated module must import from the runtime support module.
-HELPERS = ("sg_tanh", "sg_sigmoid", "sg_softplus", "sg_log1p", "sg_expm1", "sg_pow")
+#: The ``sg_*`` helpers (``@triton.jit`` functions of ``symgrad.runtime.triton_support``) that the
+#: spellings in :data:`symgrad.primitives.TABLE` call: what a generated module imports.
+HELPERS = primitives.triton_helpers()
 
 _RELATIONS = {
     sp.StrictGreaterThan: ">",
@@ -142,18 +130,7 @@ class TritonPrinter(Printer):
             if e.is_Integer and 0 < e <= 4:
                 return "(" + " * ".join([self._print(base)] * int(e)) + ")"
             raise TritonPrintError(f"power {expr} in index arithmetic")
-        b = self._print(base)
-        if e == sp.Rational(1, 2):
-            return f"tl.sqrt({b})"
-        if e == sp.Rational(-1, 2):
-            return f"(1.0 / tl.sqrt({b}))"
-        if e.is_Integer and 0 < e <= 4:
-            return "(" + " * ".join([b] * int(e)) + ")"
-        if e.is_Integer and -4 <= e < 0:
-            return "(1.0 / (" + " * ".join([b] * int(-e)) + "))"
-        if base == sp.E:
-            return f"tl.exp({self._print(e)})"
-        return f"sg_pow({b}, {self._print(e)})"
+        return self._print_Function(expr)
 
     def _print_floor(self, expr):
         if not self.index_mode:
@@ -161,28 +138,19 @@ class TritonPrinter(Printer):
         num, den = sp.fraction(expr.args[0])
         return f"(({self._print(num)}) // ({self._print(den)}))"
 
-    # -- functions -------------------------------------------------------------------------
+    # -- functions ------------------------------------------------------------------------
     def _print_Function(self, expr):
-        for cls, name in FUNCTIONS.items():
-            if type(expr) is cls:
-                if self.index_mode:
-                    raise TritonPrintError(f"function {expr} in index arithmetic")
-                return f"{name}({', '.join(self._print(a) for a in expr.args)})"
-        return self.emptyPrinter(expr)
+        p = primitives.of(expr)
+        spelling = p.triton if p is not None else None
+        if spelling is None or spelling == primitives.STRUCTURAL:
+            return self.emptyPrinter(expr)
+        if self.index_mode:
+            raise TritonPrintError(f"function {expr} in index arithmetic")
+        if callable(spelling):
+            return spelling(self, expr)
+        return spelling.format(*(self._print(a) for a in expr.args))
 
     _print_exp = _print_Function
-
-    def _print_Max(self, expr):
-        out = self._print(expr.args[0])
-        for a in expr.args[1:]:
-            out = f"tl.maximum({out}, {self._print(a)})"
-        return out
-
-    def _print_Min(self, expr):
-        out = self._print(expr.args[0])
-        for a in expr.args[1:]:
-            out = f"tl.minimum({out}, {self._print(a)})"
-        return out
 
     def _print_Iverson(self, expr):
         return f"tl.where({self._print(expr.args[0])}, 1.0, 0.0)"
