@@ -21,11 +21,12 @@ arrays, so the same graph runs on NumPy arrays (``target="numpy"``) and on torch
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Iterable, Mapping
 
-from .targets import library_package
+from .targets import REPO_ROOT, library_package
 
 __all__ = ["Graph", "Value", "Node", "Tape", "GraphError", "TARGETS", "load_module"]
 
@@ -61,6 +62,8 @@ def load_module(op: str, target: str = "numpy") -> ModuleType:
     key = (target, op)
     if key not in _MODULES:
         name = f"{_package(target)}.{op}"
+        if name.split(".")[0] == "generated" and library_package() == "generated" and str(REPO_ROOT) not in sys.path:
+            sys.path.append(str(REPO_ROOT))  # a checkout: its top-level generated/ (an editable install maps only symgrad)
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
