@@ -138,6 +138,12 @@ class TritonPrinter(Printer):
         num, den = sp.fraction(expr.args[0])
         return f"(({self._print(num)}) // ({self._print(den)}))"
 
+    def _print_ceiling(self, expr):
+        if not self.index_mode:
+            raise TritonPrintError(f"ceiling outside index arithmetic: {expr}")
+        num, den = sp.fraction(expr.args[0])
+        return f"(-((-({self._print(num)})) // ({self._print(den)})))"
+
     # -- functions ------------------------------------------------------------------------
     def _print_Function(self, expr):
         p = primitives.of(expr)
