@@ -151,7 +151,7 @@ class Renderer:
         if op_name not in self._programs:
             from .declare import REGISTRY
             from .derive import derive
-            from .ir import lower
+            from .plan import lower
 
             self._programs[op_name] = lower(derive(REGISTRY.get(op_name), trace=False))
             self.derived += 1

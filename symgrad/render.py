@@ -285,16 +285,30 @@ def _step_json(v: StepView) -> dict:
 
 def saved_plan(d) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(what backward saves, what it recomputes), as the lowering decides for every target."""
-    from .ir import lower
+    from .plan import lower
 
-    program = lower(d)
-    return program.saved, tuple(s.target for s in program.backward.statements if s.target in d.forward)
+    plan = lower(d)
+    return plan.saved, plan.recomputed
 
 
 def saved_line(d) -> str:
-    saved, recomputed = saved_plan(d)
-    line = "saved for backward: " + (", ".join(saved) if saved else "nothing (backward reads only cotangents)")
-    return line + (f"; recomputed in backward: {', '.join(recomputed)}" if recomputed else "")
+    """What backward saves, as the one kernel plan decides it for every target."""
+    from .plan import lower
+
+    plan = lower(d)
+    line = "saved for backward (every target): " + (", ".join(plan.saved) if plan.saved else "nothing (backward reads only cotangents)")
+    if plan.recomputed:
+        line += f"; recomputed in backward: {', '.join(plan.recomputed)}"
+    if plan.fused:
+        line += "; fused loss: forward writes " + ", ".join(f"{f} (= {g} per unit {plan.cotangents[0]})" for g, f in plan.fused.items())
+    return line
+
+
+def lowering_steps(d) -> list[StepView]:
+    """The lowering stages' decisions (inline, fuse, split, re-index, schedule), one view each."""
+    from .plan import lower
+
+    return [StepView("lowering", None, s.stage, s.rule, s.doc, s.after) for s in lower(d).trace.steps]
 
 
 def derivation_dict(d, steps: bool = False) -> dict:
@@ -362,6 +376,9 @@ def derivation_text(d, steps: bool = False) -> str:
             lines += _steps_text(views, "=")
     lines += ["", f"gradients ({cot})" if d.gradients else "gradients: none (no differentiable inputs)"]
     lines += _aligned([(to_str(g.target), to_str(g.expr)) for g in d.gradients.values()])
+    if steps:
+        lines += ["", "lowering (one kernel plan, printed by every target)"]
+        lines += _steps_text(lowering_steps(d), "->")
     lines += ["", saved_line(d)]
     return "\n".join(ln.rstrip() for ln in lines) + "\n"
 
