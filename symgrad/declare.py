@@ -40,11 +40,16 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True)
 class Dim:
-    """A named, symbolic tensor dimension; ``index`` is the letter used for it in gradients."""
+    """A named, symbolic tensor dimension; ``index`` is the letter used for it in gradients.
+
+    A ``leading`` dim stands for any number of leading axes, as torch's ``[*, D]``: it must be the
+    first dim of every tensor that has it, and the generated modules fold those axes into it
+    (``x[2, 3, 5, D]`` runs as ``x[30, D]``) and unfold outputs and gradients again."""
 
     name: str
     index: str
     extent: sp.Expr | None = None  # derived dims (conv output size) give their formula
+    leading: bool = False
 
     @property
     def symbol(self) -> sp.Symbol:
@@ -247,6 +252,10 @@ def _check(op: Op) -> None:
     allowed = {p.symbol for p in op.params} | {d.symbol for d in op.dims}
     allowed |= {s for d in op.dims if d.extent is not None for s in d.extent.free_symbols}
     allowed |= {sp.Symbol(t.name, real=True) for t in op.inputs if not t.dims}
+    for t in (*op.inputs, *op.intermediates, *op.outputs):
+        late = [d.name for d in t.dims[1:] if d.leading]
+        if late:
+            raise DeclarationError(f"op {op.name}: {t.name} has the leading dim {late[0]} after its first axis; a leading dim comes first")
     for out in (*op.intermediates, *op.outputs):
         if len(out.indices) != len(out.dims):
             raise DeclarationError(f"op {op.name}: output {out.name} has {len(out.dims)} dims but {len(out.indices)} indices")

@@ -3,7 +3,7 @@ import sympy as sp
 
 from ..declare import Op, Param, Tensor, output, register, idx
 from ..functions import Iverson, relu, sigmoid, softplus
-from .dims import B, C
+from .dims import C, ROWS as B  # rows: any number of leading axes, as torch takes [*, C]
 
 b, i = idx("b i")
 _x = sp.IndexedBase("x", real=True)[b, i]

@@ -1,7 +1,7 @@
 """Binary elementwise ops and the bias add: out[b, i] = f(p[b, i], q[b, i])."""
 from ..declare import Op, Tensor, output, register, idx
 from ..functions import sigmoid
-from .dims import B, C
+from .dims import C, ROWS as B  # rows: any number of leading axes, as torch takes [*, C]
 
 b, i = idx("b i")
 SIZES = ({"B": 1, "C": 1}, {"B": 3, "C": 5}, {"B": 2, "C": 41})

@@ -2,7 +2,7 @@
 import sympy as sp
 
 from ..declare import Op, Tensor, output, register, idx
-from .dims import B, K, N
+from .dims import K, N, ROWS as B  # rows: any number of leading axes, as F.linear takes [*, K]
 
 b, j, k = idx("b j k")
 X, W, bias = Tensor("X", (B, K)), Tensor("W", (K, N)), Tensor("bias", (N,))

@@ -2,7 +2,7 @@
 import sympy as sp
 
 from ..declare import Op, Param, Tensor, output, register, idx
-from .dims import B, D
+from .dims import D, ROWS as B  # rows: any number of leading axes, as torch takes [*, D]
 
 b, i, k = idx("b i k")
 Ds = D.size

@@ -3,7 +3,7 @@ import sympy as sp
 
 from ..declare import Op, Tensor, output, register, idx
 from ..functions import ReduceMax
-from .dims import B, C
+from .dims import C, ROWS as B  # rows: any number of leading axes, as torch takes [*, C]
 
 b, k = idx("b k")
 Cs = C.size

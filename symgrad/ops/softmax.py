@@ -2,7 +2,7 @@
 import sympy as sp
 
 from ..declare import Op, Tensor, output, register, idx
-from .dims import B, C
+from .dims import C, ROWS as B  # rows: any number of leading axes, as torch takes [*, C]
 
 b, i, k = idx("b i k")
 Cs = C.size

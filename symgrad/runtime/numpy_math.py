@@ -9,6 +9,8 @@ import operator
 
 import numpy as np
 
+from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the Triton modules)
+
 __all__ = [
     "ALL", "erf", "sigmoid", "gather", "add_onehot", "zero_unless",
     "bind_params", "bind_dims", "derived_dim", "check_shape", "float_dtype", "label_array",

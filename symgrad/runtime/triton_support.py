@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the NumPy modules)
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 

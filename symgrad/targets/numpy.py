@@ -80,7 +80,8 @@ def render(program: KernelPlan, command: str) -> str:
         "cotangent_args": ", ".join(program.cotangents),
         "forward_prologue": _forward_prologue(program),
         "forward_body": _blocks(program.forward, program, env, set(program.outputs) | set(program.saved)),
-        "forward_returns": _tuple(program.outputs),
+        "forward_returns": _tuple([_unfolded(program, o.name, o.dims) for o in program.op.outputs]),
+        "several_outputs": len(program.outputs) > 1,
         "saved": _saved_dict(program),
         "backward_prologue": _backward_prologue(program),
         "backward_body": _blocks(program.backward, program, env, set(program.backward.returns)),
@@ -224,14 +225,32 @@ def _forward_prologue(program: KernelPlan) -> str:
         if s.formula is not None:
             code = _size_code(s.formula)
             lines.append(f"{s.dim.name} = _m.derived_dim(OP, {s.dim.name!r}, {sp.sstr(s.formula)!r}, lambda: {code})")
+    lead = leading_inputs(program)
+    if lead:
+        names = ", ".join(t.name for t in lead)
+        values = ", ".join(f"{t.name!r}: {t.name}" for t in lead)
+        ranks = ", ".join(f"{t.name!r}: {len(t.dims)}" for t in lead)
+        # leading axes fold into the op's first dim (torch's [*, D]); dims are read after folding
+        lines.insert(next(k for k, ln in enumerate(lines) if ln.startswith("dims = ")),
+                     f"_lead, ({names},) = _m.fold(OP, {{{values}}}, {{{ranks}}})")
     lines.append(f"{DTYPE} = _m.float_dtype({', '.join(floats)})")
     lines += [f"{n} = {n}.astype({DTYPE}, copy=False)" for n in floats]
     return "\n".join(lines)
 
 
+def leading_inputs(program: KernelPlan) -> list:
+    """The inputs whose first dim takes any number of leading axes."""
+    return [t for t in program.op.inputs if t.dims and t.dims[0].leading]
+
+
+def _unfolded(program: KernelPlan, name: str, dims) -> str:
+    return f"_m.unfold({name}, _lead)" if leading_inputs(program) and dims and dims[0].leading else name
+
+
 def _saved_dict(program: KernelPlan) -> str:
     names = list(program.saved) + [p.name for p in program.params] + [d.name for d in program.op.dims]
-    return "{" + ", ".join(f"{n!r}: {n}" for n in names) + "}"
+    lead = ["'_lead': _lead"] if leading_inputs(program) else []
+    return "{" + ", ".join([f"{n!r}: {n}" for n in names] + lead) + "}"
 
 
 def _backward_prologue(program: KernelPlan) -> str:
@@ -244,7 +263,11 @@ def _backward_prologue(program: KernelPlan) -> str:
     labels = {t.name for t in op.inputs if t.role is Role.LABEL}
     floats = [n for n in program.saved if n not in labels] + list(program.cotangents)
     lines.append(f"{DTYPE} = _m.float_dtype({', '.join(floats)})")
+    if leading_inputs(program):
+        lines.append("_lead = saved['_lead']")
     for cot, out in zip(program.cotangents, op.outputs):
+        if leading_inputs(program) and out.dims and out.dims[0].leading:
+            lines.append(f"{cot} = _m.fold_like(OP, {cot!r}, np.asarray({cot}), _lead, {len(out.dims)})")
         names = tuple(d.name for d in out.dims)
         lines.append(f"{cot} = _m.check_shape(OP, {cot!r}, {cot}, {names!r}, {_tuple(names, parens=True) if names else '()'}, {DTYPE})")
     return "\n".join(lines)
@@ -252,7 +275,8 @@ def _backward_prologue(program: KernelPlan) -> str:
 
 def _gradients(program: KernelPlan) -> str:
     grads = {g[1:]: g for g in program.backward.returns}
-    return _tuple([grads.get(name, "None") for name in program.inputs], parens=True)
+    dims = {t.name: t.dims for t in program.op.inputs}
+    return _tuple([_unfolded(program, grads[n], dims[n]) if n in grads else "None" for n in program.inputs], parens=True)
 
 
 # ------------------------------------------------------------------------------------------------

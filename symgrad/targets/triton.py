@@ -128,6 +128,17 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         if launch.kind == "gemm":
             gemm_reads |= launch.statements[0].reads()
 
+    # Inputs whose first dim takes any number of leading axes (torch's [*, D]), and the outputs
+    # that start with that dim: folded in, computed, unfolded.
+    leading = [t.name for t in inputs if t.dims and t.dims[0].leading]
+    ranks = {t.name: len(t.dims) for t in inputs}
+    leading_outputs = {o for o in outputs if leading and out_dims[o] and out_dims[o][0].leading}
+
+    def apply_return(n_ret: int) -> str:
+        items = ["res"] if n_ret == 1 else [f"res[{k}]" for k in range(len(outputs))]
+        items = [f"_rt.unfold({r}, _lead)" if o in leading_outputs else r for r, o in zip(items, outputs)]
+        return items[0] if len(items) == 1 else "(" + ", ".join(items) + ")"
+
     comments = {
         "forward": [s.formula for s in plan.forward.statements if not s.fused],
         "backward": [s.formula for s in plan.backward.statements],
@@ -145,4 +156,5 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         comments=comments, fused_cotangent=plan.fused_cotangent, repr=repr,
         kinds=sorted({s.kind.name for s in plan.forward.statements + plan.backward.statements}),
         plan=plan, str=str, len=len, float=float, zip=zip, range=range,
+        leading=leading, ranks=ranks, leading_outputs=leading_outputs, apply_return=apply_return,
     )
