@@ -169,7 +169,14 @@ class TritonPrinter(Printer):
         op = _RELATIONS.get(type(expr))
         if op is None:
             return self.emptyPrinter(expr)
-        return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
+        return f"({self._side(expr.lhs, expr.rhs)} {op} {self._side(expr.rhs, expr.lhs)})"
+
+    def _side(self, side, other) -> str:
+        """An integer compared with an integer (a param, an index) prints as an integer: Triton's
+        interpreter cannot combine an int-vs-float comparison of a scalar with a block mask."""
+        if side.is_Integer and other.is_integer:
+            return str(int(side))
+        return self._print(side)
 
     def _print_And(self, expr):
         return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
