@@ -7,11 +7,10 @@ kernel, and every operand entry is addressed through its own strides, so transpo
 dW = Xᵀ dY) are strides, and a convolution's ``X[n, c, h*stride + r - pad, ...]`` is an
 address computed per tile entry, out-of-range entries masked to zero (the padding).
 
-A gradient of a strided convolution sums over output positions ``j`` with the filter read at
-``h - j*stride + pad``. Read literally, that loops over every output row for each input row.
-When the filter axis is the shorter range (at every declared test size), the sum is re-indexed
-over the filter position ``v``, with ``j = (h + pad - v)/stride`` kept only where the division is
-exact and ``j`` in range: a transposed convolution as an implicit GEMM over (Cout, R, S).
+A gradient of a strided convolution arrives re-indexed by the plan (:func:`symgrad.plan.reindex_stencils`):
+summed over the filter position ``v``, reading ``dY`` at ``floor((h + pad - v)/stride)`` under the
+guard ``[Mod(h + pad - v, stride) == 0]``: a transposed convolution as an implicit GEMM over
+(Cout, R, S). Guards become masks of the tile that reads their indices.
 
 Accumulation is fp32; the epilogue (bias add, scaling) is applied to the fp32 tile before the
 store in the output dtype.
@@ -20,29 +19,16 @@ from __future__ import annotations
 
 import sympy as sp
 
+from ..functions import Iverson
 from .triton_expr import TritonPrintError, print_expr
 from .triton_kernels import Context, Sig, _formula_lines, pr, store_value
-from .triton_plan import Launch, LoweringError, dim_of_extent
+from ..plan import Launch, LoweringError, dim_of_extent
 
 ACC = sp.Symbol("_acc", real=True)
 
 
-def _cost_less(ctx: Context, new: sp.Expr, old: sp.Expr) -> bool:
-    sizes = ctx.op.test_sizes
-    if not sizes:
-        return False
-    defaults = {p.name: p.default for p in ctx.op.params}
-    for s in sizes:
-        env = {**defaults, **s}
-        sub = lambda e: sp.sympify(e).subs({sym: env[str(sym)] for sym in sp.sympify(e).free_symbols if str(sym) in env})
-        a, b = sub(new), sub(old)
-        if not (a.is_number and b.is_number) or not a < b:
-            return False
-    return True
-
-
 def emit_gemm(ctx: Context, launch: Launch, kname: str):
-    (st,) = launch.stmts
+    (st,) = launch.statements
     op = ctx.op
     where = f"op {op.name}: {st.kind.name} statement {st.formula}"
     sums = list(st.expr.atoms(sp.Sum))
@@ -58,7 +44,10 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
         kext[k] = hi + 1
     factors = sp.Mul.make_args(S.function)
     tensors = [f for f in factors if isinstance(f, sp.Indexed)]
-    coeff = sp.Mul(*[f for f in factors if not isinstance(f, sp.Indexed)])
+    # Iverson guards over the summed indices (a re-indexed stencil's divisibility and range) mask
+    # the tile of the operand whose indices they read; everything else is the epilogue's scale.
+    guards = [f for f in factors if isinstance(f, Iverson) and f.free_symbols & set(kvars)]
+    coeff = sp.Mul(*[f for f in factors if not isinstance(f, sp.Indexed) and f not in guards])
     if len(tensors) != 2 or coeff.free_symbols & set(kvars):
         raise LoweringError(f"{where}: the summand is not a product of two tensors")
     epilogue = st.expr.xreplace({S: coeff * ACC})
@@ -68,51 +57,26 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
     ops = [list(t.indices) for t in tensors]
     bufs = [str(t.base) for t in tensors]
 
-    # Re-index sums whose dummy a tensor reads as (free index + coeff*dummy), when cheaper.
-    derived = {}  # dummy -> (num, den, old extent)
-    for d in list(kvars):
-        for o in range(2):
-            axes = [a for a, e in enumerate(ops[o]) if d in e.free_symbols]
-            other = [e for e in ops[1 - o] if d in e.free_symbols]
-            if len(axes) != 1 or any(e != d for e in other):
-                continue
-            a = axes[0]
-            e = ops[o][a]
-            if e == d or not (e.free_symbols & set(free)):
-                continue
-            c = sp.diff(e, d)
-            if c.free_symbols & set(kvars) or c.has(*free) or c == 0:
-                continue
-            new_ext = ctx.plan.buffers[bufs[o]][a].size
-            if not _cost_less(ctx, new_ext, kext[d]):
-                continue
-            v = sp.Symbol(f"v_{d}", integer=True)
-            rest = sp.expand(e - c * d)
-            num, den = (rest - v, -c) if c.could_extract_minus_sign() else (v - rest, c)
-            derived[d] = (num, den, kext[d])
-            ops[o][a] = v
-            kvars[kvars.index(d)] = v
-            kext[v] = new_ext
-            break
-
     def syms(o):
-        out = set()
-        for e in ops[o]:
-            out |= e.free_symbols
-            for d in derived:
-                if d in e.free_symbols:
-                    out |= derived[d][0].free_symbols
-        return out
+        return set().union(*(e.free_symbols for e in ops[o]))
 
-    a_op = 0 if free and free[0] in syms(0) else 1
+    # Free indices both operands read are batch indices (batched matmul): one (M, N) product per
+    # batch coordinate, the flattened batch folded into the launch grid.
+    batch = [ix for ix in free if ix in syms(0) and ix in syms(1)]
+    own = [ix for ix in free if ix not in batch]
+    a_op = 0 if own and own[0] in syms(0) else 1
     b_op = 1 - a_op
-    m_idx = [ix for ix in free if ix in syms(a_op)]
-    n_idx = [ix for ix in free if ix in syms(b_op)]
-    if set(m_idx) & set(n_idx) or set(m_idx) | set(n_idx) != set(free) or not m_idx or not n_idx:
+    m_idx = [ix for ix in own if ix in syms(a_op)]
+    n_idx = [ix for ix in own if ix in syms(b_op)]
+    if set(m_idx) & set(n_idx) or set(m_idx) | set(n_idx) != set(own) or not m_idx or not n_idx:
         raise LoweringError(f"{where}: the target indices do not split into the two operands' own indices")
-    for d, (num, _, _) in derived.items():
-        if any(d in e.free_symbols for e in ops[b_op]) and num.free_symbols & set(m_idx):
-            raise LoweringError(f"{where}: re-indexed {d} mixes the two sides")
+    guard_of = {0: [], 1: []}
+    for g in guards:
+        side = g.free_symbols - set(kvars) - {p.symbol for p in ctx.params.values()} - {d.symbol for d in dims}
+        o = a_op if side <= set(m_idx) else b_op
+        if not side <= set(m_idx if o == a_op else n_idx):
+            raise LoweringError(f"{where}: guard {g} reads both operands' indices")
+        guard_of[o].append(g.args[0])
 
     sig = Sig(ctx)
     fdims = dict(zip(free, st.dims))
@@ -144,12 +108,16 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
     mnames = decompose("offs_m", m_idx, m_ext, "m")
     nnames = decompose("offs_n", n_idx, n_ext, "n")
     top_decomp, decomp = decomp, []
+    b_ext = [ext_code(fdims[ix].size) for ix in batch]
+    bnames = decompose("pid_b", batch, b_ext, "bt") if batch else {}
+    batch_decomp, decomp = decomp, []
     knames = decompose("offs_k", kvars, k_ext, "k")
     k_decomp = decomp
 
     def index_names(row_syms: dict, col_syms: dict) -> dict:
         names = {s: f"{v}[:, None]" for s, v in row_syms.items()}
         names.update({s: f"{v}[None, :]" for s, v in col_syms.items()})
+        names.update(bnames)
         for p in ctx.params.values():
             names[p.symbol] = f"p_{p.name}"
             sig.params.add(p.name)
@@ -166,24 +134,32 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
         except TritonPrintError as e:
             raise LoweringError(f"{where}: index {expr}: {e}") from None
 
+    def condition(cond, names) -> str:
+        """A guard in index arithmetic: ``Eq(Mod(a, b), 0)`` is ``a % b == 0`` (with the C rules
+        of the GPU, where a negative ``a`` gives a non-positive remainder: still 0 exactly when
+        ``b`` divides ``a``, so the masked set is the same as Python's)."""
+        if isinstance(cond, sp.And):
+            return " & ".join(condition(c, names) for c in cond.args)
+        if isinstance(cond, sp.Eq) and isinstance(cond.lhs, sp.Mod) and cond.rhs == 0:
+            a, b = cond.lhs.args
+            return f"((({iprint(a, names)}) % ({iprint(b, names)})) == 0)"
+        if isinstance(cond, (sp.Le, sp.Lt, sp.Ge, sp.Gt, sp.Eq)):
+            op_ = {sp.Le: "<=", sp.Lt: "<", sp.Ge: ">=", sp.Gt: ">", sp.Eq: "=="}[type(cond)]
+            return f"(({iprint(cond.lhs, names)}) {op_} ({iprint(cond.rhs, names)}))"
+        raise LoweringError(f"{where}: guard {cond} has no index-arithmetic form")
+
     def tile(o: int, row_syms: dict, col_syms: dict, base_mask: str, var: str) -> list[str]:
         names = index_names(row_syms, col_syms)
-        lines, masks = [], [base_mask]
-        for d, (num, den, old) in derived.items():
-            if any(d in e.free_symbols for e in ops[o]):
-                nc, dc = iprint(num, names), iprint(den, names)
-                lines.append(f"{var}_num_{d} = {nc}")
-                names[d] = f"({var}_num_{d} // {dc})"
-                masks.append(f"({var}_num_{d} >= 0) & ({var}_num_{d} % {dc} == 0) & (({var}_num_{d} // {dc}) < {ext_code(old)})")
+        lines, masks = [], [base_mask] + [condition(c, names) for c in guard_of[o]]
         name = bufs[o]
         offs = []
-        plain = set(row_syms) | set(col_syms)
+        plain = set(row_syms) | set(col_syms) | set(bnames)
         for a, e in enumerate(ops[o]):
             code = iprint(e, names)
             offs.append(f"({code}) * {sig.stride(name, a)}")
             axis_dim = ctx.plan.buffers[name][a]
             same = e in plain and (fdims.get(e) == axis_dim or (e in kext and dim_of_extent(kext[e], dims) == axis_dim))
-            if not same and e not in derived:  # derived indices carry their own range mask
+            if not same:
                 masks.append(f"(({code}) >= 0) & (({code}) < {sig.idim(axis_dim.name)})")
         lines.append(f"{var} = tl.load({sig.buf(name)} + {' + '.join(offs) or '0'}, mask={' & '.join(masks)}, other=0.0)")
         return lines
@@ -192,7 +168,7 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
     b_lines = tile(b_op, knames, nnames, "k_mask[:, None] & n_mask[None, :]", "b")
 
     # Epilogue and store.
-    names = {ACC: "acc"}
+    names = {ACC: "acc", **bnames}
     names.update({s: f"{v}[:, None]" for s, v in mnames.items()})
     names.update({s: f"{v}[None, :]" for s, v in nnames.items()})
     ep_loads = []
@@ -217,15 +193,16 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
     src = ctx.env.get_template("gemm.j2").render(
         name=kname, args=sig.kernel_args(), formulas=_formula_lines([st]),
         shape=f"M = ({', '.join(map(str, m_idx))}), N = ({', '.join(map(str, n_idx))}), K = ({', '.join(map(str, kvars))})"
-        + (f"; re-indexed: {', '.join(f'{d} = ({n})/({dn})' for d, (n, dn, _) in derived.items())}" if derived else ""),
-        decomp=top_decomp, k_decomp=k_decomp, a_lines=a_lines, b_lines=b_lines, ep_loads=ep_loads, store=store,
+        + (f", batch = ({', '.join(map(str, batch))})" if batch else ""),
+        batch_decomp=batch_decomp, decomp=top_decomp, k_decomp=k_decomp, a_lines=a_lines, b_lines=b_lines, ep_loads=ep_loads, store=store,
     )
     host = [
         f"M_tot = {' * '.join(m_ext)}",
         f"N_tot = {' * '.join(n_ext)}",
         f"K_tot = {' * '.join(k_ext)}",
         "cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)",
-        "grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)",
+        "grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N'])"
+        + (f" * {' * '.join(b_ext)}" if batch else "") + ",)",
         f"{kname}[grid]({', '.join(sig.host_args())}, num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))",
     ]
     return [src], host, [st.target]

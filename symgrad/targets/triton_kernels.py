@@ -1,6 +1,6 @@
 """Kernel emitters for the MAP and ROW_REDUCTION classes (the GEMM classes are in triton_gemm).
 
-Each emitter turns one :class:`~symgrad.targets.triton_plan.Launch` into kernel source (through
+Each emitter turns one :class:`~symgrad.plan.Launch` into kernel source (through
 a Jinja skeleton in ``symgrad/templates/triton``) and the host lines that launch it. All decisions are
 made here, in Python; the templates only place the pieces.
 
@@ -29,7 +29,7 @@ import sympy as sp
 
 from ..functions import ReduceMax
 from .triton_expr import TritonPrintError, print_expr
-from .triton_plan import LoweringError, Launch, Plan, Stmt, dim_of_extent, substitute
+from ..plan import KernelPlan as Plan, Launch, LoweringError, Statement as Stmt, dim_of_extent, fresh_names, row_layout, substitute
 
 _INIT = {"max": 'float("-inf")', "sum": "0.0"}
 ROW = sp.Symbol("_row", integer=True)
@@ -45,15 +45,15 @@ class Context:
 
     @property
     def op(self):
-        return self.plan.program.op
+        return self.plan.op
 
     @property
     def dims(self):
-        return {ds.dim.name: ds.dim for ds in self.plan.program.dims}
+        return {ds.dim.name: ds.dim for ds in self.plan.dims}
 
     @property
     def params(self):
-        return {p.name: p for p in self.plan.program.params}
+        return {p.name: p for p in self.plan.params}
 
 
 class Sig:
@@ -156,7 +156,7 @@ def store_value(ptr: str, value: str) -> str:
 def emit_map(ctx: Context, launch: Launch, kname: str):
     sig = Sig(ctx)
     target_dims = launch.space
-    stmts = launch.stmts
+    stmts = launch.statements
     decompose = []
     # All statements of a map launch share their target dims; name their indices by position.
     pos_names = [f"i{a}" for a in range(len(target_dims))]
@@ -175,7 +175,15 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     loads: dict = {}
     load_lines: list[str] = []
     body: list[str] = []
+    fresh = fresh_names()
+    resolved: list[Stmt] = []
     for st in stmts:
+        # A value written by this launch is computed again where a later statement reads it
+        # (another program may own that element: attention's p[b, h, k, t] beside p[b, h, t, k]).
+        for prev in resolved:
+            if prev.target in st.reads():
+                st = replace(st, expr=substitute(st.expr, prev, fresh))
+        resolved.append(st)
         imap = {ix: pos_names[a] for a, ix in enumerate(st.indices)}
         names = dict(imap)
         for node in sorted(st.expr.atoms(sp.Indexed), key=sp.default_sort_key):
@@ -257,11 +265,23 @@ class Stat:
 class RowBuilder:
     def __init__(self, ctx: Context, launch: Launch, kname: str):
         self.ctx, self.launch, self.kname = ctx, launch, kname
-        self.rowdim, self.coldim = launch.space
+        rows, self.coldim = launch.space
+        if not rows:
+            raise LoweringError(f"op {ctx.op.name}: row kernel {kname} has no row dim")
+        self.rowdims = tuple(rows)
+        # One symbol per row dim; the program's flat row id ``row`` is decomposed into them (one
+        # row dim: the row id itself, so rank-2 kernels print as before).
+        if len(rows) == 1:
+            self.rowsyms, self.rownames = (ROW,), ("row",)
+        else:
+            self.rowsyms = tuple(sp.Symbol(f"_row{j}", integer=True) for j in range(len(rows)))
+            self.rownames = tuple(f"row_{j}" for j in range(len(rows)))
         self.dims = tuple(ctx.dims.values())
         self.stats: list[Stat] = []
         self.crosses: list[tuple[sp.Symbol, sp.Expr, bool]] = []  # (T symbol, body, col-dependent)
         self.sig = Sig(ctx)
+        self.fresh = fresh_names()
+        self.axes: dict = {}  # target -> one ROW/COL symbol per axis
 
     def fail(self, st: Stmt, why: str):
         raise LoweringError(f"op {self.ctx.op.name}: ROW_REDUCTION statement {st.formula}: {why}")
@@ -307,20 +327,46 @@ class RowBuilder:
             return go(sp.Sum(expr, reduce_over))
         return go(expr)
 
+    def row_axis(self, st: Stmt, node: sp.Sum, lim) -> int | None:
+        """The row axis a sum's limit runs over, or None for the column (or no row dim). Matched by
+        dim; a dim that is several axes (attention's [T, T]) by where the summand reads the index
+        in a tensor of the row space's rank, whose other axes are the column or the row axes."""
+        k, lo, hi = lim
+        d = self.dim(lo, hi)
+        if d not in self.rowdims:
+            return None
+        if d != self.coldim and self.rowdims.count(d) == 1:
+            return self.rowdims.index(d)
+        full = len(self.rowdims) + (self.coldim is not None)
+        for a in sorted(node.function.atoms(sp.Indexed), key=sp.default_sort_key):
+            if k not in a.indices or len(a.indices) != full:
+                continue
+            p = a.indices.index(k)
+            others = a.indices[:p] + a.indices[p + 1:]
+            if COL in others:
+                c = a.indices.index(COL)
+                return p if p < c else p - 1
+            if set(self.rowsyms) <= set(others):
+                return None
+        self.fail(st, f"cannot tell which axis the sum {node} runs over")
+
     def abstract_cross(self, st: Stmt, expr: sp.Expr) -> sp.Expr:
         def go(node):
-            rows = [lim for lim in node.limits if self.dim(lim[1], lim[2]) == self.rowdim] if isinstance(node, sp.Sum) else []
+            axes = {lim: self.row_axis(st, node, lim) for lim in node.limits} if isinstance(node, sp.Sum) else {}
+            rows = [lim for lim in node.limits if axes[lim] is not None] if axes else []
             if rows:
                 cols = [lim for lim in node.limits if lim not in rows]
-                if len(rows) > 1 or len(cols) > 1:
-                    self.fail(st, f"sum {node} has more than one row and one column limit")
-                k, lo, hi = rows[0]
-                if lo != 0:
+                if len(cols) > 1:
+                    self.fail(st, f"sum {node} has more than one column limit")
+                if sorted(axes[lim] for lim in rows) != list(range(len(self.rowdims))):
+                    self.fail(st, f"sum {node} is over some row dims, not all of ({', '.join(d.name for d in self.rowdims)})")
+                if any(lo != 0 for _, lo, _ in rows):
                     self.fail(st, "a partial sum over rows")
                 body = node.function
-                if body.has(ROW):
+                if body.has(*self.rowsyms):
                     self.fail(st, "a sum over rows inside a row")
-                body = self.abstract_stats(st, body.xreplace({k: ROW}), cols[0] if cols else None)
+                to_row = {lim[0]: self.rowsyms[axes[lim]] for lim in rows}
+                body = self.abstract_stats(st, body.xreplace(to_row), cols[0] if cols else None)
                 coldep = body.has(COL)
                 for sym, b, c in self.crosses:
                     if b == body:
@@ -335,34 +381,47 @@ class RowBuilder:
 
         return go(expr)
 
+    def target_axes(self, st: Stmt) -> tuple:
+        """``(role, one ROW/COL symbol per target axis)``: the target spans every row dim and the
+        column (``rowcol``, the column at any position), the row dims (``row``), the column only
+        (``col``, a cross-row sum) or nothing (``scalar``). Axes are matched by position, so a
+        dim that is several axes ([T, T]) is told apart by where the reductions read."""
+        dims, rows, col = tuple(st.dims), self.rowdims, self.coldim
+        if not dims:
+            return "scalar", ()
+        if dims == rows:
+            return "row", self.rowsyms
+        if col is not None and dims == (col,):
+            return "col", (COL,)
+        if col is not None and len(dims) == len(rows) + 1:
+            cands = [p for p in range(len(dims)) if dims[p] == col and dims[:p] + dims[p + 1:] == rows]
+            if cands:
+                p = cands[-1]
+                if len(cands) > 1:
+                    p0 = row_layout(self.ctx.plan, st)[1]
+                    p = p0 if p0 in cands else p
+                syms = list(self.rowsyms)
+                syms.insert(p, COL)
+                return "rowcol", tuple(syms)
+        names = ", ".join(d.name for d in rows) + (f"; column {col.name}" if col is not None else "")
+        self.fail(st, f"target dims ({', '.join(d.name for d in dims)}) are not the row space ({names})")
+
     def build(self):
-        stmts = self.launch.stmts
+        stmts = self.launch.statements
         entries = []  # (stmt, role, expr)
         resolved: list[Stmt] = []  # statements with same-launch reads substituted
         for n, st in enumerate(stmts):
             e = st.expr
             for prev in resolved:
                 if prev.target in st.reads():
-                    e = substitute(e, prev)
+                    e = substitute(e, prev, self.fresh)
             resolved.append(replace(st, expr=e))
-            roles = []
-            rep = {}
-            for ix, d in zip(st.indices, st.dims):
-                if d == self.rowdim and "row" not in roles:
-                    roles.append("row")
-                    rep[ix] = ROW
-                elif d == self.coldim and "col" not in roles:
-                    roles.append("col")
-                    rep[ix] = COL
-                else:
-                    self.fail(st, f"target index {ix} is neither the row nor the column index")
-            e = e.xreplace(rep)
+            role, axes = self.target_axes(st)
+            self.axes[st.target] = axes
+            e = e.xreplace(dict(zip(st.indices, axes)))
             e = self.abstract_cross(st, e)
-            role = {(): "scalar", ("row",): "row", ("col",): "col", ("row", "col"): "rowcol"}.get(tuple(roles))
-            if role is None:
-                self.fail(st, "target indexed (column, row)")
             if role in ("col", "scalar"):
-                if e.has(ROW) or e.atoms(sp.Sum, ReduceMax):
+                if e.has(*self.rowsyms) or e.atoms(sp.Sum, ReduceMax):
                     self.fail(st, "a reduction across rows mixed with row-level terms")
             else:
                 if any(c for c in self.crosses if e.has(c[0])):
@@ -412,9 +471,35 @@ class RowBuilder:
                         s.pass_no, s.online = base, m
 
     # -- emission ------------------------------------------------------------------------
+    def _offset(self, target: str) -> str:
+        """``target``'s element offset: each axis's coordinate (a row coordinate or ``cols``)
+        times that axis's own stride."""
+        names = {**dict(zip(self.rowsyms, self.rownames)), COL: "cols"}
+        return " + ".join(f"{names[a]} * {self.sig.stride(target, n)}" for n, a in enumerate(self.axes[target]))
+
+    def _rows(self) -> tuple:
+        """``(kernel expression of the row count, its host expression, lines decomposing the flat
+        row id into one int64 coordinate per row dim)``: the last row dim varies fastest."""
+        sig = self.sig
+        if len(self.rowdims) == 1:
+            n = sig.idim(self.rowdims[0].name)
+            return n, n, []
+        lines, rem = [], "row"
+        for j in range(len(self.rowdims) - 1, 0, -1):
+            n = sig.idim(self.rowdims[j].name)
+            lines.append(f"{self.rownames[j]} = {rem} % {n}")
+            if j > 1:
+                lines.append(f"rrem{j} = {rem} // {n}")
+                rem = f"rrem{j}"
+            else:
+                lines.append(f"{self.rownames[0]} = {rem} // {n}")
+        sig.extra.append(("n_rows", "n_rows"))
+        return "n_rows", " * ".join(f"n_{d.name}" for d in self.rowdims), lines
+
     def _printer_names(self, expr, loads: dict, load_lines: list, row_loads: dict, row_lines: list, extra: dict, vector: bool):
         names = dict(extra)
-        names[ROW] = "row"
+        rmap = dict(zip(self.rowsyms, self.rownames))
+        names.update(rmap)
         if vector:
             names[COL] = "cols"
         for s in self.stats:
@@ -422,7 +507,7 @@ class RowBuilder:
         for sym, _, _ in self.crosses:
             names.setdefault(sym, f"tot{str(sym)[1:]}")
         def row_level(ix):
-            return ix == ROW or ix.is_Integer or (isinstance(ix, sp.Indexed) and all(row_level(j) for j in ix.indices))
+            return ix in rmap or ix.is_Integer or (isinstance(ix, sp.Indexed) and all(row_level(j) for j in ix.indices))
 
         nodes = sorted(expr.atoms(sp.Indexed), key=lambda n: (sum(isinstance(i, sp.Indexed) for i in n.indices), sp.default_sort_key(n)))
         for node in nodes:
@@ -430,7 +515,7 @@ class RowBuilder:
                 if node not in row_loads:
                     var = f"rv{len(row_loads)}"
                     row_loads[node] = var
-                    row_lines.append(_load(self.ctx, self.sig, node, {ROW: "row", **row_loads}, var, None))
+                    row_lines.append(_load(self.ctx, self.sig, node, {**rmap, **row_loads}, var, None))
                 names[node] = row_loads[node]
             else:
                 if not vector:
@@ -439,7 +524,7 @@ class RowBuilder:
                     var = f"cv{self._nload}"
                     self._nload += 1
                     loads[node] = var
-                    load_lines.append(_load(self.ctx, self.sig, node, {ROW: "row", COL: "cols", **row_loads}, var, "cmask"))
+                    load_lines.append(_load(self.ctx, self.sig, node, {**rmap, COL: "cols", **row_loads}, var, "cmask"))
                 names[node] = loads[node]
         return self.sig.names_for(expr, names)
 
@@ -493,8 +578,7 @@ class RowBuilder:
             names = self._printer_names(e, loads, load_lines, row_loads, row_lines, {}, True)
             v = pr(ctx, e, names, st.formula)
             ptr = sig.buf(st.target)
-            line = (f"tl.store({ptr} + row * {sig.stride(st.target, 0)} + cols * {sig.stride(st.target, 1)}, "
-                    f"{store_value(ptr, v)}, mask=cmask)")
+            line = f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)}, mask=cmask)"
             body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
         part_init, part_store, part_host = [], [], []
         for sym, b, coldep in self.crosses:
@@ -528,44 +612,44 @@ class RowBuilder:
             names = self._printer_names(e, {}, [], row_loads, row_lines, {}, False)
             v = pr(ctx, e, names, st.formula)
             ptr = sig.buf(st.target)
-            row_after.append(f"tl.store({ptr} + row * {sig.stride(st.target, 0)}, {store_value(ptr, v)})")
+            row_after.append(f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)})")
         for sym, b, coldep in self.crosses:
             if not coldep:
                 names = self._printer_names(b, {}, [], row_loads, row_lines, {}, False)
                 row_after.append(f"acc{str(sym)[1:]} += {pr(ctx, b, names, f'partial sum {b}')}")
-        nrow = sig.idim(self.rowdim.name)
+        nrow, nrow_host, row_decomp = self._rows()
         ncol = sig.idim(self.coldim.name) if self.coldim is not None else None
         sig.extra.append(("RPP", "rpp"))
         sig.constexpr.append(("BLOCK", "blk"))
-        fused = any(st.fused for st in self.launch.stmts)
+        fused = any(st.fused for st in self.launch.statements)
         if fused:
             sig.constexpr.append(("WRITE_GRAD", "write_grad"))
         if single is not None:
             sig.constexpr.append(("SINGLE_BLOCK", f"n_{self.coldim.name} <= blk"))
         main = ctx.env.get_template("rows.j2").render(
-            name=self.kname, args=sig.kernel_args(), formulas=_formula_lines(self.launch.stmts),
+            name=self.kname, args=sig.kernel_args(), formulas=_formula_lines(self.launch.statements),
             scalar_loads=sorted(sig.scalar_loads.values()), nrow=nrow, ncol=ncol,
             part_init=part_init, row_lines=row_lines, single=single, passes=passes, final=final,
-            row_after=row_after, part_store=part_store,
+            row_after=row_after, part_store=part_store, row_decomp=row_decomp,
         )
         srcs = [main]
-        host = []
+        host = [f"n_rows = {nrow_host}"] if row_decomp else []
         itemsize = "dtype.itemsize"
         if ncol:
             host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize})")
         else:
             host.append("blk = 16")
         if self.crosses:
-            host.append(f"n_prog, rpp = _rt.partial_programs(n_{self.rowdim.name}, device)")
+            host.append(f"n_prog, rpp = _rt.partial_programs({nrow_host if not row_decomp else 'n_rows'}, device)")
         else:
-            host.append(f"n_prog, rpp = n_{self.rowdim.name}, 1")
+            host.append(f"n_prog, rpp = {nrow_host if not row_decomp else 'n_rows'}, 1")
         host += part_host
         host.append(f"{self.kname}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
         if self.crosses:
             fsrc, fhost = self._finish()
             srcs.append(fsrc)
             host += fhost
-        return srcs, host, [s.target for s in self.launch.stmts]
+        return srcs, host, [s.target for s in self.launch.statements]
 
     def _single_block(self, row_loads: dict, row_lines: list) -> dict:
         """The ``SINGLE_BLOCK`` path: the whole row is one block, so every column operand is loaded
@@ -596,15 +680,14 @@ class RowBuilder:
                 continue
             v = pr(ctx, e, names_of(e), st.formula)
             ptr = self.sig.buf(st.target)
-            line = (f"tl.store({ptr} + row * {self.sig.stride(st.target, 0)} + cols * {self.sig.stride(st.target, 1)}, "
-                    f"{store_value(ptr, v)}, mask=cmask)")
+            line = f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)}, mask=cmask)"
             body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
         for sym, b, coldep in self.crosses:
             if coldep:
                 v = pr(ctx, b, names_of(b), f"partial sum {b}")
                 body.append(f"pacc{str(sym)[1:]} += tl.where(cmask, {v}, 0.0)")
-        hoist = [line for node, line in zip(loads, load_lines) if not node.has(ROW)]
-        per_row = [line for node, line in zip(loads, load_lines) if node.has(ROW)]
+        hoist = [line for node, line in zip(loads, load_lines) if not node.has(*self.rowsyms)]
+        per_row = [line for node, line in zip(loads, load_lines) if node.has(*self.rowsyms)]
         return dict(hoist=hoist, loads=per_row, body=body)
 
     def _finish(self):
