@@ -567,6 +567,9 @@ def _tensor_operands(s: _State, st: Statement, node: sp.Sum, materialize) -> sp.
     operands = []
     for n, g in enumerate(groups):
         g = g + (movable if n == 0 else [])
+        # A reduction beside other factors is a value of its own (a row statistic), so the
+        # operand is a map of it: attention's p[t, s]*Sum_e O[t, e]*dO[t, e].
+        g = [materialize(f) if len(g) > 1 and _reductions(f) else f for f in g]
         operands.append(g[0] if len(g) == 1 and isinstance(g[0], sp.Indexed) else materialize(sp.Mul(*g)))
     return sp.Sum(sp.Mul(*coeff, *operands), *node.limits)
 
