@@ -12,26 +12,52 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..functions import ReduceMax, expm1, log1p, sigmoid, softplus
+from ..functions import Iverson, ReduceMax, expm1, log1p, sigmoid, softplus
 from ..rewrite import rule
 
 
+MASKED = sp.Float(1e30)  # how far below the others a masked entry sits in a row's max: a finite -inf
+
+
+def _masks(factors, bound) -> list:
+    """The brackets among ``factors`` that select entries of the sum (a causal mask ``[k <= t]``)."""
+    return [a for a in factors if isinstance(a, (Iverson, sp.KroneckerDelta)) and a.free_symbols & bound]
+
+
 def _exp_sum(node):
-    """``Sum(exp(f), (k, lo, hi))`` with f not yet shifted -> (f, k, lo, hi)."""
-    if isinstance(node, sp.Sum) and len(node.limits) == 1 and isinstance(node.function, sp.exp):
-        f = node.function.args[0]
-        if not f.has(ReduceMax):
-            k, lo, hi = node.limits[0]
-            return f, k, lo, hi
+    """``Sum(masks*exp(f), (k, lo, hi))`` with f not yet shifted -> (f, k, lo, hi, masks)."""
+    if isinstance(node, sp.Sum) and len(node.limits) == 1:
+        k, lo, hi = node.limits[0]
+        factors = sp.Mul.make_args(node.function)
+        exps = [a for a in factors if isinstance(a, sp.exp)]
+        masks = _masks(factors, {k})
+        if len(exps) == 1 and len(exps) + len(masks) == len(factors) and not exps[0].has(ReduceMax):
+            return exps[0].args[0], k, lo, hi, masks
     return None
 
 
-def _shifted(f, k, lo, hi):
-    m = ReduceMax(f, k, lo, hi)
-    return m, sp.Sum(sp.exp(f - m), (k, lo, hi))
+def _complement(bracket):
+    if isinstance(bracket, sp.KroneckerDelta):
+        return Iverson(sp.Ne(*bracket.args))
+    return Iverson(sp.Not(bracket.args[0]))
 
 
-@rule("logsumexp_shift", "log(sum(exp(f))) = m + log(sum(exp(f - m))) with m = max(f): exp never overflows")
+def _row_max(f, limits, masks):
+    """max of ``f`` over ``limits`` (outermost first), over the entries the masks keep."""
+    # f - MASKED*[not kept]: exactly f where kept (no 1e30 added and taken away again)
+    body = f - MASKED * sp.Add(*(_complement(a) for a in masks))
+    for k, lo, hi in reversed(limits):
+        if k in body.free_symbols:
+            body = ReduceMax(body, k, lo, hi)
+    return body
+
+
+def _shifted(f, k, lo, hi, masks=()):
+    m = _row_max(f, [(k, lo, hi)], masks)
+    return m, sp.Sum(sp.Mul(*masks) * sp.exp(f - m), (k, lo, hi))
+
+
+@rule("logsumexp_shift", "log(sum(exp(f))) = m + log(sum(exp(f - m))) with m = max(f) (over the entries a mask keeps): exp never overflows")
 def logsumexp_shift(node, ctx):
     if isinstance(node, sp.log):
         parts = _exp_sum(node.args[0])
@@ -47,36 +73,46 @@ def softmax_shift(node, ctx):
     args = list(node.args)
     for s in args:
         if isinstance(s, sp.Pow) and s.exp == -1 and _exp_sum(s.base):
-            f, k, lo, hi = _exp_sum(s.base)
+            f, k, lo, hi, masks = _exp_sum(s.base)
             for e in args:
                 if isinstance(e, sp.exp) and not e.args[0].has(ReduceMax):
                     inner = e.args[0]
                     # the numerator must be the summand at some index, i.e. f with k replaced
                     cands = {ix for ent in inner.atoms(sp.Indexed) for ix in ent.indices}
                     if any(f.xreplace({k: c}) == inner for c in cands):
-                        m, shifted = _shifted(f, k, lo, hi)
+                        m, shifted = _shifted(f, k, lo, hi, masks)
                         rest = [a for a in args if a is not s and a is not e]
                         return sp.Mul(*rest) * sp.exp(inner - m) / shifted
     return None
 
 
-@rule("exp_sum_shift", "sum(exp(f)*g) = exp(m)*sum(exp(f - m)*g) with m = max(f) over the sum: exp under a reduction never overflows")
+@rule("exp_sum_shift", "sum(exp(f)*g) = exp(m)*sum(exp(f - m)*g) with m = max(f) over the sum (and its mask): exp under a reduction never overflows")
 def exp_sum_shift(node, ctx):
     if not isinstance(node, sp.Sum):
         return None
     bound = {lim[0] for lim in node.limits}
-    exps = [a for a in sp.Mul.make_args(node.function) if isinstance(a, sp.exp) and a.args[0].free_symbols & bound]
+    factors = sp.Mul.make_args(node.function)
+    exps = [a for a in factors if isinstance(a, sp.exp) and a.args[0].free_symbols & bound]
     if not exps or any(e.has(ReduceMax) for e in exps):
         return None
     f = sp.Add(*(e.args[0] for e in exps))
-    m = f
-    for k, lo, hi in reversed(node.limits):
-        if k in f.free_symbols:
-            if (lo.free_symbols | hi.free_symbols) & bound:
-                return None  # a triangular range: the max would depend on another summed index
-            m = ReduceMax(m, k, lo, hi)
-    rest = [a for a in sp.Mul.make_args(node.function) if a not in exps]
+    used = [lim for lim in node.limits if lim[0] in f.free_symbols]
+    if any((lo.free_symbols | hi.free_symbols) & bound for _, lo, hi in used):
+        return None  # a triangular range: the max would depend on another summed index
+    masks = [a for a in _masks(factors, bound) if a.free_symbols & bound <= {k for k, _, _ in used}]
+    m = _row_max(f, used, masks)
+    rest = [a for a in factors if a not in exps]
     return sp.exp(m) * sp.Sum(sp.Mul(*rest) * sp.exp(f - m), *node.limits)
+
+
+@rule("log_of_exp", "log(exp(a)*x) = a + log(x): the exp is never formed")
+def log_of_exp(node, ctx):
+    if isinstance(node, sp.log) and isinstance(node.args[0], sp.Mul):
+        exps = [a for a in node.args[0].args if isinstance(a, sp.exp)]
+        if exps:
+            rest = sp.Mul(*(a for a in node.args[0].args if a not in exps))
+            return sp.Add(*(e.args[0] for e in exps)) + sp.log(rest)
+    return None
 
 
 @rule("merge_exps", "exp(a)*exp(b) = exp(a + b): one exp of the (bounded) sum where each factor alone may overflow")
