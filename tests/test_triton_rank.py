@@ -223,9 +223,6 @@ def test_attention(nt, tmp_path_factory):
 
 
 @pytest.mark.skipif(ATTENTION_CAUSAL is None, reason="examples/user_project/userops/attention.py is not there")
-# The mask prints as ``(p_causal == 0.0) | (cols <= row_2)``: a scalar bool or-ed with a block,
-# which Triton's interpreter (numpy) refuses; compiled Triton takes it.
-@pytest.mark.xfail(INTERPRET, reason="interpreter: scalar | block of bools (triton_expr's Iverson of Or)", strict=False)
 @pytest.mark.parametrize("causal", [0, 1], ids=["full", "causal"])
 def test_attention_user_project(causal, tmp_path_factory):
     check(module(ATTENTION_CAUSAL, tmp_path_factory), _sdpa(causal), list(_qkv()), {"causal": causal})
