@@ -21,6 +21,7 @@ import symgrad.ops  # noqa: F401  (registers the op library)
 from symgrad.cli import main
 from symgrad.declare import REGISTRY
 from symgrad.derive import derive
+from symgrad.plan import lower
 from symgrad.render import sympy_locals
 
 OPS = REGISTRY.names()
@@ -74,7 +75,8 @@ def test_derive_steps_end_to_end():
         assert stage in r.stdout
     assert "guard_by_label_fact" in r.stdout and "declared fact" in r.stdout
     # backward keeps the row lse, not the B x C softmax, which it recomputes
-    assert "saved for backward: x, y, lse, n_valid; recomputed in backward: p, w" in r.stdout
+    assert "saved for backward (every target): dx_fused; fused loss: forward writes dx_fused (= dx per unit dloss)" in r.stdout
+    assert "lowering (one kernel plan, printed by every target)" in r.stdout and "[fuse losses]" in r.stdout
 
 
 def test_expression_end_to_end():
@@ -151,7 +153,10 @@ def test_derive_json_every_op(capsys, name):
     assert list(data["outputs"]) == [q.name for q in op.outputs]
     d = derive(op)
     assert data["reads"] == list(d.reads)
-    assert set(data["reads"]) <= set(data["saved"]) | set(data["recomputed"]) | set(data["outputs"])
+    plan = lower(d)
+    assert data["saved"] == list(plan.saved) and data["recomputed"] == list(plan.recomputed)
+    if not plan.fused:  # a fused loss saves its gradient per unit loss instead of what the gradient reads
+        assert set(data["reads"]) <= set(data["saved"]) | set(data["recomputed"]) | set(data["outputs"])
     assert set(data["gradients"]) == set(d.gradients) == {t.name for t in op.differentiable}
     for inp, s in data["gradients"].items():
         # Exactly the same SymPy expression, from the string and the op alone.
@@ -186,7 +191,7 @@ def test_derive_text(capsys):
     assert "forward" in out and "mean[b]" in out and "(intermediate)" in out
     assert "dx[b, i] = (dy[b, i]*w[i]" in out
     assert "dw[i]" in out and "dbias[i]" in out
-    assert "saved for backward: x, w, mean, rstd; recomputed in backward: xhat" in out
+    assert "saved for backward (every target): x, w, mean, rstd; recomputed in backward: xhat" in out
     assert "[canonicalize]" not in out  # no steps without --steps
 
 

@@ -168,7 +168,8 @@ def test_forward_with_saved_then_backward_is_vjp(name):
     op, rng, args, pv = _point(name, op_sizes(name), {}, _seed(name, "saved"))
     mod, prog = module(name), program(name)
     outs, saved = mod.forward_with_saved(*args, **pv)
-    assert set(saved) == set(prog.saved) | {p.name for p in op.params} | {d.name for d in op.dims}
+    lead = {"_lead"} if op.inputs[0].dims and op.inputs[0].dims[0].leading else set()  # the folded leading axes
+    assert set(saved) == set(prog.saved) | {p.name for p in op.params} | {d.name for d in op.dims} | lead
     for o, a in zip(_as_tuple(outs), _as_tuple(mod.forward(*args, **pv))):
         np.testing.assert_array_equal(o, a)
     cots = [rng.normal(size=np.shape(o)) for o in _as_tuple(outs)]
@@ -246,8 +247,13 @@ def test_wrong_rank_names_the_input(name):
     mod = module(name)
     for k, t in enumerate(op.inputs):
         bad = list(args)
-        bad[k] = np.asarray(args[k])[..., None]
-        with pytest.raises(ValueError, match=rf"input {t.name} must have {len(t.dims)} dims"):
+        if t.dims and t.dims[0].leading:  # any leading axes are fine; too few trailing ones are not
+            bad[k] = np.asarray(args[k])[(0,) * len(t.dims)]
+            want = rf"input {t.name} must have at least {len(t.dims) - 1} dims after its leading axes"
+        else:
+            bad[k] = np.asarray(args[k])[..., None]
+            want = rf"input {t.name} must have {len(t.dims)} dims"
+        with pytest.raises(ValueError, match=want):
             mod.forward(*bad, **pv)
 
 
@@ -473,10 +479,14 @@ def test_softmax_cross_entropy_backward_has_no_dense_onehot():
     import inspect
 
     mod = module("softmax_cross_entropy")
-    source = inspect.getsource(mod.backward)
+    # the fused loss: forward writes the gradient per unit loss (one-hots as sparse row updates),
+    # backward only scales it
+    source = inspect.getsource(mod.forward_with_saved)
     assert "== y[:, None]" not in source and "y[:, None] ==" not in source, source
     assert "_m.add_onehot(" in source and "_m.zero_unless(" in source
     assert "np.where((w[:, None] != 0)" not in source  # no full-size mask pass
+    backward = inspect.getsource(mod.backward)
+    assert "dx = dloss*dx_fused" in backward and "np.exp" not in backward
 
     rng = np.random.default_rng(7)
     B, C = 9, 6

@@ -41,6 +41,7 @@ def forward_with_saved(x, bias, **params):
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
     bias = np.asarray(bias)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x, 'bias': bias}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x, bias)
@@ -50,8 +51,8 @@ def forward_with_saved(x, bias, **params):
     # out[b, i] = bias[i] + x[b, i]  [map]
     out = bias[None, :] + x
 
-    saved = {'B': B, 'C': C}
-    return out, saved
+    saved = {'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -59,6 +60,8 @@ def backward(saved, dout):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = dout[b, i]  [map]
@@ -67,7 +70,7 @@ def backward(saved, dout):
     # dbias[i] = Sum(dout[k, i], (k, 0, B - 1))  [row_reduction]
     dbias = np.sum(dout, axis=0)
 
-    return (dx, dbias)
+    return (_m.unfold(dx, _lead), dbias)
 
 
 def vjp(x, bias, dout, **params):

@@ -74,28 +74,23 @@ def backward(saved, dY):
     _dt = _m.float_dtype(X, Wt, dY)
     dY = _m.check_shape(OP, 'dY', dY, ('N', 'Cout', 'Ho', 'Wo'), (N, Cout, Ho, Wo), _dt)
 
-    # dX[n, c, h, w] = Sum(Wt[k, c, h - j*stride + pad, -l*stride + pad + w]*dY[n, k, j, l], (k, 0,
-    #     Cout - 1), (j, 0, floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))
-    #     [stencil]
-    # computed as Sum(Iverson(Eq(Mod(h + pad - r, stride), 0))*Iverson(Eq(Mod(pad - s + w, stride),
-    #     0))*Wt[k, c, r, s]*dY[n, k, floor((h + pad - r)/stride), floor((pad - s + w)/stride)], (k, 0,
-    #     Cout - 1), (r, 0, R - 1), (s, 0, S - 1))
+    # dX[n, c, h, w] = Sum(Iverson(Eq(Mod(h + pad - r_v, stride), 0))*Iverson(Eq(Mod(pad - s_v + w,
+    #     stride), 0))*Wt[k, c, r_v, s_v]*dY[n, k, floor((h + pad - r_v)/stride), floor((pad - s_v +
+    #     w)/stride)], (k, 0, Cout - 1), (r_v, 0, R - 1), (s_v, 0, S - 1))  [stencil]
     _h = np.arange(H)
-    _r = np.arange(R)
-    _s = np.arange(S)
+    _r_v = np.arange(R)
+    _s_v = np.arange(S)
     _w = np.arange(W)
-    dX = np.einsum("kcrs,nkhwrs->nchw", Wt, _m.gather(dY, _m.ALL, _m.ALL, np.where(((_h[:, None] + pad - _r[None, :]) % stride == 0)[:, None, :, None] & ((pad - _s[None, :] + _w[:, None]) % stride == 0)[None, :, None, :], ((_h[:, None] + pad - _r[None, :])//stride)[:, None, :, None], -1), ((pad - _s[None, :] + _w[:, None])//stride)[None, :, None, :]), optimize=True)
+    dX = np.einsum("kcab,nkhwab->nchw", Wt, _m.gather(dY, _m.ALL, _m.ALL, np.where(((_h[:, None] + pad - _r_v[None, :]) % stride == 0)[:, None, :, None] & ((pad - _s_v[None, :] + _w[:, None]) % stride == 0)[None, :, None, :], ((_h[:, None] + pad - _r_v[None, :])//stride)[:, None, :, None], -1), ((pad - _s_v[None, :] + _w[:, None])//stride)[None, :, None, :]), optimize=True)
 
-    # dWt[o, c, r, s] = Sum(X[k, c, j*stride - pad + r, l*stride - pad + s]*dY[k, o, j, l], (k, 0, N -
-    #     1), (j, 0, floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))  [stencil]
-    # computed as Sum(Iverson(Eq(Mod(h + pad - r, stride), 0))*Iverson(Eq(Mod(pad - s + w, stride),
-    #     0))*X[k, c, h, w]*dY[k, o, floor((h + pad - r)/stride), floor((pad - s + w)/stride)], (k, 0, N -
-    #     1), (h, 0, H - 1), (w, 0, W - 1))
-    _h = np.arange(H)
+    # dWt[o, c, r, s] = Sum(Iverson(Eq(Mod(h_v + pad - r, stride), 0))*Iverson(Eq(Mod(pad - s + w_v,
+    #     stride), 0))*X[k, c, h_v, w_v]*dY[k, o, floor((h_v + pad - r)/stride), floor((pad - s +
+    #     w_v)/stride)], (k, 0, N - 1), (h_v, 0, H - 1), (w_v, 0, W - 1))  [stencil]
+    _h_v = np.arange(H)
     _r = np.arange(R)
     _s = np.arange(S)
-    _w = np.arange(W)
-    dWt = np.einsum("kchw,korshw->ocrs", X, _m.gather(dY, _m.ALL, _m.ALL, np.where(((_h[None, :] + pad - _r[:, None]) % stride == 0)[:, None, :, None] & ((pad - _s[:, None] + _w[None, :]) % stride == 0)[None, :, None, :], ((_h[None, :] + pad - _r[:, None])//stride)[:, None, :, None], -1), ((pad - _s[:, None] + _w[None, :])//stride)[None, :, None, :]), optimize=True)
+    _w_v = np.arange(W)
+    dWt = np.einsum("kcab,korsab->ocrs", X, _m.gather(dY, _m.ALL, _m.ALL, np.where(((_h_v[None, :] + pad - _r[:, None]) % stride == 0)[:, None, :, None] & ((pad - _s[:, None] + _w_v[None, :]) % stride == 0)[None, :, None, :], ((_h_v[None, :] + pad - _r[:, None])//stride)[:, None, :, None], -1), ((pad - _s[:, None] + _w_v[None, :])//stride)[None, :, None, :]), optimize=True)
 
     return (dX, dWt)
 

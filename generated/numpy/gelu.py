@@ -39,6 +39,7 @@ def forward_with_saved(x, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -48,8 +49,8 @@ def forward_with_saved(x, **params):
     _t0 = x/2
     out = _t0*(_m.erf(_t0*math.sqrt(2)) + 1)
 
-    saved = {'x': x, 'B': B, 'C': C}
-    return out, saved
+    saved = {'x': x, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -58,6 +59,8 @@ def backward(saved, dout):
     x = saved['x']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(x, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = (erf(sqrt(2)*x[b, i]/2) + 1 + sqrt(2)*exp(-x[b, i]**2/2)*x[b, i]/sqrt(pi))*dout[b,
@@ -65,7 +68,7 @@ def backward(saved, dout):
     _t0 = math.sqrt(2)*x
     dx = (1/math.sqrt(math.pi)*_t0*np.exp(-x**2/2) + _m.erf(_t0/2) + 1)*dout/2
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

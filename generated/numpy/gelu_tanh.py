@@ -39,6 +39,7 @@ def forward_with_saved(x, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -47,8 +48,8 @@ def forward_with_saved(x, **params):
     # out[b, i] = (tanh(sqrt(2)*(0.044715*x[b, i]**3 + x[b, i])/sqrt(pi)) + 1)*x[b, i]/2  [map]
     out = (np.tanh(math.sqrt(2)/math.sqrt(math.pi)*(0.044715*x**3 + x)) + 1)*x/2
 
-    saved = {'x': x, 'B': B, 'C': C}
-    return out, saved
+    saved = {'x': x, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -57,6 +58,8 @@ def backward(saved, dout):
     x = saved['x']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(x, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = (0.134145*sqrt(2)*(1 - tanh(sqrt(2)*(0.044715*x[b, i]**2 + 1)*x[b,
@@ -69,7 +72,7 @@ def backward(saved, dout):
     _t3 = 1 - _t2**2
     dx = (0.134145*_t0*_t3*x**3 + _t1*_t3 + _t2 + 1)*dout/2
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

@@ -46,6 +46,7 @@ def forward_with_saved(x, w, bias, **params):
     x = np.asarray(x)
     w = np.asarray(w)
     bias = np.asarray(bias)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x, 'w': w, 'bias': bias}, _INPUT_DIMS)
     B, D = dims['B'], dims['D']
     _dt = _m.float_dtype(x, w, bias)
@@ -59,14 +60,11 @@ def forward_with_saved(x, w, bias, **params):
     # rstd[b] = 1/sqrt(eps + Sum((-mean[b] + x[b, k])**2, (k, 0, D - 1))/D)  [row_reduction]
     rstd = 1/np.sqrt(eps + np.sum((-mean[:, None] + x)**2, axis=1)/D)
 
-    # xhat[b, i] = (-mean[b] + x[b, i])*rstd[b]  [map]
-    xhat = (-mean[:, None] + x)*rstd[:, None]
+    # y[b, i] = (-mean[b] + x[b, i])*rstd[b]*w[i] + bias[i]  [map]
+    y = rstd[:, None]*w[None, :]*(-mean[:, None] + x) + bias[None, :]
 
-    # y[b, i] = bias[i] + w[i]*xhat[b, i]  [map]
-    y = bias[None, :] + w[None, :]*xhat
-
-    saved = {'x': x, 'w': w, 'mean': mean, 'rstd': rstd, 'eps': eps, 'B': B, 'D': D}
-    return y, saved
+    saved = {'x': x, 'w': w, 'mean': mean, 'rstd': rstd, 'eps': eps, 'B': B, 'D': D, '_lead': _lead}
+    return _m.unfold(y, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -76,24 +74,25 @@ def backward(saved, dy):
     eps = saved['eps']
     B, D = saved['B'], saved['D']
     _dt = _m.float_dtype(x, w, mean, rstd, dy)
+    _lead = saved['_lead']
+    dy = _m.fold_like(OP, 'dy', np.asarray(dy), _lead, (D, ))
     dy = _m.check_shape(OP, 'dy', dy, ('B', 'D'), (B, D), _dt)
 
-    # xhat[b, i] = (-mean[b] + x[b, i])*rstd[b]  [map]
-    xhat = (-mean[:, None] + x)*rstd[:, None]
-
-    # dx[b, i] = (dy[b, i]*w[i] - xhat[b, i]*Sum(dy[b, k]*w[k]*xhat[b, k], (k, 0, D - 1))/D -
-    #     Sum(dy[b, k]*w[k], (k, 0, D - 1))/D)*rstd[b]  [row_reduction]
+    # dx[b, i] = (dy[b, i]*w[i] - (-mean[b] + x[b, i])*rstd[b]*Sum((-mean[b] + x[b, k])*dy[b,
+    #     k]*rstd[b]*w[k], (k, 0, D - 1))/D - Sum(dy[b, k]*w[k], (k, 0, D - 1))/D)*rstd[b]
+    #     [row_reduction]
     _t0 = 1/D
     _t1 = w[None, :]*dy
-    dx = (-(_t0*np.einsum("bi,bi->b", _t1, xhat))[:, None]*xhat - (_t0*np.sum(_t1, axis=1))[:, None] + _t1)*rstd[:, None]
+    _t2 = (-mean[:, None] + x)*rstd[:, None]
+    dx = (-(_t0*np.einsum("bi,bi->b", _t1, _t2))[:, None]*_t2 - (_t0*np.sum(_t1, axis=1))[:, None] + _t1)*rstd[:, None]
 
-    # dw[i] = Sum(dy[k, i]*xhat[k, i], (k, 0, B - 1))  [row_reduction]
-    dw = np.einsum("ki,ki->i", dy, xhat)
+    # dw[i] = Sum((-mean[k] + x[k, i])*dy[k, i]*rstd[k], (k, 0, B - 1))  [row_reduction]
+    dw = np.einsum("ik,k,ki->i", -mean[None, :] + x.T, rstd, dy, optimize=True)
 
     # dbias[i] = Sum(dy[k, i], (k, 0, B - 1))  [row_reduction]
     dbias = np.sum(dy, axis=0)
 
-    return (dx, dw, dbias)
+    return (_m.unfold(dx, _lead), dw, dbias)
 
 
 def vjp(x, w, bias, dy, **params):

@@ -42,6 +42,7 @@ def forward_with_saved(x, **params):
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     alpha = params['alpha']
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -50,8 +51,8 @@ def forward_with_saved(x, **params):
     # out[b, i] = alpha*Iverson(x[b, i] <= 0)*x[b, i] + Iverson(x[b, i] > 0)*x[b, i]  [map]
     out = (np.where((x <= 0), alpha*x, 0) if alpha != 0 else np.zeros((B, C,), dtype=_dt)) + np.where((x > 0), x, 0)
 
-    saved = {'x': x, 'alpha': alpha, 'B': B, 'C': C}
-    return out, saved
+    saved = {'x': x, 'alpha': alpha, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -61,13 +62,15 @@ def backward(saved, dout):
     alpha = saved['alpha']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(x, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = (alpha*Iverson(x[b, i] <= 0) + Iverson(x[b, i] > 0))*dout[b, i]  [map]
     _w0 = alpha*np.asarray((x <= 0), dtype=_dt) + np.asarray((x > 0), dtype=_dt)
     dx = np.where((_w0 != 0), dout*_w0, 0)
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

@@ -43,6 +43,7 @@ def forward_with_saved(X, W, bias, **params):
     X = np.asarray(X)
     W = np.asarray(W)
     bias = np.asarray(bias)
+    _lead, (X,) = _m.fold(OP, {'X': X}, {'X': 2})
     dims = _m.bind_dims(OP, {'X': X, 'W': W, 'bias': bias}, _INPUT_DIMS)
     B, K, N = dims['B'], dims['K'], dims['N']
     _dt = _m.float_dtype(X, W, bias)
@@ -53,8 +54,8 @@ def forward_with_saved(X, W, bias, **params):
     # Y[b, j] = bias[j] + Sum(W[k, j]*X[b, k], (k, 0, K - 1))  [contraction]
     Y = bias[None, :] + (X @ W)
 
-    saved = {'X': X, 'W': W, 'B': B, 'K': K, 'N': N}
-    return Y, saved
+    saved = {'X': X, 'W': W, 'B': B, 'K': K, 'N': N, '_lead': _lead}
+    return _m.unfold(Y, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -63,6 +64,8 @@ def backward(saved, dY):
     X, W = saved['X'], saved['W']
     B, K, N = saved['B'], saved['K'], saved['N']
     _dt = _m.float_dtype(X, W, dY)
+    _lead = saved['_lead']
+    dY = _m.fold_like(OP, 'dY', np.asarray(dY), _lead, (N, ))
     dY = _m.check_shape(OP, 'dY', dY, ('B', 'N'), (B, N), _dt)
 
     # dX[b, k] = Sum(W[k, l]*dY[b, l], (l, 0, N - 1))  [contraction]
@@ -74,7 +77,7 @@ def backward(saved, dY):
     # dbias[j] = Sum(dY[l, j], (l, 0, B - 1))  [row_reduction]
     dbias = np.sum(dY, axis=0)
 
-    return (dX, dW, dbias)
+    return (_m.unfold(dX, _lead), dW, dbias)
 
 
 def vjp(X, W, bias, dY, **params):

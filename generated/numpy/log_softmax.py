@@ -39,6 +39,7 @@ def forward_with_saved(x, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -49,8 +50,8 @@ def forward_with_saved(x, **params):
     _t0 = np.max(x, axis=1)
     out = x + (-_t0 - np.log(np.sum(np.exp(-_t0[:, None] + x), axis=1)))[:, None]
 
-    saved = {'out': out, 'B': B, 'C': C}
-    return out, saved
+    saved = {'out': out, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -59,12 +60,14 @@ def backward(saved, dout):
     out = saved['out']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(out, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = -exp(out[b, i])*Sum(dout[b, k], (k, 0, C - 1)) + dout[b, i]  [row_reduction]
     dx = -np.sum(dout, axis=1)[:, None]*np.exp(out) + dout
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

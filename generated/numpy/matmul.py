@@ -41,6 +41,7 @@ def forward_with_saved(X, W, **params):
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     X = np.asarray(X)
     W = np.asarray(W)
+    _lead, (X,) = _m.fold(OP, {'X': X}, {'X': 2})
     dims = _m.bind_dims(OP, {'X': X, 'W': W}, _INPUT_DIMS)
     B, K, N = dims['B'], dims['K'], dims['N']
     _dt = _m.float_dtype(X, W)
@@ -50,8 +51,8 @@ def forward_with_saved(X, W, **params):
     # Y[b, j] = Sum(W[k, j]*X[b, k], (k, 0, K - 1))  [contraction]
     Y = X @ W
 
-    saved = {'X': X, 'W': W, 'B': B, 'K': K, 'N': N}
-    return Y, saved
+    saved = {'X': X, 'W': W, 'B': B, 'K': K, 'N': N, '_lead': _lead}
+    return _m.unfold(Y, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -60,6 +61,8 @@ def backward(saved, dY):
     X, W = saved['X'], saved['W']
     B, K, N = saved['B'], saved['K'], saved['N']
     _dt = _m.float_dtype(X, W, dY)
+    _lead = saved['_lead']
+    dY = _m.fold_like(OP, 'dY', np.asarray(dY), _lead, (N, ))
     dY = _m.check_shape(OP, 'dY', dY, ('B', 'N'), (B, N), _dt)
 
     # dX[b, k] = Sum(W[k, l]*dY[b, l], (l, 0, N - 1))  [contraction]
@@ -68,7 +71,7 @@ def backward(saved, dY):
     # dW[k, j] = Sum(X[l, k]*dY[l, j], (l, 0, B - 1))  [contraction]
     dW = X.T @ dY
 
-    return (dX, dW)
+    return (_m.unfold(dX, _lead), dW)
 
 
 def vjp(X, W, dY, **params):

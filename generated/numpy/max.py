@@ -39,6 +39,7 @@ def forward_with_saved(x, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -47,8 +48,8 @@ def forward_with_saved(x, **params):
     # out[b] = ReduceMax(x[b, k], k, 0, C - 1)  [row_reduction]
     out = np.max(x, axis=1)
 
-    saved = {'x': x, 'out': out, 'B': B, 'C': C}
-    return out, saved
+    saved = {'x': x, 'out': out, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -57,6 +58,8 @@ def backward(saved, dout):
     x, out = saved['x'], saved['out']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(x, out, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, ())
     dout = _m.check_shape(OP, 'dout', dout, ('B',), (B,), _dt)
 
     # dx[b, i] = Iverson(Eq(x[b, i], out[b]))*dout[b]/Sum(Iverson(Eq(x[b, k], out[b])), (k, 0, C - 1))
@@ -64,7 +67,7 @@ def backward(saved, dout):
     _w0 = 1/np.sum(np.asarray((x == out[:, None]), dtype=_dt), axis=1)
     dx = np.where((x == out[:, None]) & (_w0[:, None] != 0), dout[:, None]*_w0[:, None], 0)
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

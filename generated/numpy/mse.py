@@ -7,7 +7,7 @@ Inputs:
     Y[B, C]  (constant)
 Outputs:
     loss
-Saved for backward: X, Y (and every param and dim).
+Saved for backward: dX_fused (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -50,20 +50,23 @@ def forward_with_saved(X, Y, **params):
     # loss = Sum((X[b, i] - Y[b, i])**2, (b, 0, B - 1), (i, 0, C - 1))/2  [row_reduction]
     loss = np.array(np.sum((X - Y)**2, axis=(0, 1))/2, dtype=_dt)
 
-    saved = {'X': X, 'Y': Y, 'B': B, 'C': C}
+    # dX_fused[b, i] = X[b, i] - Y[b, i]  [map]
+    dX_fused = X - Y
+
+    saved = {'dX_fused': dX_fused, 'B': B, 'C': C}
     return loss, saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dloss):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    X, Y = saved['X'], saved['Y']
+    dX_fused = saved['dX_fused']
     B, C = saved['B'], saved['C']
-    _dt = _m.float_dtype(X, Y, dloss)
+    _dt = _m.float_dtype(dX_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, (), (), _dt)
 
-    # dX[b, i] = dloss*(X[b, i] - Y[b, i])  [map]
-    dX = dloss*(X - Y)
+    # dX[b, i] = dloss*dX_fused[b, i]  [map]
+    dX = dloss*dX_fused
 
     return (dX, None)
 

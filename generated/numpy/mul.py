@@ -41,6 +41,7 @@ def forward_with_saved(p, q, **params):
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     p = np.asarray(p)
     q = np.asarray(q)
+    _lead, (p, q,) = _m.fold(OP, {'p': p, 'q': q}, {'p': 2, 'q': 2})
     dims = _m.bind_dims(OP, {'p': p, 'q': q}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(p, q)
@@ -50,8 +51,8 @@ def forward_with_saved(p, q, **params):
     # out[b, i] = p[b, i]*q[b, i]  [map]
     out = p*q
 
-    saved = {'p': p, 'q': q, 'B': B, 'C': C}
-    return out, saved
+    saved = {'p': p, 'q': q, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -60,6 +61,8 @@ def backward(saved, dout):
     p, q = saved['p'], saved['q']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(p, q, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dp[b, i] = dout[b, i]*q[b, i]  [map]
@@ -68,7 +71,7 @@ def backward(saved, dout):
     # dq[b, i] = dout[b, i]*p[b, i]  [map]
     dq = dout*p
 
-    return (dp, dq)
+    return (_m.unfold(dp, _lead), _m.unfold(dq, _lead))
 
 
 def vjp(p, q, dout, **params):

@@ -42,6 +42,7 @@ def forward_with_saved(x, **params):
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     k = params['k']
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -50,8 +51,8 @@ def forward_with_saved(x, **params):
     # out[b, i] = x[b, i]**k  [map]
     out = x**k
 
-    saved = {'x': x, 'k': k, 'B': B, 'C': C}
-    return out, saved
+    saved = {'x': x, 'k': k, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -61,12 +62,14 @@ def backward(saved, dout):
     k = saved['k']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(x, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = k*dout[b, i]*x[b, i]**(k - 1)  [map]
     dx = (k*x**(k - 1)*dout if k != 0 else np.zeros((B, C,), dtype=_dt))
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

@@ -39,6 +39,7 @@ def forward_with_saved(x, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -47,8 +48,8 @@ def forward_with_saved(x, **params):
     # out[b, i] = Iverson(x[b, i] > 0)*x[b, i]  [map]
     out = np.where((x > 0), x, 0)
 
-    saved = {'x': x, 'B': B, 'C': C}
-    return out, saved
+    saved = {'x': x, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -57,12 +58,14 @@ def backward(saved, dout):
     x = saved['x']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(x, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = Iverson(x[b, i] > 0)*dout[b, i]  [map]
     dx = np.where((x > 0), dout, 0)
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

@@ -44,6 +44,7 @@ def forward_with_saved(x, w, **params):
     eps = params['eps']
     x = np.asarray(x)
     w = np.asarray(w)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x, 'w': w}, _INPUT_DIMS)
     B, D = dims['B'], dims['D']
     _dt = _m.float_dtype(x, w)
@@ -53,14 +54,11 @@ def forward_with_saved(x, w, **params):
     # rstd[b] = 1/sqrt(eps + Sum(x[b, k]**2, (k, 0, D - 1))/D)  [row_reduction]
     rstd = 1/np.sqrt(eps + np.sum(x**2, axis=1)/D)
 
-    # xhat[b, i] = rstd[b]*x[b, i]  [map]
-    xhat = rstd[:, None]*x
+    # y[b, i] = rstd[b]*w[i]*x[b, i]  [map]
+    y = rstd[:, None]*w[None, :]*x
 
-    # y[b, i] = w[i]*xhat[b, i]  [map]
-    y = w[None, :]*xhat
-
-    saved = {'x': x, 'w': w, 'rstd': rstd, 'eps': eps, 'B': B, 'D': D}
-    return y, saved
+    saved = {'x': x, 'w': w, 'rstd': rstd, 'eps': eps, 'B': B, 'D': D, '_lead': _lead}
+    return _m.unfold(y, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -70,22 +68,20 @@ def backward(saved, dy):
     eps = saved['eps']
     B, D = saved['B'], saved['D']
     _dt = _m.float_dtype(x, w, rstd, dy)
+    _lead = saved['_lead']
+    dy = _m.fold_like(OP, 'dy', np.asarray(dy), _lead, (D, ))
     dy = _m.check_shape(OP, 'dy', dy, ('B', 'D'), (B, D), _dt)
 
-    # xhat[b, i] = rstd[b]*x[b, i]  [map]
-    xhat = rstd[:, None]*x
+    # dx[b, i] = (dy[b, i]*w[i] - rstd[b]*x[b, i]*Sum(dy[b, k]*rstd[b]*w[k]*x[b, k], (k, 0, D -
+    #     1))/D)*rstd[b]  [row_reduction]
+    _t0 = w[None, :]*dy
+    _t1 = rstd[:, None]*x
+    dx = (_t0 - (np.einsum("bi,bi->b", _t0, _t1)/D)[:, None]*_t1)*rstd[:, None]
 
-    # y[b, i] = w[i]*xhat[b, i]  [map]
-    y = w[None, :]*xhat
+    # dw[i] = Sum(dy[k, i]*rstd[k]*x[k, i], (k, 0, B - 1))  [row_reduction]
+    dw = np.einsum("k,ki,ki->i", rstd, dy, x, optimize=True)
 
-    # dx[b, i] = (dy[b, i]*w[i] - xhat[b, i]*Sum(dy[b, k]*y[b, k], (k, 0, D - 1))/D)*rstd[b]
-    #     [row_reduction]
-    dx = (w[None, :]*dy - (np.einsum("bi,bi->b", dy, y)/D)[:, None]*xhat)*rstd[:, None]
-
-    # dw[i] = Sum(dy[k, i]*xhat[k, i], (k, 0, B - 1))  [row_reduction]
-    dw = np.einsum("ki,ki->i", dy, xhat)
-
-    return (dx, dw)
+    return (_m.unfold(dx, _lead), dw)
 
 
 def vjp(x, w, dy, **params):

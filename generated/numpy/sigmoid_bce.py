@@ -7,7 +7,7 @@ Inputs:
     y[B, C]  (constant)
 Outputs:
     loss
-Saved for backward: x, y (and every param and dim).
+Saved for backward: dx_fused (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -51,20 +51,23 @@ def forward_with_saved(x, y, **params):
     #     Sum(-softplus(-x[b, i])*y[b, i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)  [row_reduction]
     loss = np.array(-(-np.einsum("bi,bi->", 1 - y, np.logaddexp(0, x), optimize=True) - np.einsum("bi,bi->", y, np.logaddexp(0, -x), optimize=True))/(B*C), dtype=_dt)
 
-    saved = {'x': x, 'y': y, 'B': B, 'C': C}
+    # dx_fused[b, i] = (sigmoid(x[b, i]) - y[b, i])/(B*C)  [map]
+    dx_fused = 1/(B*C)*(_m.sigmoid(x) - y)
+
+    saved = {'dx_fused': dx_fused, 'B': B, 'C': C}
     return loss, saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dloss):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    x, y = saved['x'], saved['y']
+    dx_fused = saved['dx_fused']
     B, C = saved['B'], saved['C']
-    _dt = _m.float_dtype(x, y, dloss)
+    _dt = _m.float_dtype(dx_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, (), (), _dt)
 
-    # dx[b, i] = dloss*(sigmoid(x[b, i]) - y[b, i])/(B*C)  [map]
-    dx = dloss/(B*C)*(_m.sigmoid(x) - y)
+    # dx[b, i] = dloss*dx_fused[b, i]  [map]
+    dx = dloss*dx_fused
 
     return (dx, None)
 

@@ -39,6 +39,7 @@ def forward_with_saved(x, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -47,8 +48,8 @@ def forward_with_saved(x, **params):
     # out[b, i] = sigmoid(x[b, i])*x[b, i]  [map]
     out = x*_m.sigmoid(x)
 
-    saved = {'x': x, 'out': out, 'B': B, 'C': C}
-    return out, saved
+    saved = {'x': x, 'out': out, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -57,13 +58,15 @@ def backward(saved, dout):
     x, out = saved['x'], saved['out']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(x, out, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = ((1 - sigmoid(x[b, i]))*out[b, i] + sigmoid(x[b, i]))*dout[b, i]  [map]
     _t0 = _m.sigmoid(x)
     dx = (_t0 + (1 - _t0)*out)*dout
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

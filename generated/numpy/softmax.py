@@ -39,6 +39,7 @@ def forward_with_saved(x, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -49,8 +50,8 @@ def forward_with_saved(x, **params):
     _t0 = np.exp(-np.max(x, axis=1)[:, None] + x)
     p = _t0/np.sum(_t0, axis=1)[:, None]
 
-    saved = {'p': p, 'B': B, 'C': C}
-    return p, saved
+    saved = {'p': p, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(p, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -59,12 +60,14 @@ def backward(saved, dp):
     p = saved['p']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(p, dp)
+    _lead = saved['_lead']
+    dp = _m.fold_like(OP, 'dp', np.asarray(dp), _lead, (C, ))
     dp = _m.check_shape(OP, 'dp', dp, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = (dp[b, i] - Sum(dp[b, k]*p[b, k], (k, 0, C - 1)))*p[b, i]  [row_reduction]
     dx = (dp - np.einsum("bi,bi->b", dp, p)[:, None])*p
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dp, **params):

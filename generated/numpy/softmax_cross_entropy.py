@@ -10,7 +10,7 @@ Params:
     ignore_index = -100  (label of rows to skip)
 Outputs:
     loss
-Saved for backward: x, y, lse, n_valid (and every param and dim).
+Saved for backward: dx_fused (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -50,52 +50,47 @@ def forward_with_saved(x, y, **params):
     _dt = _m.float_dtype(x)
     x = x.astype(_dt, copy=False)
 
-    # lse[b] = log(Sum(exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, k]), (k, 0, C - 1))) +
-    #     ReduceMax(x[b, k], k, 0, C - 1)  [row_reduction]
-    _t0 = np.max(x, axis=1)
-    lse = _t0 + np.log(np.sum(np.exp(-_t0[:, None] + x), axis=1))
+    # n_valid = Sum(Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))  [row_reduction]
+    n_valid = np.array(np.sum(np.asarray((y != ignore_index), dtype=_dt), axis=0), dtype=_dt)
 
-    # w[b] = Iverson(Ne(y[b], ignore_index))  [map]
-    w = np.asarray((y != ignore_index), dtype=_dt)
-
-    # n_valid = Sum(w[b], (b, 0, B - 1))  [row_reduction]
-    n_valid = np.array(np.sum(w, axis=0), dtype=_dt)
-
-    # loss = (1 - eps)*Sum((lse[b] - x[b, y[b]])*w[b], (b, 0, B - 1))/n_valid + eps*Sum((C*lse[b] -
-    #     Sum(x[b, i], (i, 0, C - 1)))*w[b], (b, 0, B - 1))/(C*n_valid)  [row_reduction]
+    # loss = (1 - eps)*Sum((log(Sum(exp(-ReduceMax(x[b, k_f2], k_f2, 0, C - 1) + x[b, k_f3]), (k_f3,
+    #     0, C - 1))) + ReduceMax(x[b, k_f1], k_f1, 0, C - 1) - x[b, y[b]])*Iverson(Ne(y[b],
+    #     ignore_index)), (b, 0, B - 1))/n_valid + eps*Sum((C*(log(Sum(exp(-ReduceMax(x[b, k_f5], k_f5, 0,
+    #     C - 1) + x[b, k_f6]), (k_f6, 0, C - 1))) + ReduceMax(x[b, k_f4], k_f4, 0, C - 1)) - Sum(x[b, i],
+    #     (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/(C*n_valid)  [row_reduction]
     _t0 = 1/n_valid
     _b = np.arange(B)
-    loss = np.array((_t0*(1 - eps)*np.sum(np.where((w != 0), (lse - _m.gather(x, _b, y))*w, 0), axis=0) if 1 - eps != 0 else _dt.type(0)) + (_t0*eps*np.sum(np.where((w != 0), (C*lse - np.sum(x, axis=1))*w, 0), axis=0)/C if eps != 0 else _dt.type(0)), dtype=_dt)
+    loss = np.array((np.where((_t0 != 0), (1 - eps)*np.sum(np.where((y != ignore_index), (np.log(np.sum(np.exp(-np.max(x, axis=1)[:, None] + x), axis=1)) + np.max(x, axis=1) - _m.gather(x, _b, y)), 0), axis=0)*_t0, 0) if 1 - eps != 0 else _dt.type(0)) + (np.where((_t0 != 0), eps*np.sum(np.where((y != ignore_index), (C*(np.log(np.sum(np.exp(-np.max(x, axis=1)[:, None] + x), axis=1)) + np.max(x, axis=1)) - np.sum(x, axis=1)), 0), axis=0)*_t0/C, 0) if eps != 0 else _dt.type(0)), dtype=_dt)
 
-    saved = {'x': x, 'y': y, 'lse': lse, 'n_valid': n_valid, 'eps': eps, 'ignore_index': ignore_index, 'B': B, 'C': C}
+    # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + exp(-ReduceMax(x[b, k_f7], k_f7, 0, C - 1) +
+    #     x[b, i])/Sum(exp(-ReduceMax(x[b, k_f8], k_f8, 0, C - 1) + x[b, k_f9]), (k_f9, 0, C - 1)) -
+    #     KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))/n_valid  [row_reduction]
+    _t0 = np.exp(-np.max(x, axis=1)[:, None] + x)
+    _w0 = 1/n_valid
+    _scale = _w0*np.asarray((y != ignore_index), dtype=_dt)
+    dx_fused = _t0/np.sum(_t0, axis=1)[:, None]
+    if eps != 0:
+        dx_fused -= eps/C
+    np.multiply(dx_fused, _scale[:, None], out=dx_fused)
+    if eps - 1 != 0:
+        _m.add_onehot(dx_fused, 1, y, _scale*(eps - 1))
+    _m.zero_unless(dx_fused, (_w0 != 0) & (y != ignore_index)[:, None])
+
+    saved = {'dx_fused': dx_fused, 'eps': eps, 'ignore_index': ignore_index, 'B': B, 'C': C}
     return loss, saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dloss):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    x, y, lse, n_valid = saved['x'], saved['y'], saved['lse'], saved['n_valid']
+    dx_fused = saved['dx_fused']
     eps, ignore_index = saved['eps'], saved['ignore_index']
     B, C = saved['B'], saved['C']
-    _dt = _m.float_dtype(x, lse, n_valid, dloss)
+    _dt = _m.float_dtype(dx_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, (), (), _dt)
 
-    # p[b, i] = exp(-lse[b] + x[b, i])  [map]
-    p = np.exp(-lse[:, None] + x)
-
-    # w[b] = Iverson(Ne(y[b], ignore_index))  [map]
-    w = np.asarray((y != ignore_index), dtype=_dt)
-
-    # dx[b, i] = dloss*(eps*KroneckerDelta(i, y[b]) - KroneckerDelta(i, y[b]) + p[b, i] -
-    #     eps/C)*w[b]/n_valid  [map]
-    _scale = np.where((w != 0), dloss/n_valid*w, 0)
-    dx = p  # p is read nowhere else: dx takes over its buffer
-    if eps != 0:
-        dx -= eps/C
-    np.multiply(dx, _scale[:, None], out=dx)
-    if eps - 1 != 0:
-        _m.add_onehot(dx, 1, y, _scale*(eps - 1))
-    _m.zero_unless(dx, (w[:, None] != 0))
+    # dx[b, i] = dloss*dx_fused[b, i]  [map]
+    dx = dloss*dx_fused
 
     return (dx, None)
 

@@ -39,6 +39,7 @@ def forward_with_saved(x, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     x = np.asarray(x)
+    _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x)
@@ -47,8 +48,8 @@ def forward_with_saved(x, **params):
     # out[b] = Sum(x[b, k], (k, 0, C - 1))  [row_reduction]
     out = np.sum(x, axis=1)
 
-    saved = {'B': B, 'C': C}
-    return out, saved
+    saved = {'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -56,12 +57,14 @@ def backward(saved, dout):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, ())
     dout = _m.check_shape(OP, 'dout', dout, ('B',), (B,), _dt)
 
     # dx[b, i] = dout[b]  [map]
     dx = np.broadcast_to(dout[:, None], (B, C)).astype(_dt)
 
-    return (dx,)
+    return (_m.unfold(dx, _lead),)
 
 
 def vjp(x, dout, **params):

@@ -41,6 +41,7 @@ def forward_with_saved(a, g, **params):
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
     a = np.asarray(a)
     g = np.asarray(g)
+    _lead, (a, g,) = _m.fold(OP, {'a': a, 'g': g}, {'a': 2, 'g': 2})
     dims = _m.bind_dims(OP, {'a': a, 'g': g}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(a, g)
@@ -50,8 +51,8 @@ def forward_with_saved(a, g, **params):
     # out[b, i] = sigmoid(a[b, i])*a[b, i]*g[b, i]  [map]
     out = a*g*_m.sigmoid(a)
 
-    saved = {'a': a, 'g': g, 'out': out, 'B': B, 'C': C}
-    return out, saved
+    saved = {'a': a, 'g': g, 'out': out, 'B': B, 'C': C, '_lead': _lead}
+    return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
@@ -60,6 +61,8 @@ def backward(saved, dout):
     a, g, out = saved['a'], saved['g'], saved['out']
     B, C = saved['B'], saved['C']
     _dt = _m.float_dtype(a, g, out, dout)
+    _lead = saved['_lead']
+    dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # da[b, i] = ((1 - sigmoid(a[b, i]))*out[b, i] + sigmoid(a[b, i])*g[b, i])*dout[b, i]  [map]
@@ -69,7 +72,7 @@ def backward(saved, dout):
     # dg[b, i] = sigmoid(a[b, i])*a[b, i]*dout[b, i]  [map]
     dg = a*dout*_m.sigmoid(a)
 
-    return (da, dg)
+    return (_m.unfold(da, _lead), _m.unfold(dg, _lead))
 
 
 def vjp(a, g, dout, **params):

@@ -146,6 +146,7 @@ def _params():
 
 
 def _forward(t_x, t_bias, write_grad):
+    _lead, (t_x, ) = _rt.fold(OP, {'x': t_x}, {'x': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_x, t_bias, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, t_bias, ))])
     n_B = dims['B']
@@ -161,8 +162,9 @@ def _forward(t_x, t_bias, write_grad):
         'C': n_C,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_out, ), saved
+    return (_rt.unfold(t_out, _lead), ), saved
 
 
 def forward(x, bias, ):
@@ -182,8 +184,11 @@ def backward(saved, dout, ):
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_C = saved['C']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dout is None:
         dout = torch.zeros((n_B, n_C, ), dtype=dtype, device=device)
+    else:
+        dout = _rt.fold_like(OP, 'dout', dout, _lead, (n_C, ))
     _rt.check_cotangent(OP, 'dout', dout, (n_B, n_C, ), device)
     t_dout = dout
     # _bac0_rows: dx, dbias (rows)
@@ -195,7 +200,7 @@ def backward(saved, dout, ):
     _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_C)
     _bac0_rows_finish[(triton.cdiv(n_C, fblk),)](t_dbias, t_dbias.stride(0), n_C, part0, n_prog, BLOCK=fblk)
-    return (t_dx, t_dbias, )
+    return (_rt.unfold(t_dx, _lead), t_dbias, )
 
 
 def vjp(x, bias, dout, ):
@@ -307,5 +312,7 @@ class Function(torch.autograd.Function):
 
 def apply(x, bias, ):
     """x + bias, the bias broadcast over rows, differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})
     res = Function.apply(x, bias, *_params())
-    return res
+    return _rt.unfold(res, _lead)

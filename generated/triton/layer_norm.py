@@ -5,13 +5,11 @@
 Forward (kernel classes: MAP, ROW_REDUCTION):
     mean[b] = Sum(x[b, k], (k, 0, D - 1))/D
     rstd[b] = 1/sqrt(eps + Sum((-mean[b] + x[b, k])**2, (k, 0, D - 1))/D)
-    xhat[b, i] = (-mean[b] + x[b, i])*rstd[b]
-    y[b, i] = bias[i] + w[i]*xhat[b, i]
+    y[b, i] = (-mean[b] + x[b, i])*rstd[b]*w[i] + bias[i]
 
 Backward:
-    xhat[b, i] = (-mean[b] + x[b, i])*rstd[b]
-    dx[b, i] = (dy[b, i]*w[i] - xhat[b, i]*Sum(dy[b, k]*w[k]*xhat[b, k], (k, 0, D - 1))/D - Sum(dy[b, k]*w[k], (k, 0, D - 1))/D)*rstd[b]
-    dw[i] = Sum(dy[k, i]*xhat[k, i], (k, 0, B - 1))
+    dx[b, i] = (dy[b, i]*w[i] - (-mean[b] + x[b, i])*rstd[b]*Sum((-mean[b] + x[b, k])*dy[b, k]*rstd[b]*w[k], (k, 0, D - 1))/D - Sum(dy[b, k]*w[k], (k, 0, D - 1))/D)*rstd[b]
+    dw[i] = Sum((-mean[k] + x[k, i])*dy[k, i]*rstd[k], (k, 0, B - 1))
     dbias[i] = Sum(dy[k, i], (k, 0, B - 1))
 """
 from __future__ import annotations
@@ -242,6 +240,7 @@ def _params(eps, ):
 
 
 def _forward(t_x, t_w, t_bias, p_eps, write_grad):
+    _lead, (t_x, ) = _rt.fold(OP, {'x': t_x}, {'x': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_x, t_w, t_bias, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, t_w, t_bias, ))])
     n_B = dims['B']
@@ -264,8 +263,9 @@ def _forward(t_x, t_w, t_bias, p_eps, write_grad):
         'D': n_D,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_y, ), saved
+    return (_rt.unfold(t_y, _lead), ), saved
 
 
 def forward(x, w, bias, *, eps=1e-05, ):
@@ -290,8 +290,11 @@ def backward(saved, dy, ):
     t_w = saved['w']
     t_mean = saved['mean']
     t_rstd = saved['rstd']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dy is None:
         dy = torch.zeros((n_B, n_D, ), dtype=dtype, device=device)
+    else:
+        dy = _rt.fold_like(OP, 'dy', dy, _lead, (n_D, ))
     _rt.check_cotangent(OP, 'dy', dy, (n_B, n_D, ), device)
     t_dy = dy
     # _bac0_rows: dx, dw, dbias (rows)
@@ -305,7 +308,7 @@ def backward(saved, dy, ):
     _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, part1, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
     _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dbias, t_dbias.stride(0), t_dw, t_dw.stride(0), n_D, part0, part1, n_prog, BLOCK=fblk)
-    return (t_dx, t_dw, t_dbias, )
+    return (_rt.unfold(t_dx, _lead), t_dw, t_dbias, )
 
 
 def vjp(x, w, bias, dy, *, eps=1e-05, ):
@@ -425,5 +428,7 @@ class Function(torch.autograd.Function):
 
 def apply(x, w, bias, *, eps=1e-05, ):
     """(x - mean)/sqrt(var + eps)*w + bias along each row, differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})
     res = Function.apply(x, w, bias, *_params(eps, ))
-    return res[0]
+    return _rt.unfold(res[0], _lead)

@@ -274,6 +274,7 @@ def _params():
 
 
 def _forward(t_X, t_W, t_bias, write_grad):
+    _lead, (t_X, ) = _rt.fold(OP, {'X': t_X}, {'X': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_X, t_W, t_bias, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_X, t_W, t_bias, ))])
     n_B = dims['B']
@@ -296,8 +297,9 @@ def _forward(t_X, t_W, t_bias, write_grad):
         'N': n_N,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_Y, ), saved
+    return (_rt.unfold(t_Y, _lead), ), saved
 
 
 def forward(X, W, bias, ):
@@ -320,8 +322,11 @@ def backward(saved, dY, ):
     n_N = saved['N']
     t_X = saved['X']
     t_W = saved['W']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dY is None:
         dY = torch.zeros((n_B, n_N, ), dtype=dtype, device=device)
+    else:
+        dY = _rt.fold_like(OP, 'dY', dY, _lead, (n_N, ))
     _rt.check_cotangent(OP, 'dY', dY, (n_B, n_N, ), device)
     t_dY = dY if dY.dtype == dtype else dY.to(dtype)
     # _bac0_gemm: dX (gemm)
@@ -348,7 +353,7 @@ def backward(saved, dY, ):
     _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_N)
     _bac2_rows_finish[(triton.cdiv(n_N, fblk),)](t_dbias, t_dbias.stride(0), n_N, part0, n_prog, BLOCK=fblk)
-    return (t_dX, t_dW, t_dbias, )
+    return (_rt.unfold(t_dX, _lead), t_dW, t_dbias, )
 
 
 def vjp(X, W, bias, dY, ):
@@ -465,5 +470,7 @@ class Function(torch.autograd.Function):
 
 def apply(X, W, bias, ):
     """Y = X W + bias, differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (X, ) = _rt.fold(OP, {'X': X}, {'X': 2})
     res = Function.apply(X, W, bias, *_params())
-    return res
+    return _rt.unfold(res, _lead)

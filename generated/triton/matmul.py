@@ -210,6 +210,7 @@ def _params():
 
 
 def _forward(t_X, t_W, write_grad):
+    _lead, (t_X, ) = _rt.fold(OP, {'X': t_X}, {'X': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_X, t_W, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_X, t_W, ))])
     n_B = dims['B']
@@ -232,8 +233,9 @@ def _forward(t_X, t_W, write_grad):
         'N': n_N,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_Y, ), saved
+    return (_rt.unfold(t_Y, _lead), ), saved
 
 
 def forward(X, W, ):
@@ -256,8 +258,11 @@ def backward(saved, dY, ):
     n_N = saved['N']
     t_X = saved['X']
     t_W = saved['W']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dY is None:
         dY = torch.zeros((n_B, n_N, ), dtype=dtype, device=device)
+    else:
+        dY = _rt.fold_like(OP, 'dY', dY, _lead, (n_N, ))
     _rt.check_cotangent(OP, 'dY', dY, (n_B, n_N, ), device)
     t_dY = dY if dY.dtype == dtype else dY.to(dtype)
     # _bac0_gemm: dX (gemm)
@@ -276,7 +281,7 @@ def backward(saved, dY, ):
     cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
     grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
     _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
-    return (t_dX, t_dW, )
+    return (_rt.unfold(t_dX, _lead), t_dW, )
 
 
 def vjp(X, W, dY, ):
@@ -392,5 +397,7 @@ class Function(torch.autograd.Function):
 
 def apply(X, W, ):
     """Y = X W, differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (X, ) = _rt.fold(OP, {'X': X}, {'X': 2})
     res = Function.apply(X, W, *_params())
-    return res
+    return _rt.unfold(res, _lead)

@@ -135,6 +135,7 @@ def _params():
 
 
 def _forward(t_x, write_grad):
+    _lead, (t_x, ) = _rt.fold(OP, {'x': t_x}, {'x': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_x, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, ))])
     n_B = dims['B']
@@ -152,8 +153,9 @@ def _forward(t_x, write_grad):
         'C': n_C,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_out, ), saved
+    return (_rt.unfold(t_out, _lead), ), saved
 
 
 def forward(x, ):
@@ -175,8 +177,11 @@ def backward(saved, dout, ):
     n_C = saved['C']
     t_x = saved['x']
     t_out = saved['out']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dout is None:
         dout = torch.zeros((n_B, ), dtype=dtype, device=device)
+    else:
+        dout = _rt.fold_like(OP, 'dout', dout, _lead, ())
     _rt.check_cotangent(OP, 'dout', dout, (n_B, ), device)
     t_dout = dout
     # _bac0_rows: dx (rows)
@@ -184,7 +189,7 @@ def backward(saved, dout, ):
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
     _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
-    return (t_dx, )
+    return (_rt.unfold(t_dx, _lead), )
 
 
 def vjp(x, dout, ):
@@ -297,5 +302,7 @@ class Function(torch.autograd.Function):
 
 def apply(x, ):
     """maximum of each row; ties split the gradient evenly among the maxima (as torch.amax does), differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})
     res = Function.apply(x, *_params())
-    return res
+    return _rt.unfold(res, _lead)

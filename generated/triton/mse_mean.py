@@ -6,7 +6,7 @@ Forward (kernel classes: MAP, ROW_REDUCTION):
     loss = Sum((X[b, i] - Y[b, i])**2, (b, 0, B - 1), (i, 0, C - 1))/(B*C)
 
 Backward:
-    dX[b, i] = 2*dloss*(X[b, i] - Y[b, i])/(B*C)
+    dX[b, i] = dloss*dX_fused[b, i]
 
 Fused loss: forward also writes dX_fused (the gradient dX per unit dloss)
 in the pass that computes the loss; backward only scales it by the upstream cotangent.

@@ -126,6 +126,7 @@ def _params():
 
 
 def _forward(t_p, t_q, write_grad):
+    _lead, (t_p, t_q, ) = _rt.fold(OP, {'p': t_p, 'q': t_q}, {'p': 2, 'q': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_p, t_q, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_p, t_q, ))])
     n_B = dims['B']
@@ -143,8 +144,9 @@ def _forward(t_p, t_q, write_grad):
         'C': n_C,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_out, ), saved
+    return (_rt.unfold(t_out, _lead), ), saved
 
 
 def forward(p, q, ):
@@ -166,8 +168,11 @@ def backward(saved, dout, ):
     n_C = saved['C']
     t_p = saved['p']
     t_q = saved['q']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dout is None:
         dout = torch.zeros((n_B, n_C, ), dtype=dtype, device=device)
+    else:
+        dout = _rt.fold_like(OP, 'dout', dout, _lead, (n_C, ))
     _rt.check_cotangent(OP, 'dout', dout, (n_B, n_C, ), device)
     t_dout = dout
     # _bac0_map: dp, dq (map)
@@ -176,7 +181,7 @@ def backward(saved, dout, ):
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
     _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dp, t_dp.stride(0), t_dp.stride(1), t_dq, t_dq.stride(0), t_dq.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
-    return (t_dp, t_dq, )
+    return (_rt.unfold(t_dp, _lead), _rt.unfold(t_dq, _lead), )
 
 
 def vjp(p, q, dout, ):
@@ -290,5 +295,7 @@ class Function(torch.autograd.Function):
 
 def apply(p, q, ):
     """p*q, elementwise, differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (p, q, ) = _rt.fold(OP, {'p': p, 'q': q}, {'p': 2, 'q': 2})
     res = Function.apply(p, q, *_params())
-    return res
+    return _rt.unfold(res, _lead)

@@ -4,14 +4,11 @@
 
 Forward (kernel classes: MAP, ROW_REDUCTION):
     rstd[b] = 1/sqrt(eps + Sum(x[b, k]**2, (k, 0, D - 1))/D)
-    xhat[b, i] = rstd[b]*x[b, i]
-    y[b, i] = w[i]*xhat[b, i]
+    y[b, i] = rstd[b]*w[i]*x[b, i]
 
 Backward:
-    xhat[b, i] = rstd[b]*x[b, i]
-    y[b, i] = w[i]*xhat[b, i]
-    dx[b, i] = (dy[b, i]*w[i] - xhat[b, i]*Sum(dy[b, k]*y[b, k], (k, 0, D - 1))/D)*rstd[b]
-    dw[i] = Sum(dy[k, i]*xhat[k, i], (k, 0, B - 1))
+    dx[b, i] = (dy[b, i]*w[i] - rstd[b]*x[b, i]*Sum(dy[b, k]*rstd[b]*w[k]*x[b, k], (k, 0, D - 1))/D)*rstd[b]
+    dw[i] = Sum(dy[k, i]*rstd[k]*x[k, i], (k, 0, B - 1))
 """
 from __future__ import annotations
 
@@ -202,6 +199,7 @@ def _params(eps, ):
 
 
 def _forward(t_x, t_w, p_eps, write_grad):
+    _lead, (t_x, ) = _rt.fold(OP, {'x': t_x}, {'x': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_x, t_w, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, t_w, ))])
     n_B = dims['B']
@@ -222,8 +220,9 @@ def _forward(t_x, t_w, p_eps, write_grad):
         'D': n_D,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_y, ), saved
+    return (_rt.unfold(t_y, _lead), ), saved
 
 
 def forward(x, w, *, eps=1e-06, ):
@@ -247,8 +246,11 @@ def backward(saved, dy, ):
     t_x = saved['x']
     t_w = saved['w']
     t_rstd = saved['rstd']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dy is None:
         dy = torch.zeros((n_B, n_D, ), dtype=dtype, device=device)
+    else:
+        dy = _rt.fold_like(OP, 'dy', dy, _lead, (n_D, ))
     _rt.check_cotangent(OP, 'dy', dy, (n_B, n_D, ), device)
     t_dy = dy
     # _bac0_rows: dx, dw (rows)
@@ -260,7 +262,7 @@ def backward(saved, dy, ):
     _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
     _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dw, t_dw.stride(0), n_D, part0, n_prog, BLOCK=fblk)
-    return (t_dx, t_dw, )
+    return (_rt.unfold(t_dx, _lead), t_dw, )
 
 
 def vjp(x, w, dy, *, eps=1e-06, ):
@@ -377,5 +379,7 @@ class Function(torch.autograd.Function):
 
 def apply(x, w, *, eps=1e-06, ):
     """x/sqrt(mean(x**2) + eps)*w along each row, differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})
     res = Function.apply(x, w, *_params(eps, ))
-    return res[0]
+    return _rt.unfold(res[0], _lead)

@@ -112,6 +112,7 @@ def _params():
 
 
 def _forward(t_x, write_grad):
+    _lead, (t_x, ) = _rt.fold(OP, {'x': t_x}, {'x': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_x, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, ))])
     n_B = dims['B']
@@ -128,8 +129,9 @@ def _forward(t_x, write_grad):
         'C': n_C,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_out, ), saved
+    return (_rt.unfold(t_out, _lead), ), saved
 
 
 def forward(x, ):
@@ -150,8 +152,11 @@ def backward(saved, dout, ):
     n_B = saved['B']
     n_C = saved['C']
     t_out = saved['out']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dout is None:
         dout = torch.zeros((n_B, n_C, ), dtype=dtype, device=device)
+    else:
+        dout = _rt.fold_like(OP, 'dout', dout, _lead, (n_C, ))
     _rt.check_cotangent(OP, 'dout', dout, (n_B, n_C, ), device)
     t_dout = dout
     # _bac0_map: dx (map)
@@ -159,7 +164,7 @@ def backward(saved, dout, ):
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
     _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
-    return (t_dx, )
+    return (_rt.unfold(t_dx, _lead), )
 
 
 def vjp(x, dout, ):
@@ -271,5 +276,7 @@ class Function(torch.autograd.Function):
 
 def apply(x, ):
     """1/(1 + exp(-x)), differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})
     res = Function.apply(x, *_params())
-    return res
+    return _rt.unfold(res, _lead)

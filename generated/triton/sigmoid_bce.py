@@ -6,7 +6,7 @@ Forward (kernel classes: MAP, ROW_REDUCTION):
     loss = -(Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) + Sum(-softplus(-x[b, i])*y[b, i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)
 
 Backward:
-    dx[b, i] = dloss*(sigmoid(x[b, i]) - y[b, i])/(B*C)
+    dx[b, i] = dloss*dx_fused[b, i]
 
 Fused loss: forward also writes dx_fused (the gradient dx per unit dloss)
 in the pass that computes the loss; backward only scales it by the upstream cotangent.

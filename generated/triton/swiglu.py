@@ -130,6 +130,7 @@ def _params():
 
 
 def _forward(t_a, t_g, write_grad):
+    _lead, (t_a, t_g, ) = _rt.fold(OP, {'a': t_a, 'g': t_g}, {'a': 2, 'g': 2})
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_a, t_g, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_a, t_g, ))])
     n_B = dims['B']
@@ -148,8 +149,9 @@ def _forward(t_a, t_g, write_grad):
         'C': n_C,
         "_dtype": dtype,
         "_device": device,
+        "_lead": _lead,
     }
-    return (t_out, ), saved
+    return (_rt.unfold(t_out, _lead), ), saved
 
 
 def forward(a, g, ):
@@ -172,8 +174,11 @@ def backward(saved, dout, ):
     t_a = saved['a']
     t_g = saved['g']
     t_out = saved['out']
+    _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dout is None:
         dout = torch.zeros((n_B, n_C, ), dtype=dtype, device=device)
+    else:
+        dout = _rt.fold_like(OP, 'dout', dout, _lead, (n_C, ))
     _rt.check_cotangent(OP, 'dout', dout, (n_B, n_C, ), device)
     t_dout = dout
     # _bac0_map: da, dg (map)
@@ -182,7 +187,7 @@ def backward(saved, dout, ):
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
     _bac0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_da, t_da.stride(0), t_da.stride(1), t_dg, t_dg.stride(0), t_dg.stride(1), t_dout, t_dout.stride(0), t_dout.stride(1), t_g, t_g.stride(0), t_g.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
-    return (t_da, t_dg, )
+    return (_rt.unfold(t_da, _lead), _rt.unfold(t_dg, _lead), )
 
 
 def vjp(a, g, dout, ):
@@ -297,5 +302,7 @@ class Function(torch.autograd.Function):
 
 def apply(a, g, ):
     """silu(a)*g, the gated unit of SwiGLU feed-forward layers, differentiable by torch.autograd and traceable by torch.compile."""
+    # leading axes fold with reshape, which autograd and torch.compile see through
+    _lead, (a, g, ) = _rt.fold(OP, {'a': a, 'g': g}, {'a': 2, 'g': 2})
     res = Function.apply(a, g, *_params())
-    return res
+    return _rt.unfold(res, _lead)

@@ -36,11 +36,12 @@ def unfold(value, lead):
     return value.reshape(tuple(lead) + tuple(value.shape[1:]))
 
 
-def fold_like(op: str, name: str, value, lead, rank: int):
-    """A cotangent of an output that starts with the leading dim, folded as forward folded."""
+def fold_like(op: str, name: str, value, lead, trailing: tuple):
+    """A cotangent of an output that starts with the leading dim, folded as forward folded:
+    it must have the output's shape, the leading axes then ``trailing``."""
     if lead is None:
         return value
-    shape, lead = tuple(value.shape), tuple(lead)
-    if shape[: len(lead)] != lead or len(shape) != len(lead) + rank - 1:
-        raise ValueError(f"{op}: cotangent {name} has shape {shape}; it needs the leading axes {lead} then {rank - 1} more")
-    return value.reshape((math.prod(lead),) + shape[len(lead):])
+    shape, want = tuple(value.shape), tuple(lead) + tuple(trailing)
+    if shape != want:
+        raise ValueError(f"{op}: cotangent {name} must have shape {want} (its output's), got {shape}")
+    return value.reshape((math.prod(lead),) + tuple(trailing))

@@ -1,7 +1,7 @@
 """Code-generation targets: the table of renderers, and the contract every generated module keeps.
 
-A target is a renderer module with one function, ``render(program: Program, command: str) -> str``,
-that turns an op's lowered :class:`~symgrad.ir.Program` into the source of one Python module;
+A target is a renderer module with one function, ``render(plan: KernelPlan, command: str) -> str``,
+that prints an op's :class:`~symgrad.plan.KernelPlan` as the source of one Python module;
 ``command`` is the shell command that regenerates that file, which the banner quotes.
 ``symgrad generate`` writes the source to ``<out>/<subpackage>/<op><extension>``. A renderer may
 also define ``package_init() -> str``, the source of ``<out>/<subpackage>/__init__.py`` (else a
@@ -25,13 +25,16 @@ Module constants:
 ``OUTPUTS``        output names, in declaration order.
 ``PARAMS``         ``{param name: default}``.
 
-Functions (inputs are always positional, in ``INPUTS`` order; params are keyword-only):
+Functions (inputs are always positional, in ``INPUTS`` order; params are keyword-only). An input
+whose first dim is declared ``leading`` takes any number of axes there (torch's ``[*, D]``): they
+are folded into that dim, and outputs and gradients that start with it get them back.
 
 ``forward(*inputs, **params)``
     The output, or a tuple of outputs if the op has several.
 ``forward_with_saved(*inputs, **params) -> (outputs, saved)``
     ``outputs`` as ``forward`` returns them; ``saved`` is a dict holding exactly the values backward
-    reads (``Program.saved``: inputs and forward values), every param, and every dim size by name.
+    reads (``KernelPlan.saved``: inputs and forward values), every param, every dim size by name
+    and, for an op with a ``leading`` dim, ``_lead``: the leading axes forward folded into it.
 ``backward(saved, *cotangents)``
     One cotangent per output, in ``OUTPUTS`` order, each of its output's shape. Returns a tuple with
     one entry per input in ``INPUTS`` order: the gradient (the input's shape), or ``None`` for an

@@ -267,7 +267,8 @@ def _backward_prologue(program: KernelPlan) -> str:
         lines.append("_lead = saved['_lead']")
     for cot, out in zip(program.cotangents, op.outputs):
         if leading_inputs(program) and out.dims and out.dims[0].leading:
-            lines.append(f"{cot} = _m.fold_like(OP, {cot!r}, np.asarray({cot}), _lead, {len(out.dims)})")
+            trailing = "".join(f"{d.name}, " for d in out.dims[1:])
+            lines.append(f"{cot} = _m.fold_like(OP, {cot!r}, np.asarray({cot}), _lead, ({trailing}))")
         names = tuple(d.name for d in out.dims)
         lines.append(f"{cot} = _m.check_shape(OP, {cot!r}, {cot}, {names!r}, {_tuple(names, parens=True) if names else '()'}, {DTYPE})")
     return "\n".join(lines)
