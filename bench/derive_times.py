@@ -4,9 +4,10 @@
 
 Prints markdown tables:
 
-1. every registered op: derivation time (CPU time of this process, which other processes on a
-   shared machine barely disturb; best of ``--repeat`` runs, SymPy's cache cleared before each, so
-   every run does the full work), gradients, rules fired, what backward saves; and the total.
+1. every registered op: derivation and lowering time (CPU time of this process, which other
+   processes on a shared machine barely disturb; best of ``--repeat`` runs, SymPy's cache cleared
+   before each, so every run does the full work), gradients, rules fired, the plan's launches and
+   what backward saves; and the totals.
 2. with ``--sizes``: ``layer_norm`` derived generically (D a symbol) and with D fixed to
    8, 1024 and 1,000,000 (the same declaration with the number substituted): the derivation works on
    ``Sum``s whose bounds are whatever they are, so the time is flat. Against that, the same LayerNorm
@@ -28,6 +29,7 @@ from sympy.core.cache import clear_cache
 import symgrad.ops  # noqa: F401  (registers the op library)
 from symgrad.declare import REGISTRY, Dim, Op
 from symgrad.derive import derive
+from symgrad.plan import lower
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
@@ -41,14 +43,19 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 
 def library_table(repeat: int) -> str:
-    rows, total = [], 0.0
+    rows, total, total_lower = [], 0.0, 0.0
     for op in REGISTRY:
         sec, d = timed(lambda op=op: derive(op), repeat)
+        lsec, plan = timed(lambda d=d: lower(d), repeat)
         total += sec
+        total_lower += lsec
         fired = sum(1 for g in d.gradients.values() for s in g.trace.steps if not s.quiet)
-        rows.append(f"| `{op.name}` | {sec * 1e3:.0f} | {', '.join(d.gradients) or '-'} | {fired} | {', '.join(d.reads) or '-'} |")
-    head = ["| op | derive (ms) | gradients | rules fired | forward values read |", "|---|---:|---|---:|---|"]
-    tail = [f"| **total ({len(rows)} ops)** | **{total * 1e3:.0f}** | | | |"]
+        launches = len(plan.forward.launches) + len(plan.backward.launches)
+        rows.append(f"| `{op.name}` | {sec * 1e3:.0f} | {lsec * 1e3:.0f} | {', '.join(d.gradients) or '-'} | {fired} | "
+                    f"{launches} | {', '.join(plan.saved) or '-'} |")
+    head = ["| op | derive (ms) | lower (ms) | gradients | rules fired | launches | saved for backward |",
+            "|---|---:|---:|---|---:|---:|---|"]
+    tail = [f"| **total ({len(rows)} ops)** | **{total * 1e3:.0f}** | **{total_lower * 1e3:.0f}** | | | | |"]
     return "\n".join(head + rows + tail)
 
 

@@ -63,7 +63,7 @@ def run_list(args) -> int:
     current = _load_ops(args)
     ops = list(REGISTRY) if args.all else [REGISTRY.get(n) for n in current.default_ops()]
     if args.format == "json":
-        summaries = [{**render.op_summary(op), "modules": project.modules_for(op.name)} for op in ops]
+        summaries = [render.op_summary(op) for op in ops]
         _write(json.dumps({"ops": summaries}, indent=2) + "\n")
     else:
         _write(render.op_list_text(ops))

@@ -464,15 +464,17 @@ SIGN = define(Primitive(
 ))
 
 
-class Floor(sp.Function):
-    """floor of a real value (SymPy's ``floor`` is kept for integer index arithmetic); derivative 0."""
+class _RealRounding(sp.Function):
+    """Rounding of a real value to an integer: piecewise constant, so its derivative is 0. SymPy's
+    own ``floor``/``ceiling`` stay for integer index arithmetic; numbers evaluate through them."""
 
     nargs = 1
+    integer_form = None  # SymPy's function for numbers
 
     @classmethod
     def eval(cls, z):
         if z.is_Number:
-            return sp.floor(z)
+            return cls.integer_form(z)
 
     def fdiff(self, argindex=1):
         return sp.Integer(0)
@@ -484,24 +486,16 @@ class Floor(sp.Function):
         return self.args[0].is_real
 
 
-class Ceiling(sp.Function):
-    """ceiling of a real value (SymPy's ``ceiling`` is kept for integer index arithmetic); derivative 0."""
+class Floor(_RealRounding):
+    """floor of a real value; derivative 0."""
 
-    nargs = 1
+    integer_form = sp.floor
 
-    @classmethod
-    def eval(cls, z):
-        if z.is_Number:
-            return sp.ceiling(z)
 
-    def fdiff(self, argindex=1):
-        return sp.Integer(0)
+class Ceiling(_RealRounding):
+    """ceiling of a real value; derivative 0."""
 
-    def _eval_is_real(self):
-        return self.args[0].is_real
-
-    def _eval_is_integer(self):
-        return self.args[0].is_real
+    integer_form = sp.ceiling
 
 
 FLOOR = define(Primitive(

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
-from . import primitives
+from . import primitives, project
 from .declare import Op, Role
 from .rewrite import Step
 
@@ -176,11 +176,6 @@ def param_dict(p) -> dict:
     return {"name": p.name, "default": _number(p.default), "integer": p.integer, "doc": p.doc}
 
 
-def modules_for(op_name: str) -> dict[str, str]:
-    """The importable module of the code ``symgrad generate`` writes for the op, per target."""
-    return {target: f"generated.{target}.{op_name}" for target in ("numpy", "triton")}
-
-
 def op_summary(op: Op) -> dict:
     """What ``symgrad list --format json`` says about one op."""
     return {
@@ -189,7 +184,7 @@ def op_summary(op: Op) -> dict:
         "inputs": [input_dict(t) for t in op.inputs],
         "params": [param_dict(p) for p in op.params],
         "outputs": [{"name": q.name, "dims": [d.name for d in q.dims]} for q in op.outputs],
-        "modules": modules_for(op.name),
+        "modules": project.modules_for(op.name),
     }
 
 

@@ -7,7 +7,7 @@ For every op (a new op needs no new test, only its one-line PyTorch reference in
   at each declared test size, at odd sizes (1, 41 and 1023 columns), with one row, and at the
   extra params of ``PARAM_CASES``;
 * the module contract: constants, banner, formulas, ``forward_with_saved``/``backward`` == ``vjp``,
-  ``saved`` holds exactly Program.saved plus params and dims, float32 stays float32, strided inputs,
+  ``saved`` holds exactly KernelPlan.saved plus params, dims and folded leading axes, float32 stays float32, strided inputs,
   inputs never written, results never aliasing an argument;
 * clear errors for bad input (wrong rank, mismatched dims, unknown params, bad cotangents);
 

@@ -14,15 +14,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from symgrad.declare import REGISTRY
+from symgrad import declare
 from symgrad.derive import derive
 from symgrad.plan import lower
 from symgrad.targets import numpy as numpy_target
 from symgrad.targets import triton as triton_target
 
 PROJECT = Path(__file__).resolve().parents[1] / "examples" / "user_project"
-sys.path.insert(0, str(PROJECT))
-import userops  # noqa: E402,F401  (registers the user's ops)
+
+
+def _user_registry() -> declare.Registry:
+    """The example project's ops, registered into a registry of their own: the library's
+    registry, ``sys.modules`` and ``sys.path`` are left as they were for the other tests."""
+    saved, declare.REGISTRY = declare.REGISTRY, declare.Registry()
+    modules = set(sys.modules)
+    sys.path.insert(0, str(PROJECT))
+    try:
+        importlib.import_module("userops")
+        return declare.REGISTRY
+    finally:
+        declare.REGISTRY = saved
+        sys.path.remove(str(PROJECT))
+        for name in set(sys.modules) - modules:
+            if name == "userops" or name.startswith("userops."):
+                del sys.modules[name]
+
+
+REGISTRY = _user_registry()
 
 _MODULES: dict = {}
 

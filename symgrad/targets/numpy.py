@@ -1,7 +1,7 @@
 """The NumPy target: an op's :class:`~symgrad.plan.KernelPlan` -> one NumPy reference module.
 
-``render(program, command)`` lowers each statement with :mod:`.numpy_printer` and fills the Jinja
-skeleton ``symgrad/templates/numpy/module.py.j2``: the skeleton only places blocks this module computes.
+``render(plan, command)`` prints each statement with :mod:`.numpy_printer` and fills the Jinja
+skeleton ``templates/numpy/module.py.j2``: the skeleton only places blocks this module computes.
 The module contract (functions, constants, errors) is in :mod:`symgrad.targets`.
 
 How the IR's kernel classes come out (every statement is evaluated over its axis space, see
@@ -64,28 +64,28 @@ def _template() -> jinja2.Template:
     return env.get_template("module.py.j2")
 
 
-def render(program: KernelPlan, command: str) -> str:
+def render(plan: KernelPlan, command: str) -> str:
     """The source of ``generated/numpy/<op>.py``."""
-    op = program.op
-    _check_names(program)
-    env = _env(program)
-    env.masks = mask_buffers(program.forward.statements + program.backward.statements, env)
+    op = plan.op
+    _check_names(plan)
+    env = _env(plan)
+    env.masks = mask_buffers(plan.forward.statements + plan.backward.statements, env)
     context = {
         "op": op.name,
         "source": declaration_file(op),
         "command": command,
-        "doc": _module_doc(program),
-        "constants": _constants(program),
-        "input_args": ", ".join(program.inputs),
-        "cotangent_args": ", ".join(program.cotangents),
-        "forward_prologue": _forward_prologue(program),
-        "forward_body": _blocks(program.forward, program, env, set(program.outputs) | set(program.saved)),
-        "forward_returns": _tuple([_unfolded(program, o.name, o.dims) for o in program.op.outputs]),
-        "several_outputs": len(program.outputs) > 1,
-        "saved": _saved_dict(program),
-        "backward_prologue": _backward_prologue(program),
-        "backward_body": _blocks(program.backward, program, env, set(program.backward.returns)),
-        "gradients": _gradients(program),
+        "doc": _module_doc(plan),
+        "constants": _constants(plan),
+        "input_args": ", ".join(plan.inputs),
+        "cotangent_args": ", ".join(plan.cotangents),
+        "forward_prologue": _forward_prologue(plan),
+        "forward_body": _blocks(plan.forward, plan, env, set(plan.outputs) | set(plan.saved)),
+        "forward_returns": _tuple([_unfolded(plan, o.name, o.dims) for o in plan.op.outputs]),
+        "several_outputs": len(plan.outputs) > 1,
+        "saved": _saved_dict(plan),
+        "backward_prologue": _backward_prologue(plan),
+        "backward_body": _blocks(plan.backward, plan, env, set(plan.backward.returns)),
+        "gradients": _gradients(plan),
     }
     return _template().render(**context)
 
@@ -94,10 +94,10 @@ def render(program: KernelPlan, command: str) -> str:
 # names
 
 
-def _check_names(program: KernelPlan) -> None:
-    op = program.op
+def _check_names(plan: KernelPlan) -> None:
+    op = plan.op
     seen: dict[str, str] = {}
-    kinds = [("buffer", n) for n in program.buffers] + [("param", p.name) for p in program.params] + [("dim", d.name) for d in op.dims]
+    kinds = [("buffer", n) for n in plan.buffers] + [("param", p.name) for p in plan.params] + [("dim", d.name) for d in op.dims]
     for kind, name in kinds:
         if not name.isidentifier() or keyword.iskeyword(name) or name in RESERVED or name.startswith("_"):
             raise LoweringError(f"op {op.name}: {kind} name {name!r} cannot be a local of the generated code (reserved or not an identifier)")
@@ -106,27 +106,27 @@ def _check_names(program: KernelPlan) -> None:
         seen[name] = kind
 
 
-def _env(program: KernelPlan) -> Env:
-    op = program.op
+def _env(plan: KernelPlan) -> Env:
+    op = plan.op
     return Env(
-        tensors={name: tuple(dims) for name, dims in program.buffers.items()},
+        tensors={name: tuple(dims) for name, dims in plan.buffers.items()},
         labels={t.name for t in op.inputs if t.role is Role.LABEL},
-        params={p.name for p in program.params},
+        params={p.name for p in plan.params},
         dims={d.name for d in op.dims},
         sizes={sp.expand(d.size): d.name for d in op.dims},
         where=f"op {op.name}",
     )
 
 
-def _reserved(program: KernelPlan) -> set[str]:
-    return set(program.buffers) | {p.name for p in program.params} | {d.name for d in program.op.dims} | RESERVED
+def _reserved(plan: KernelPlan) -> set[str]:
+    return set(plan.buffers) | {p.name for p in plan.params} | {d.name for d in plan.op.dims} | RESERVED
 
 
 # ------------------------------------------------------------------------------------------------
 # statements
 
 
-def _blocks(kernel, program: KernelPlan, env: Env, handed_out: set) -> list[str]:
+def _blocks(kernel, plan: KernelPlan, env: Env, handed_out: set) -> list[str]:
     """The kernel's statement blocks. Each statement may take over the buffer of a temporary the
     kernel computed earlier and nothing reads afterwards: not one it hands out (outputs, saved
     values, gradients), and only one of the statement's own shape."""
@@ -134,16 +134,16 @@ def _blocks(kernel, program: KernelPlan, env: Env, handed_out: set) -> list[str]
     for k, st in enumerate(kernel.statements):
         later = set().union(*(s.reads() for s in kernel.statements[k + 1:]))
         owned = {s.target for s in kernel.statements[:k]} - later - handed_out
-        owned = {name for name in owned if tuple(program.buffers[name]) == tuple(st.dims)}
-        blocks.append(_statement(st, program, env, owned))
+        owned = {name for name in owned if tuple(plan.buffers[name]) == tuple(st.dims)}
+        blocks.append(_statement(st, plan, env, owned))
     return blocks
 
 
-def _statement(st: Statement, program: KernelPlan, env: Env, owned=frozenset()) -> str:
+def _statement(st: Statement, plan: KernelPlan, env: Env, owned=frozenset()) -> str:
     """One statement's block: its formula as a comment, then the lines computing it. ``owned``:
     buffers the statement may overwrite (temporaries of the kernel read by nothing after it)."""
-    where = f"op {program.op.name}, statement {st.target}"
-    prepared = prepare(st.expr, st.indices, st.dims, _reserved(program), env.tensors, where)
+    where = f"op {plan.op.name}, statement {st.target}"
+    prepared = prepare(st.expr, st.indices, st.dims, _reserved(plan), env.tensors, where)
     printer = NumPyPrinter(env, prepared, where)
     shape = _tuple([d.name for d in st.dims], parens=True)
     form = row_form(prepared.expr, prepared.indices)
@@ -205,11 +205,11 @@ def _size_code(expr: sp.Expr) -> str:
     return go(expr)
 
 
-def _forward_prologue(program: KernelPlan) -> str:
-    op = program.op
+def _forward_prologue(plan: KernelPlan) -> str:
+    op = plan.op
     lines = ["params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)"]
-    if program.params:
-        names = [p.name for p in program.params]
+    if plan.params:
+        names = [p.name for p in plan.params]
         lines.append(f"{', '.join(names)} = {', '.join(f'params[{n!r}]' for n in names)}")
     floats = []
     for t in op.inputs:
@@ -219,13 +219,13 @@ def _forward_prologue(program: KernelPlan) -> str:
             lines.append(f"{t.name} = np.asarray({t.name})")
             floats.append(t.name)
     lines.append(f"dims = _m.bind_dims(OP, {{{', '.join(f'{t.name!r}: {t.name}' for t in op.inputs)}}}, _INPUT_DIMS)")
-    given = [s.dim.name for s in program.dims if s.formula is None]
+    given = [s.dim.name for s in plan.dims if s.formula is None]
     lines.append(f"{', '.join(given)} = {', '.join(f'dims[{n!r}]' for n in given)}")
-    for s in program.dims:
+    for s in plan.dims:
         if s.formula is not None:
             code = _size_code(s.formula)
             lines.append(f"{s.dim.name} = _m.derived_dim(OP, {s.dim.name!r}, {sp.sstr(s.formula)!r}, lambda: {code})")
-    lead = leading_inputs(program)
+    lead = leading_inputs(plan)
     if lead:
         names = ", ".join(t.name for t in lead)
         values = ", ".join(f"{t.name!r}: {t.name}" for t in lead)
@@ -238,35 +238,35 @@ def _forward_prologue(program: KernelPlan) -> str:
     return "\n".join(lines)
 
 
-def leading_inputs(program: KernelPlan) -> list:
+def leading_inputs(plan: KernelPlan) -> list:
     """The inputs whose first dim takes any number of leading axes."""
-    return [t for t in program.op.inputs if t.dims and t.dims[0].leading]
+    return [t for t in plan.op.inputs if t.dims and t.dims[0].leading]
 
 
-def _unfolded(program: KernelPlan, name: str, dims) -> str:
-    return f"_m.unfold({name}, _lead)" if leading_inputs(program) and dims and dims[0].leading else name
+def _unfolded(plan: KernelPlan, name: str, dims) -> str:
+    return f"_m.unfold({name}, _lead)" if leading_inputs(plan) and dims and dims[0].leading else name
 
 
-def _saved_dict(program: KernelPlan) -> str:
-    names = list(program.saved) + [p.name for p in program.params] + [d.name for d in program.op.dims]
-    lead = ["'_lead': _lead"] if leading_inputs(program) else []
+def _saved_dict(plan: KernelPlan) -> str:
+    names = list(plan.saved) + [p.name for p in plan.params] + [d.name for d in plan.op.dims]
+    lead = ["'_lead': _lead"] if leading_inputs(plan) else []
     return "{" + ", ".join([f"{n!r}: {n}" for n in names] + lead) + "}"
 
 
-def _backward_prologue(program: KernelPlan) -> str:
-    op = program.op
+def _backward_prologue(plan: KernelPlan) -> str:
+    op = plan.op
     lines = []
-    groups = [list(program.saved), [p.name for p in program.params], [d.name for d in op.dims]]
+    groups = [list(plan.saved), [p.name for p in plan.params], [d.name for d in op.dims]]
     for names in groups:
         if names:
             lines.append(f"{', '.join(names)} = {', '.join(f'saved[{n!r}]' for n in names)}")
     labels = {t.name for t in op.inputs if t.role is Role.LABEL}
-    floats = [n for n in program.saved if n not in labels] + list(program.cotangents)
+    floats = [n for n in plan.saved if n not in labels] + list(plan.cotangents)
     lines.append(f"{DTYPE} = _m.float_dtype({', '.join(floats)})")
-    if leading_inputs(program):
+    if leading_inputs(plan):
         lines.append("_lead = saved['_lead']")
-    for cot, out in zip(program.cotangents, op.outputs):
-        if leading_inputs(program) and out.dims and out.dims[0].leading:
+    for cot, out in zip(plan.cotangents, op.outputs):
+        if leading_inputs(plan) and out.dims and out.dims[0].leading:
             trailing = "".join(f"{d.name}, " for d in out.dims[1:])
             lines.append(f"{cot} = _m.fold_like(OP, {cot!r}, np.asarray({cot}), _lead, ({trailing}))")
         names = tuple(d.name for d in out.dims)
@@ -274,26 +274,26 @@ def _backward_prologue(program: KernelPlan) -> str:
     return "\n".join(lines)
 
 
-def _gradients(program: KernelPlan) -> str:
-    grads = {g[1:]: g for g in program.backward.returns}
-    dims = {t.name: t.dims for t in program.op.inputs}
-    return _tuple([_unfolded(program, grads[n], dims[n]) if n in grads else "None" for n in program.inputs], parens=True)
+def _gradients(plan: KernelPlan) -> str:
+    grads = {g[1:]: g for g in plan.backward.returns}
+    dims = {t.name: t.dims for t in plan.op.inputs}
+    return _tuple([_unfolded(plan, grads[n], dims[n]) if n in grads else "None" for n in plan.inputs], parens=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # constants and documentation
 
 
-def _constants(program: KernelPlan) -> str:
-    op = program.op
-    params = "{" + ", ".join(f"{p.name!r}: {int(p.default) if p.integer else float(p.default)!r}" for p in program.params) + "}"
-    integer = tuple(p.name for p in program.params if p.integer)
+def _constants(plan: KernelPlan) -> str:
+    op = plan.op
+    params = "{" + ", ".join(f"{p.name!r}: {int(p.default) if p.integer else float(p.default)!r}" for p in plan.params) + "}"
+    integer = tuple(p.name for p in plan.params if p.integer)
     input_dims = "{" + ", ".join(f"{t.name!r}: {tuple(d.name for d in t.dims)!r}" for t in op.inputs) + "}"
     return "\n".join([
         f"OP = {op.name!r}",
-        f"INPUTS = {tuple(program.inputs)!r}",
-        f"DIFFERENTIABLE = {tuple(program.differentiable)!r}",
-        f"OUTPUTS = {tuple(program.outputs)!r}",
+        f"INPUTS = {tuple(plan.inputs)!r}",
+        f"DIFFERENTIABLE = {tuple(plan.differentiable)!r}",
+        f"OUTPUTS = {tuple(plan.outputs)!r}",
         f"PARAMS = {params}",
         "",
         f"_INTEGER_PARAMS = {integer!r}",
@@ -301,8 +301,8 @@ def _constants(program: KernelPlan) -> str:
     ])
 
 
-def _module_doc(program: KernelPlan) -> str:
-    op = program.op
+def _module_doc(plan: KernelPlan) -> str:
+    op = plan.op
 
     def shape(name, dims):
         return f"{name}[{', '.join(d.name for d in dims)}]" if dims else name
@@ -310,12 +310,12 @@ def _module_doc(program: KernelPlan) -> str:
     lines = [f"{op.name}: {op.doc}.", "", "Inputs:"]
     for t in op.inputs:
         lines.append(f"    {shape(t.name, t.dims)}  ({t.role.value})")
-    if program.params:
+    if plan.params:
         lines.append("Params:")
-        for p in program.params:
+        for p in plan.params:
             lines.append(f"    {p.name} = {p.default!r}" + (f"  ({p.doc})" if p.doc else ""))
     lines.append("Outputs:")
     for o in op.outputs:
         lines.append(f"    {shape(o.name, o.dims)}")
-    lines.append(f"Saved for backward: {', '.join(program.saved) or 'nothing'} (and every param and dim).")
+    lines.append(f"Saved for backward: {', '.join(plan.saved) or 'nothing'} (and every param and dim).")
     return "\n".join(line.rstrip() for line in lines).replace('"""', "'''").replace("\\", "\\\\")

@@ -1,7 +1,7 @@
 """Kernel emitters for the MAP and ROW_REDUCTION classes (the GEMM classes are in triton_gemm).
 
 Each emitter turns one :class:`~symgrad.plan.Launch` into kernel source (through
-a Jinja skeleton in ``symgrad/templates/triton``) and the host lines that launch it. All decisions are
+a Jinja skeleton in ``templates/triton``) and the host lines that launch it. All decisions are
 made here, in Python; the templates only place the pieces.
 
 Row kernels. Indices of the row dim print as ``row`` (one program walks a range of rows), of the
