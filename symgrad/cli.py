@@ -314,11 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _classify(e: BaseException) -> tuple[str, int]:
     from .derive import DerivationError
+    from .plan import LoweringError
     from .project import ProjectError
 
     if isinstance(e, (UserError, ProjectError)):
         return str(e), EXIT_USER
-    if isinstance(e, DerivationError):
+    if isinstance(e, (DerivationError, LoweringError)):  # the op asks for what symgrad cannot do: it says what
         return str(e), EXIT_ENGINE
     if isinstance(e, KeyError):
         return (e.args[0] if e.args else "unknown name"), EXIT_USER

@@ -182,3 +182,23 @@ def test_unplannable_statement_names_op_and_statement():
             outputs=(output("out", (b, i, j), sp.Sum(x[b, k] * y[k, j] * z[k, i], (k, 0, Cd.symbol - 1)), (Bd, Cd, Nd)),))
     with pytest.raises(LoweringError, match="three_way.*not a product of two operands"):
         lower(derive(op, trace=False))
+
+
+def test_cli_refuses_an_unplannable_op_in_one_line(tmp_path):
+    import subprocess
+
+    (tmp_path / "badops.py").write_text(
+        "import sympy as sp\n"
+        "from symgrad.declare import Dim, Op, Tensor, idx, output, register\n"
+        "Bd, Cd, Nd = Dim('B', 'b'), Dim('C', 'i'), Dim('N', 'j')\n"
+        "b, i, j, k = idx('b i j k')\n"
+        "x, y, z = Tensor('x', (Bd, Cd)), Tensor('y', (Cd, Nd)), Tensor('z', (Cd, Nd))\n"
+        "register(Op('three_way', 'x y z', (x, y, z), outputs=(output('out', (b, i, j),"
+        " sp.Sum(x[b, k]*y[k, j]*z[k, i], (k, 0, Cd.symbol - 1)), (Bd, Cd, Nd)),)))\n"
+    )
+    r = subprocess.run([sys.executable, "-m", "symgrad", "derive", "three_way", "--ops", "badops"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error" not in lines[0] and "Traceback" not in r.stderr
+    assert lines[0].startswith("symgrad: error: op three_way: statement out[b, i, j] = ") and "not a product of two operands" in lines[0]
