@@ -828,7 +828,9 @@ def row_layout(s: _State, st: Statement) -> tuple:
         return (big, None)
     reduced = _bound_positions(st.expr, len(big))
     inner = sorted(p for p in reduced if p != len(big) - 1)
-    if len(inner) == 1 and len(reduced) == 1 and len(st.dims) == len(big):
+    # A sum over every leading axis (a bias gradient) is a cross-row partial along the last axis;
+    # one over a single axis among several leading ones, the rest kept, is that axis's row reduction.
+    if len(inner) == 1 and len(reduced) == 1 and len(big) > 2 and len(st.dims) >= len(big) - 1:
         return (big, inner[0])
     return (big, len(big) - 1)
 

@@ -296,7 +296,25 @@ def saved_line(d) -> str:
         line += f"; recomputed in backward: {', '.join(plan.recomputed)}"
     if plan.fused:
         line += "; fused loss: forward writes " + ", ".join(f"{f} (= {g} per unit {plan.cotangents[0]})" for g, f in plan.fused.items())
-    return line
+    return line + "\n" + targets_line(plan)
+
+
+def _targets_dict(d) -> dict:
+    from .plan import lower
+    from .targets import lowering_report
+
+    return {t: {"lowers": why is None, "why": why} for t, why in lowering_report(lower(d)).items()}
+
+
+def targets_line(plan) -> str:
+    """Which targets print the plan, and why any cannot."""
+    from .targets import lowering_report
+
+    report = lowering_report(plan)
+    ok = [t for t, why in report.items() if why is None]
+    lines = ["lowers for: " + (", ".join(ok) if ok else "no target")]
+    lines += [f"cannot lower for {t}: {why}" for t, why in report.items() if why is not None]
+    return "\n".join(lines)
 
 
 def lowering_steps(d) -> list[StepView]:
@@ -322,6 +340,7 @@ def derivation_dict(d, steps: bool = False) -> dict:
         "reads": list(d.reads),
         "saved": list(saved_plan(d)[0]),
         "recomputed": list(saved_plan(d)[1]),
+        "lowers_for": _targets_dict(d),
         "gradients": {name: to_str(g.expr) for name, g in d.gradients.items()},
         "targets": {name: to_str(g.target) for name, g in d.gradients.items()},
         "steps": [_step_json(v) for v in (forward_steps(d) + gradient_steps(d))] if steps else [],
@@ -409,7 +428,7 @@ def derivation_latex(d, steps: bool = False) -> str:
             lines += _latex_block(rows)
     lines.append("% gradients")
     lines += _latex_block([rf"{_latex_entry('d' + name, g.indices)} &= {to_latex(g.expr)}" for name, g in d.gradients.items()])
-    lines.append("% " + saved_line(d))
+    lines += ["% " + ln for ln in saved_line(d).splitlines()]
     return "\n".join(lines) + "\n"
 
 

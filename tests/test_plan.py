@@ -202,3 +202,19 @@ def test_cli_refuses_an_unplannable_op_in_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "internal error" not in lines[0] and "Traceback" not in r.stderr
     assert lines[0].startswith("symgrad: error: op three_way: statement out[b, i, j] = ") and "not a product of two operands" in lines[0]
+
+
+def test_derive_reports_which_targets_lower_the_plan(plans, monkeypatch):
+    from symgrad import render
+    from symgrad.targets import lowering_report
+
+    plan = plan_of("layer_norm", plans)
+    assert lowering_report(plan) == {"numpy": None, "triton": None}
+    assert render.targets_line(plan) == "lowers for: numpy, triton"
+
+    def refuse(plan, command):
+        raise LoweringError("op layer_norm: ROW_REDUCTION statement dx[b, i] = ...: not today")
+
+    monkeypatch.setattr(triton_target, "render", refuse)
+    assert render.targets_line(plan).splitlines() == [
+        "lowers for: numpy", "cannot lower for triton: op layer_norm: ROW_REDUCTION statement dx[b, i] = ...: not today"]

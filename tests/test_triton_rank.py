@@ -135,6 +135,14 @@ def spread(t, axis=-1):
     return wide[tuple(sl)]
 
 
+# (d) a sum over the first of three axes, the others kept: a row reduction along that axis
+xf = Tensor("x", (B, T, C))
+SUM_FIRST = REG.add(Op(
+    "rank_test_sum_first", "sum of x[B, T, C] over B", (xf,),
+    outputs=(output("out", (t, c), sp.Sum(xf[k, t, c], (k, 0, B.size - 1)), (T, C)),),
+))
+
+
 def check(mod, ref, inputs, params=None, rtol=1e-4, atol=1e-5):
     """Forward and every gradient of ``mod`` against ``ref`` in float64 autograd."""
     params = params or {}
@@ -192,6 +200,12 @@ def test_softmax_middle_axis(sizes, strided, tmp_path_factory):
     if strided:
         x = spread(x, 1)
     check(mod, lambda x_: torch.softmax(x_, dim=1), [x])
+
+
+@pytest.mark.parametrize("sizes", [(5, 2, 3), (19, 1, 2)], ids=["one-block", "two-blocks"])
+def test_sum_over_first_of_three_axes(sizes, tmp_path_factory):
+    mod = module(SUM_FIRST, tmp_path_factory)
+    check(mod, lambda x_: x_.sum(0), [spread(rand(*sizes, seed=6), 0)])
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])

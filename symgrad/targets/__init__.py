@@ -62,6 +62,7 @@ from pathlib import Path
 from types import ModuleType
 
 __all__ = [
+    "lowering_report",
     "Target", "TARGETS", "TargetUnavailable", "get_target", "load_renderer", "declaration_file", "REPO_ROOT",
     "template_root", "template_dir", "library_package",
 ]
@@ -147,6 +148,24 @@ def load_renderer(name: str) -> ModuleType:
 
 # ------------------------------------------------------------------------------------------------
 # where an op is declared (for the banner of its generated files)
+
+
+def lowering_report(plan) -> dict[str, str | None]:
+    """Per target: ``None`` when it prints ``plan``, else why it cannot (its LoweringError), so
+    ``symgrad derive`` tells what generation will refuse before anything is generated. A target
+    whose renderer cannot be imported is reported as such."""
+    from ..plan import LoweringError
+
+    report: dict[str, str | None] = {}
+    for name in TARGETS:
+        try:
+            load_renderer(name).render(plan, "")
+            report[name] = None
+        except TargetUnavailable as e:
+            report[name] = str(e)
+        except LoweringError as e:
+            report[name] = str(e)
+    return report
 
 
 def declaration_file(op) -> str:
