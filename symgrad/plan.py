@@ -35,6 +35,12 @@ Adding a kernel class: classify it in :func:`classify`, give it a launch kind in
 
 The lowering stages run in order, and each records what it decided in the plan's trace (shown by
 ``symgrad derive OP --steps``): :data:`LOWERING_STAGES`.
+
+Not here, on purpose: how an array target evaluates one statement (the NumPy printer's axis space,
+its row-scale and one-hot forms and its common subexpressions, in ``targets/statements.py``). They
+decide no launch, no saved value and no index change another target must share: Triton computes a
+one-hot as a masked store and leaves common subexpressions to its compiler, and the NumPy axis
+space renames bound indices in a way a row kernel must not see.
 """
 from __future__ import annotations
 
