@@ -261,3 +261,33 @@ def check_shape(op: str, name: str, value, dims: tuple, shape: tuple, dtype) -> 
         pretty = ", ".join(f"{d}={n}" for d, n in zip(dims, shape)) or "a scalar"
         raise ValueError(f"{op}: cotangent {name} must have shape {tuple(shape)} ({pretty}), got {a.shape}")
     return a
+
+
+# ------------------------------------------------------------------------------------------------
+# the saved dict handed out by forward_with_saved
+
+
+def own_saved(saved: dict, given, outputs) -> dict:
+    """``saved`` made independent of everything the caller holds, and read-only.
+
+    A saved array that may share memory with an input the caller passed (``given``) or an output
+    handed back (``outputs``, an array or a tuple of them) is copied, so an in-place change of the
+    caller's array between ``forward_with_saved`` and ``backward`` (``x += 1``) cannot change the
+    gradient: backward differentiates at the values forward saw, as torch's saved tensors do (torch
+    raises instead; NumPy arrays have no version counter to compare). Every saved array is then
+    marked read-only, so writing into ``saved`` itself raises. ``np.may_share_memory`` compares
+    bounds only: the check costs nothing, the copies cost one pass over the aliased arrays. ``vjp``
+    skips this: it owns its saved dict, nobody can change it between its forward and backward.
+    """
+    caller = [a for a in (*given, *(outputs if isinstance(outputs, tuple) else (outputs,)))
+              if isinstance(a, np.ndarray)]
+    owned = {}
+    for name, value in saved.items():
+        if isinstance(value, np.ndarray):
+            if any(np.may_share_memory(value, a) for a in caller):
+                value = value.copy()
+            else:
+                value = value.view()  # a view: read-only without touching the array forward made
+            value.flags.writeable = False
+        owned[name] = value
+    return owned

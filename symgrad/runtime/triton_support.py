@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the NumPy modules)
+from .domains import check_params  # noqa: F401  (param domains, shared with the NumPy modules)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -241,3 +242,37 @@ def check_float_param(op: str, name: str, value) -> float:
     return float(value)
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# saved tensors changed in place between forward_with_saved and backward (torch's version counters)
+
+
+def _version(t):
+    try:
+        return t._version
+    except (AttributeError, RuntimeError):  # not a tensor; inference tensors keep no version counter
+        return None
+
+
+def saved_versions(saved: dict, names) -> dict:
+    """``{name: t._version}`` for the saved tensors ``names``, as autograd records them when it saves
+    a tensor: any in-place change (of the tensor, of a view of it or of its base) bumps the count."""
+    return {n: _version(saved[n]) for n in names}
+
+
+def check_versions(op: str, saved: dict, inputs, outputs) -> None:
+    """Raise, as torch's autograd does, when a tensor ``forward_with_saved`` saved has been changed in
+    place since: backward would otherwise differentiate at values forward never saw. A saved dict
+    without ``_versions`` (the autograd path, where torch checks ``ctx.saved_tensors`` itself) passes."""
+    for name, then in (saved.get("_versions") or {}).items():
+        now = _version(saved[name])
+        if then is None or now == then:
+            continue
+        t = saved[name]
+        role = "input" if name in inputs else "output" if name in outputs else "saved value"
+        raise RuntimeError(
+            f"{op}: one of the tensors backward needs has been modified by an inplace operation: "
+            f"{role} {name} [{str(t.dtype).replace('torch.', '')} {list(t.shape)}] is at version {now}; "
+            f"expected version {then} instead. Call forward_with_saved again after changing it, or "
+            f"change a copy ({name}.clone()) instead.")

@@ -35,6 +35,13 @@ are folded into that dim, and outputs and gradients that start with it get them 
     ``outputs`` as ``forward`` returns them; ``saved`` is a dict holding exactly the values backward
     reads (``KernelPlan.saved``: inputs and forward values), every param, every dim size by name
     and, for an op with a ``leading`` dim, ``_lead``: the leading axes forward folded into it.
+    Inputs and outputs that ``saved`` holds must not be changed in place before ``backward``: the
+    NumPy target's saved arrays are read-only and copied wherever they would share memory with an
+    input passed or an output returned, so ``x += 1`` there leaves the gradient that of the values
+    forward saw; the Triton target records each saved tensor's ``_version`` (as torch's autograd
+    does) and ``backward`` raises a RuntimeError naming the op and the tensor "modified by an
+    inplace operation". ``forward`` and ``vjp`` keep their saved values to themselves and pay for
+    neither.
 ``backward(saved, *cotangents)``
     One cotangent per output, in ``OUTPUTS`` order, each of its output's shape. Returns a tuple with
     one entry per input in ``INPUTS`` order: the gradient (the input's shape), or ``None`` for an
