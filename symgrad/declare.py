@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -89,8 +90,81 @@ class Tensor:
 
 
 @dataclass(frozen=True)
+class Domain:
+    """The values a param may take: an interval of the reals (of the integers for an integer param),
+    each end open or closed. Spell it as text in a declaration: ``"finite"`` (the default: any
+    number but NaN and +-inf), ``"[0, 1]"``, ``"(0, inf)"``, ``"[1, inf)"``, ``"{0, 1}"`` (integers
+    only, same as ``"[0, 1]"``). The generated modules of every target check each param against its
+    domain before computing anything (:func:`symgrad.runtime.domains.check_params`)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_closed: bool = False
+    high_closed: bool = False
+
+    @staticmethod
+    def parse(spec: "Domain | str") -> "Domain":
+        if isinstance(spec, Domain):
+            return spec
+        text = str(spec).strip()
+        if text == "finite":
+            return Domain()
+        m = re.fullmatch(r"\{\s*(-?\d+)\s*,\s*(-?\d+)\s*\}", text)
+        if m:
+            return Domain(float(m[1]), float(m[2]), True, True)
+        m = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])", text)
+        if not m:
+            raise DeclarationError(f"domain {text!r}: write 'finite', an interval such as '[0, 1]' or '(0, inf)', or '{{0, 1}}'")
+        try:
+            low, high = float(m[2]), float(m[3])
+        except ValueError:
+            raise DeclarationError(f"domain {text!r}: its ends must be numbers or +-inf") from None
+        if math.isnan(low) or math.isnan(high) or low > high:
+            raise DeclarationError(f"domain {text!r} is empty")
+        return Domain(low, high, m[1] == "[" and math.isfinite(low), m[4] == "]" and math.isfinite(high))
+
+    def contains(self, value) -> bool:
+        v = float(value)
+        return (self.low <= v if self.low_closed else self.low < v) and (v <= self.high if self.high_closed else v < self.high)
+
+    def text(self, integer: bool = False) -> str:
+        """How messages and ``symgrad list`` name it: ``finite``, ``in [0, 1]``, ``an integer >= 1``."""
+
+        def num(v):
+            return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+        if integer:
+            lo = None if math.isinf(self.low) else math.floor(self.low) + (0 if self.low_closed and self.low.is_integer() else 1)
+            hi = None if math.isinf(self.high) else math.ceil(self.high) - (0 if self.high_closed and self.high.is_integer() else 1)
+            if lo is None and hi is None:
+                return "an integer"
+            if hi is None:
+                return f"an integer >= {lo}"
+            if lo is None:
+                return f"an integer <= {hi}"
+            if hi - lo <= 3:
+                return "in {" + ", ".join(str(v) for v in range(lo, hi + 1)) + "}"
+            return f"an integer in [{lo}, {hi}]"
+        if math.isinf(self.low) and math.isinf(self.high):
+            return "finite"
+        lo = "-inf" if math.isinf(self.low) else num(self.low)
+        hi = "inf" if math.isinf(self.high) else num(self.high)
+        return f"in {'[' if self.low_closed else '('}{lo}, {hi}{']' if self.high_closed else ')'}"
+
+    def literal(self, integer: bool = False) -> str:
+        """Python source of the entry the generated modules pass to the runtime check:
+        ``(low, high, low_closed, high_closed, text)``."""
+
+        def end(v):
+            return repr(float(v)) if math.isfinite(v) else ("float('inf')" if v > 0 else "-float('inf')")
+
+        return f"({end(self.low)}, {end(self.high)}, {self.low_closed}, {self.high_closed}, {self.text(integer)!r})"
+
+
+@dataclass(frozen=True)
 class Param:
-    """A scalar param (eps, lr, alpha...): a name with a default.
+    """A scalar param (eps, lr, alpha...): a name with a default and a :class:`Domain`
+    (``domain="[0, 1]"``; a float param's default domain is ``"finite"``, an integer's any integer).
 
     A param is its own symbol: use it in formulas directly (``x[b, i] + eps``, ``Param`` turns
     into :attr:`symbol` under SymPy arithmetic), or through ``.symbol``. Either way the formula
@@ -102,6 +176,13 @@ class Param:
     default: float
     integer: bool = False
     doc: str = ""
+    domain: Domain | str = "finite"
+
+    def __post_init__(self):
+        domain = Domain.parse(self.domain)
+        object.__setattr__(self, "domain", domain)
+        if not domain.contains(self.default):
+            raise DeclarationError(f"param {self.name}: its default {self.default!r} is outside its domain {domain.text(self.integer)}")
 
     @property
     def symbol(self) -> sp.Symbol:

@@ -173,7 +173,7 @@ def input_dict(t) -> dict:
 
 
 def param_dict(p) -> dict:
-    return {"name": p.name, "default": _number(p.default), "integer": p.integer, "doc": p.doc}
+    return {"name": p.name, "default": _number(p.default), "integer": p.integer, "domain": p.domain.text(p.integer), "doc": p.doc}
 
 
 def op_summary(op: Op) -> dict:
@@ -203,7 +203,7 @@ def op_list_text(ops: Iterable[Op]) -> str:
         outs = ", ".join(_shape(q.name, q.dims) for q in op.outputs)
         lines.append(f"{pad}in: {ins}  ->  out: {outs}")
         if op.params:
-            lines.append(f"{pad}params: " + ", ".join(f"{p.name}={_number(p.default)}" for p in op.params))
+            lines.append(f"{pad}params: " + ", ".join(f"{p.name}={_number(p.default)} ({p.domain.text(p.integer)})" for p in op.params))
     lines.append("")
     lines.append(f"{len(ops)} ops. `symgrad derive OP --steps` shows how an op's gradient is derived.")
     return "\n".join(lines) + "\n"

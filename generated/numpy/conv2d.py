@@ -6,8 +6,8 @@ Inputs:
     X[N, Cin, H, W]  (differentiable)
     Wt[Cout, Cin, R, S]  (differentiable)
 Params:
-    stride = 1
-    pad = 0
+    stride = 1, an integer >= 1  (as torch: a non-positive stride is refused)
+    pad = 0, an integer >= 0  (zero padding on each side; as torch, not negative)
 Outputs:
     Y[N, Cout, Ho, Wo]
 Saved for backward: X, Wt (and every param and dim).
@@ -28,23 +28,36 @@ OUTPUTS = ('Y',)
 PARAMS = {'stride': 1, 'pad': 0}
 
 _INTEGER_PARAMS = ('stride', 'pad')
+_PARAM_DOMAINS = {'stride': (1.0, float('inf'), True, False, 'an integer >= 1'), 'pad': (0.0, float('inf'), True, False, 'an integer >= 0')}  # param -> (low, high, low closed, high closed, domain)
 _INPUT_DIMS = {'X': ('N', 'Cin', 'H', 'W'), 'Wt': ('Cout', 'Cin', 'R', 'S')}  # input -> its dims, in declaration order
 
 
 def forward(X, Wt, **params):
     """The output."""
-    return forward_with_saved(X, Wt, **params)[0]
+    return _forward_with_saved(X, Wt, **params)[0]
+
+
+def forward_with_saved(X, Wt, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(X, Wt, **params)
+    return _outs, _m.own_saved(saved, (X, Wt,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(X, Wt, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(X, Wt, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
     stride, pad = params['stride'], params['pad']
-    X = np.asarray(X)
-    Wt = np.asarray(Wt)
+    X = _m.float_array(OP, 'input X', X)
+    Wt = _m.float_array(OP, 'input Wt', Wt)
     dims = _m.bind_dims(OP, {'X': X, 'Wt': Wt}, _INPUT_DIMS)
     N, Cin, H, W, Cout, R, S = dims['N'], dims['Cin'], dims['H'], dims['W'], dims['Cout'], dims['R'], dims['S']
     Ho = _m.derived_dim(OP, 'Ho', 'floor((H - R + 2*pad)/stride) + 1', lambda: (H - R + 2*pad)//stride + 1)
@@ -71,6 +84,7 @@ def backward(saved, dY):
     X, Wt = saved['X'], saved['Wt']
     stride, pad = saved['stride'], saved['pad']
     N, Cin, H, W, Cout, R, S, Ho, Wo = saved['N'], saved['Cin'], saved['H'], saved['W'], saved['Cout'], saved['R'], saved['S'], saved['Ho'], saved['Wo']
+    dY = _m.float_array(OP, 'cotangent dY', dY, weak=True)
     _dt = _m.float_dtype(X, Wt, dY)
     dY = _m.check_shape(OP, 'dY', dY, ('N', 'Cout', 'Ho', 'Wo'), (N, Cout, Ho, Wo), _dt)
 
@@ -97,5 +111,5 @@ def backward(saved, dY):
 
 def vjp(X, Wt, dY, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(X, Wt, **params)
+    _, saved = _forward_with_saved(X, Wt, **params)  # its own saved dict: nobody can change it
     return backward(saved, dY)

@@ -7,7 +7,7 @@ Inputs:
     w[D]  (differentiable)
     bias[D]  (differentiable)
 Params:
-    eps = 1e-05
+    eps = 1e-05, in (0, inf)  (added to the variance; positive)
 Outputs:
     y[B, D]
 Saved for backward: x, w, mean, rstd (and every param and dim).
@@ -28,24 +28,37 @@ OUTPUTS = ('y',)
 PARAMS = {'eps': 1e-05}
 
 _INTEGER_PARAMS = ()
+_PARAM_DOMAINS = {'eps': (0.0, float('inf'), False, False, 'in (0, inf)')}  # param -> (low, high, low closed, high closed, domain)
 _INPUT_DIMS = {'x': ('B', 'D'), 'w': ('D',), 'bias': ('D',)}  # input -> its dims, in declaration order
 
 
 def forward(x, w, bias, **params):
     """The output."""
-    return forward_with_saved(x, w, bias, **params)[0]
+    return _forward_with_saved(x, w, bias, **params)[0]
+
+
+def forward_with_saved(x, w, bias, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(x, w, bias, **params)
+    return _outs, _m.own_saved(saved, (x, w, bias,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(x, w, bias, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(x, w, bias, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
     eps = params['eps']
-    x = np.asarray(x)
-    w = np.asarray(w)
-    bias = np.asarray(bias)
+    x = _m.float_array(OP, 'input x', x)
+    w = _m.float_array(OP, 'input w', w)
+    bias = _m.float_array(OP, 'input bias', bias)
     _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x, 'w': w, 'bias': bias}, _INPUT_DIMS)
     B, D = dims['B'], dims['D']
@@ -73,6 +86,7 @@ def backward(saved, dy):
     x, w, mean, rstd = saved['x'], saved['w'], saved['mean'], saved['rstd']
     eps = saved['eps']
     B, D = saved['B'], saved['D']
+    dy = _m.float_array(OP, 'cotangent dy', dy, weak=True)
     _dt = _m.float_dtype(x, w, mean, rstd, dy)
     _lead = saved['_lead']
     dy = _m.fold_like(OP, 'dy', np.asarray(dy), _lead, (D, ))
@@ -97,5 +111,5 @@ def backward(saved, dy):
 
 def vjp(x, w, bias, dy, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(x, w, bias, **params)
+    _, saved = _forward_with_saved(x, w, bias, **params)  # its own saved dict: nobody can change it
     return backward(saved, dy)

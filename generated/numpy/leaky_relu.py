@@ -5,7 +5,7 @@
 Inputs:
     x[B, C]  (differentiable)
 Params:
-    alpha = 0.01
+    alpha = 0.01, finite
 Outputs:
     out[B, C]
 Saved for backward: x (and every param and dim).
@@ -26,22 +26,35 @@ OUTPUTS = ('out',)
 PARAMS = {'alpha': 0.01}
 
 _INTEGER_PARAMS = ()
+_PARAM_DOMAINS = {'alpha': (-float('inf'), float('inf'), False, False, 'finite')}  # param -> (low, high, low closed, high closed, domain)
 _INPUT_DIMS = {'x': ('B', 'C')}  # input -> its dims, in declaration order
 
 
 def forward(x, **params):
     """The output."""
-    return forward_with_saved(x, **params)[0]
+    return _forward_with_saved(x, **params)[0]
+
+
+def forward_with_saved(x, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(x, **params)
+    return _outs, _m.own_saved(saved, (x,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(x, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(x, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
     alpha = params['alpha']
-    x = np.asarray(x)
+    x = _m.float_array(OP, 'input x', x)
     _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
@@ -61,6 +74,7 @@ def backward(saved, dout):
     x = saved['x']
     alpha = saved['alpha']
     B, C = saved['B'], saved['C']
+    dout = _m.float_array(OP, 'cotangent dout', dout, weak=True)
     _dt = _m.float_dtype(x, dout)
     _lead = saved['_lead']
     dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
@@ -75,5 +89,5 @@ def backward(saved, dout):
 
 def vjp(x, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(x, **params)
+    _, saved = _forward_with_saved(x, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)

@@ -31,18 +31,29 @@ _INPUT_DIMS = {'X': ('B', 'K'), 'W': ('K', 'N'), 'bias': ('N',)}  # input -> its
 
 def forward(X, W, bias, **params):
     """The output."""
-    return forward_with_saved(X, W, bias, **params)[0]
+    return _forward_with_saved(X, W, bias, **params)[0]
+
+
+def forward_with_saved(X, W, bias, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(X, W, bias, **params)
+    return _outs, _m.own_saved(saved, (X, W, bias,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(X, W, bias, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(X, W, bias, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
-    X = np.asarray(X)
-    W = np.asarray(W)
-    bias = np.asarray(bias)
+    X = _m.float_array(OP, 'input X', X)
+    W = _m.float_array(OP, 'input W', W)
+    bias = _m.float_array(OP, 'input bias', bias)
     _lead, (X,) = _m.fold(OP, {'X': X}, {'X': 2})
     dims = _m.bind_dims(OP, {'X': X, 'W': W, 'bias': bias}, _INPUT_DIMS)
     B, K, N = dims['B'], dims['K'], dims['N']
@@ -63,6 +74,7 @@ def backward(saved, dY):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
     X, W = saved['X'], saved['W']
     B, K, N = saved['B'], saved['K'], saved['N']
+    dY = _m.float_array(OP, 'cotangent dY', dY, weak=True)
     _dt = _m.float_dtype(X, W, dY)
     _lead = saved['_lead']
     dY = _m.fold_like(OP, 'dY', np.asarray(dY), _lead, (N, ))
@@ -82,5 +94,5 @@ def backward(saved, dY):
 
 def vjp(X, W, bias, dY, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(X, W, bias, **params)
+    _, saved = _forward_with_saved(X, W, bias, **params)  # its own saved dict: nobody can change it
     return backward(saved, dY)

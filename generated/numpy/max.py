@@ -29,16 +29,27 @@ _INPUT_DIMS = {'x': ('B', 'C')}  # input -> its dims, in declaration order
 
 def forward(x, **params):
     """The output."""
-    return forward_with_saved(x, **params)[0]
+    return _forward_with_saved(x, **params)[0]
+
+
+def forward_with_saved(x, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(x, **params)
+    return _outs, _m.own_saved(saved, (x,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(x, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(x, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
-    x = np.asarray(x)
+    x = _m.float_array(OP, 'input x', x)
     _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
@@ -57,6 +68,7 @@ def backward(saved, dout):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
     x, out = saved['x'], saved['out']
     B, C = saved['B'], saved['C']
+    dout = _m.float_array(OP, 'cotangent dout', dout, weak=True)
     _dt = _m.float_dtype(x, out, dout)
     _lead = saved['_lead']
     dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, ())
@@ -72,5 +84,5 @@ def backward(saved, dout):
 
 def vjp(x, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(x, **params)
+    _, saved = _forward_with_saved(x, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)

@@ -30,17 +30,28 @@ _INPUT_DIMS = {'p': ('B', 'C'), 'q': ('B', 'C')}  # input -> its dims, in declar
 
 def forward(p, q, **params):
     """The output."""
-    return forward_with_saved(p, q, **params)[0]
+    return _forward_with_saved(p, q, **params)[0]
+
+
+def forward_with_saved(p, q, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(p, q, **params)
+    return _outs, _m.own_saved(saved, (p, q,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(p, q, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(p, q, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
-    p = np.asarray(p)
-    q = np.asarray(q)
+    p = _m.float_array(OP, 'input p', p)
+    q = _m.float_array(OP, 'input q', q)
     _lead, (p, q,) = _m.fold(OP, {'p': p, 'q': q}, {'p': 2, 'q': 2})
     dims = _m.bind_dims(OP, {'p': p, 'q': q}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
@@ -60,6 +71,7 @@ def backward(saved, dout):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
     p, q = saved['p'], saved['q']
     B, C = saved['B'], saved['C']
+    dout = _m.float_array(OP, 'cotangent dout', dout, weak=True)
     _dt = _m.float_dtype(p, q, dout)
     _lead = saved['_lead']
     dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
@@ -76,5 +88,5 @@ def backward(saved, dout):
 
 def vjp(p, q, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(p, q, **params)
+    _, saved = _forward_with_saved(p, q, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)

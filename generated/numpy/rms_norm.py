@@ -6,7 +6,7 @@ Inputs:
     x[B, D]  (differentiable)
     w[D]  (differentiable)
 Params:
-    eps = 1e-06
+    eps = 1e-06, in (0, inf)  (added to the mean square; positive)
 Outputs:
     y[B, D]
 Saved for backward: x, w, rstd (and every param and dim).
@@ -27,23 +27,36 @@ OUTPUTS = ('y',)
 PARAMS = {'eps': 1e-06}
 
 _INTEGER_PARAMS = ()
+_PARAM_DOMAINS = {'eps': (0.0, float('inf'), False, False, 'in (0, inf)')}  # param -> (low, high, low closed, high closed, domain)
 _INPUT_DIMS = {'x': ('B', 'D'), 'w': ('D',)}  # input -> its dims, in declaration order
 
 
 def forward(x, w, **params):
     """The output."""
-    return forward_with_saved(x, w, **params)[0]
+    return _forward_with_saved(x, w, **params)[0]
+
+
+def forward_with_saved(x, w, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(x, w, **params)
+    return _outs, _m.own_saved(saved, (x, w,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(x, w, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(x, w, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
     eps = params['eps']
-    x = np.asarray(x)
-    w = np.asarray(w)
+    x = _m.float_array(OP, 'input x', x)
+    w = _m.float_array(OP, 'input w', w)
     _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x, 'w': w}, _INPUT_DIMS)
     B, D = dims['B'], dims['D']
@@ -67,6 +80,7 @@ def backward(saved, dy):
     x, w, rstd = saved['x'], saved['w'], saved['rstd']
     eps = saved['eps']
     B, D = saved['B'], saved['D']
+    dy = _m.float_array(OP, 'cotangent dy', dy, weak=True)
     _dt = _m.float_dtype(x, w, rstd, dy)
     _lead = saved['_lead']
     dy = _m.fold_like(OP, 'dy', np.asarray(dy), _lead, (D, ))
@@ -86,5 +100,5 @@ def backward(saved, dy):
 
 def vjp(x, w, dy, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(x, w, **params)
+    _, saved = _forward_with_saved(x, w, **params)  # its own saved dict: nobody can change it
     return backward(saved, dy)

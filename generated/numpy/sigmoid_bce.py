@@ -30,17 +30,28 @@ _INPUT_DIMS = {'x': ('B', 'C'), 'y': ('B', 'C')}  # input -> its dims, in declar
 
 def forward(x, y, **params):
     """The output."""
-    return forward_with_saved(x, y, **params)[0]
+    return _forward_with_saved(x, y, **params)[0]
+
+
+def forward_with_saved(x, y, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(x, y, **params)
+    return _outs, _m.own_saved(saved, (x, y,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(x, y, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(x, y, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
-    x = np.asarray(x)
-    y = np.asarray(y)
+    x = _m.float_array(OP, 'input x', x)
+    y = _m.float_array(OP, 'input y', y)
     dims = _m.bind_dims(OP, {'x': x, 'y': y}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _dt = _m.float_dtype(x, y)
@@ -63,6 +74,7 @@ def backward(saved, dloss):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
     dx_fused = saved['dx_fused']
     B, C = saved['B'], saved['C']
+    dloss = _m.float_array(OP, 'cotangent dloss', dloss, weak=True)
     _dt = _m.float_dtype(dx_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, (), (), _dt)
 
@@ -74,5 +86,5 @@ def backward(saved, dloss):
 
 def vjp(x, y, dloss, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(x, y, **params)
+    _, saved = _forward_with_saved(x, y, **params)  # its own saved dict: nobody can change it
     return backward(saved, dloss)

@@ -6,8 +6,8 @@ Inputs:
     x[B, C]  (differentiable)
     y[B]  (label)
 Params:
-    eps = 0.0  (label smoothing)
-    ignore_index = -100  (label of rows to skip)
+    eps = 0.0, in [0, 1]  (label smoothing)
+    ignore_index = -100, an integer  (label of rows to skip)
 Outputs:
     loss
 Saved for backward: dx_fused (and every param and dim).
@@ -28,22 +28,35 @@ OUTPUTS = ('loss',)
 PARAMS = {'eps': 0.0, 'ignore_index': -100}
 
 _INTEGER_PARAMS = ('ignore_index',)
+_PARAM_DOMAINS = {'eps': (0.0, 1.0, True, True, 'in [0, 1]'), 'ignore_index': (-float('inf'), float('inf'), False, False, 'an integer')}  # param -> (low, high, low closed, high closed, domain)
 _INPUT_DIMS = {'x': ('B', 'C'), 'y': ('B',)}  # input -> its dims, in declaration order
 
 
 def forward(x, y, **params):
     """The output."""
-    return forward_with_saved(x, y, **params)[0]
+    return _forward_with_saved(x, y, **params)[0]
+
+
+def forward_with_saved(x, y, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(x, y, **params)
+    return _outs, _m.own_saved(saved, (x, y,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(x, y, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(x, y, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
     eps, ignore_index = params['eps'], params['ignore_index']
-    x = np.asarray(x)
+    x = _m.float_array(OP, 'input x', x)
     y = _m.label_array(OP, 'y', y)
     dims = _m.bind_dims(OP, {'x': x, 'y': y}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
@@ -86,6 +99,7 @@ def backward(saved, dloss):
     dx_fused = saved['dx_fused']
     eps, ignore_index = saved['eps'], saved['ignore_index']
     B, C = saved['B'], saved['C']
+    dloss = _m.float_array(OP, 'cotangent dloss', dloss, weak=True)
     _dt = _m.float_dtype(dx_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, (), (), _dt)
 
@@ -97,5 +111,5 @@ def backward(saved, dloss):
 
 def vjp(x, y, dloss, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(x, y, **params)
+    _, saved = _forward_with_saved(x, y, **params)  # its own saved dict: nobody can change it
     return backward(saved, dloss)

@@ -30,17 +30,28 @@ _INPUT_DIMS = {'a': ('B', 'C'), 'g': ('B', 'C')}  # input -> its dims, in declar
 
 def forward(a, g, **params):
     """The output."""
-    return forward_with_saved(a, g, **params)[0]
+    return _forward_with_saved(a, g, **params)[0]
+
+
+def forward_with_saved(a, g, **params):
+    """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
+
+    The saved arrays are read-only, and copies wherever they would share memory with an input
+    passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
+    leaves the gradient that of the values this forward saw.
+    """
+    _outs, saved = _forward_with_saved(a, g, **params)
+    return _outs, _m.own_saved(saved, (a, g,), _outs)
 
 
 # Strong zeros are np.where over both branches: the masked branch may overflow or divide by zero,
 # and its value is discarded, so floating-point warnings say nothing about the result.
 @np.errstate(all="ignore")
-def forward_with_saved(a, g, **params):
-    """``(outputs, saved)``: saved holds what backward reads, every param and every dim."""
+def _forward_with_saved(a, g, **params):
+    """forward_with_saved, with saved values that may alias the caller's arrays (forward, vjp)."""
     params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
-    a = np.asarray(a)
-    g = np.asarray(g)
+    a = _m.float_array(OP, 'input a', a)
+    g = _m.float_array(OP, 'input g', g)
     _lead, (a, g,) = _m.fold(OP, {'a': a, 'g': g}, {'a': 2, 'g': 2})
     dims = _m.bind_dims(OP, {'a': a, 'g': g}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
@@ -60,6 +71,7 @@ def backward(saved, dout):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
     a, g, out = saved['a'], saved['g'], saved['out']
     B, C = saved['B'], saved['C']
+    dout = _m.float_array(OP, 'cotangent dout', dout, weak=True)
     _dt = _m.float_dtype(a, g, out, dout)
     _lead = saved['_lead']
     dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
@@ -77,5 +89,5 @@ def backward(saved, dout):
 
 def vjp(a, g, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
-    _, saved = forward_with_saved(a, g, **params)
+    _, saved = _forward_with_saved(a, g, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)

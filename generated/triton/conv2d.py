@@ -276,8 +276,13 @@ _SPECS = (('X', 4, False), ('Wt', 4, False), )
 _DIMS = (('X', ('N', 'Cin', 'H', 'W', )), ('Wt', ('Cout', 'Cin', 'R', 'S', )), )
 
 
+_PARAM_DOMAINS = {'stride': (1.0, float('inf'), True, False, 'an integer >= 1'), 'pad': (0.0, float('inf'), True, False, 'an integer >= 0')}  # param -> (low, high, low closed, high closed, domain)
+
+
 def _params(stride, pad, ):
-    return (_rt.check_int_param(OP, 'stride', stride), _rt.check_int_param(OP, 'pad', pad), )
+    values = (_rt.check_int_param(OP, 'stride', stride), _rt.check_int_param(OP, 'pad', pad), )
+    _rt.check_params(OP, dict(zip(PARAMS, values)), _PARAM_DOMAINS)
+    return values
 
 
 def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
@@ -328,13 +333,20 @@ def forward(X, Wt, *, stride=1, pad=0, ):
 
 
 def forward_with_saved(X, Wt, *, stride=1, pad=0, ):
-    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads."""
+    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
+    saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(X, Wt, *_params(stride, pad, ), True)
     return (outs[0] if len(outs) == 1 else outs), saved
 
 
 def backward(saved, dY, ):
-    """One gradient per input, in declaration order (None for non-differentiable inputs)."""
+    """One gradient per input, in declaration order (None for non-differentiable inputs).
+
+    Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
+    in place since, as torch's autograd does.
+    """
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     dtype, device = saved["_dtype"], saved["_device"]
     n_N = saved['N']
     n_Cin = saved['Cin']

@@ -110,7 +110,8 @@ _DIMS = (('x', ('B', 'C', )), )
 
 
 def _params():
-    return ()
+    values = ()
+    return values
 
 
 def _forward(t_x, write_grad):
@@ -143,13 +144,20 @@ def forward(x, ):
 
 
 def forward_with_saved(x, ):
-    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads."""
+    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
+    saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, *_params(), True)
     return (outs[0] if len(outs) == 1 else outs), saved
 
 
 def backward(saved, dout, ):
-    """One gradient per input, in declaration order (None for non-differentiable inputs)."""
+    """One gradient per input, in declaration order (None for non-differentiable inputs).
+
+    Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
+    in place since, as torch's autograd does.
+    """
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_C = saved['C']

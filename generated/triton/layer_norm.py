@@ -235,8 +235,13 @@ _SPECS = (('x', 2, False), ('w', 1, False), ('bias', 1, False), )
 _DIMS = (('x', ('B', 'D', )), ('w', ('D', )), ('bias', ('D', )), )
 
 
+_PARAM_DOMAINS = {'eps': (0.0, float('inf'), False, False, 'in (0, inf)')}  # param -> (low, high, low closed, high closed, domain)
+
+
 def _params(eps, ):
-    return (_rt.check_float_param(OP, 'eps', eps), )
+    values = (_rt.check_float_param(OP, 'eps', eps), )
+    _rt.check_params(OP, dict(zip(PARAMS, values)), _PARAM_DOMAINS)
+    return values
 
 
 def _forward(t_x, t_w, t_bias, p_eps, write_grad):
@@ -275,13 +280,20 @@ def forward(x, w, bias, *, eps=1e-05, ):
 
 
 def forward_with_saved(x, w, bias, *, eps=1e-05, ):
-    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads."""
+    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
+    saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, w, bias, *_params(eps, ), True)
     return (outs[0] if len(outs) == 1 else outs), saved
 
 
 def backward(saved, dy, ):
-    """One gradient per input, in declaration order (None for non-differentiable inputs)."""
+    """One gradient per input, in declaration order (None for non-differentiable inputs).
+
+    Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
+    in place since, as torch's autograd does.
+    """
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_D = saved['D']

@@ -109,8 +109,13 @@ _SPECS = (('x', 2, False), )
 _DIMS = (('x', ('B', 'C', )), )
 
 
+_PARAM_DOMAINS = {'alpha': (-float('inf'), float('inf'), False, False, 'finite')}  # param -> (low, high, low closed, high closed, domain)
+
+
 def _params(alpha, ):
-    return (_rt.check_float_param(OP, 'alpha', alpha), )
+    values = (_rt.check_float_param(OP, 'alpha', alpha), )
+    _rt.check_params(OP, dict(zip(PARAMS, values)), _PARAM_DOMAINS)
+    return values
 
 
 def _forward(t_x, p_alpha, write_grad):
@@ -144,13 +149,20 @@ def forward(x, *, alpha=0.01, ):
 
 
 def forward_with_saved(x, *, alpha=0.01, ):
-    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads."""
+    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
+    saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, *_params(alpha, ), True)
     return (outs[0] if len(outs) == 1 else outs), saved
 
 
 def backward(saved, dout, ):
-    """One gradient per input, in declaration order (None for non-differentiable inputs)."""
+    """One gradient per input, in declaration order (None for non-differentiable inputs).
+
+    Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
+    in place since, as torch's autograd does.
+    """
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_C = saved['C']

@@ -229,8 +229,13 @@ _SPECS = (('x', 2, False), ('y', 1, True), )
 _DIMS = (('x', ('B', 'C', )), ('y', ('B', )), )
 
 
+_PARAM_DOMAINS = {'eps': (0.0, 1.0, True, True, 'in [0, 1]'), 'ignore_index': (-float('inf'), float('inf'), False, False, 'an integer')}  # param -> (low, high, low closed, high closed, domain)
+
+
 def _params(eps, ignore_index, ):
-    return (_rt.check_float_param(OP, 'eps', eps), _rt.check_int_param(OP, 'ignore_index', ignore_index), )
+    values = (_rt.check_float_param(OP, 'eps', eps), _rt.check_int_param(OP, 'ignore_index', ignore_index), )
+    _rt.check_params(OP, dict(zip(PARAMS, values)), _PARAM_DOMAINS)
+    return values
 
 
 def _forward(t_x, t_y, p_eps, p_ignore_index, write_grad):
@@ -276,13 +281,20 @@ def forward(x, y, *, eps=0.0, ignore_index=-100, ):
 
 
 def forward_with_saved(x, y, *, eps=0.0, ignore_index=-100, ):
-    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads."""
+    """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
+    saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, y, *_params(eps, ignore_index, ), True)
     return (outs[0] if len(outs) == 1 else outs), saved
 
 
 def backward(saved, dloss, ):
-    """One gradient per input, in declaration order (None for non-differentiable inputs)."""
+    """One gradient per input, in declaration order (None for non-differentiable inputs).
+
+    Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
+    in place since, as torch's autograd does.
+    """
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_C = saved['C']

@@ -7,7 +7,7 @@ from .dims import C, ROWS as B  # rows: any number of leading axes, as torch tak
 
 b, i = idx("b i")
 _x = sp.IndexedBase("x", real=True)[b, i]
-alpha, k = Param("alpha", 0.01), Param("k", 3.0)  # params are the symbols their formulas use
+alpha, k = Param("alpha", 0.01, domain="finite"), Param("k", 3.0, domain="finite")  # params are the symbols their formulas use
 
 # name: (forward of z, params, sampling domain of x, doc)
 TABLE = {

@@ -7,7 +7,8 @@ import sympy as sp
 
 from ..declare import Dim, Op, Param, Tensor, output, register, idx
 
-stride, pad = Param("stride", 1, integer=True), Param("pad", 0, integer=True)
+stride = Param("stride", 1, integer=True, domain="[1, inf)", doc="as torch: a non-positive stride is refused")
+pad = Param("pad", 0, integer=True, domain="[0, inf)", doc="zero padding on each side; as torch, not negative")
 Nb, Ci, Co = Dim("N", "n"), Dim("Cin", "c"), Dim("Cout", "o")
 H, Wd, R, S = Dim("H", "h"), Dim("W", "w"), Dim("R", "r"), Dim("S", "s")
 Ho = Dim("Ho", "h", sp.floor((H.symbol + 2 * pad - R.symbol) / stride) + 1)

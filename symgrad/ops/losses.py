@@ -33,8 +33,8 @@ register(Op(
 # target t[b, i] = (1 - eps)*onehot(y[b], i) + eps/C; rows whose label is ignore_index weigh 0,
 # and the loss is averaged over the rows that count.
 logits, labels = Tensor("x", (B, C), domain=(-4.0, 4.0)), Tensor("y", (B,), Role.LABEL)
-eps = Param("eps", 0.0, doc="label smoothing")
-ignore = Param("ignore_index", -100, integer=True, doc="label of rows to skip")
+eps = Param("eps", 0.0, doc="label smoothing", domain="[0, 1]")  # torch: label_smoothing in [0.0, 1.0]
+ignore = Param("ignore_index", -100, integer=True, doc="label of rows to skip", domain="finite")  # any integer
 valid = Iverson(sp.Ne(labels[b], ignore))
 lse = sp.IndexedBase("lse", real=True)
 w = sp.IndexedBase("w", real=True)

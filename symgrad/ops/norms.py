@@ -11,7 +11,7 @@ mean, rstd, xhat = (sp.IndexedBase(n, real=True) for n in ("mean", "rstd", "xhat
 SIZES = ({"B": 1, "D": 2}, {"B": 3, "D": 5}, {"B": 2, "D": 41})
 TOL = {"float32": (1e-4, 1e-5), "bfloat16": (3e-2, 3e-2)}
 
-eps = Param("eps", 1e-5)
+eps = Param("eps", 1e-5, domain="(0, inf)", doc="added to the variance; positive")
 register(Op(
     "layer_norm", "(x - mean)/sqrt(var + eps)*w + bias along each row", (x, w, bias),
     intermediates=(
@@ -22,7 +22,7 @@ register(Op(
     outputs=(output("y", (b, i), xhat[b, i] * w[i] + bias[i], (B, D)),),
     params=(eps,), test_sizes=SIZES, tolerances=TOL,
 ))
-eps = Param("eps", 1e-6)
+eps = Param("eps", 1e-6, domain="(0, inf)", doc="added to the mean square; positive")
 register(Op(
     "rms_norm", "x/sqrt(mean(x**2) + eps)*w along each row", (x, w),
     intermediates=(

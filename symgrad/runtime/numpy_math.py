@@ -10,10 +10,11 @@ import operator
 import numpy as np
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the Triton modules)
+from .domains import check_params  # noqa: F401  (param domains, shared with the Triton modules)
 
 __all__ = [
     "ALL", "erf", "sigmoid", "gather", "add_onehot", "zero_unless",
-    "bind_params", "bind_dims", "derived_dim", "check_shape", "float_dtype", "label_array",
+    "bind_params", "bind_dims", "derived_dim", "check_shape", "float_dtype", "float_array", "label_array",
 ]
 
 
@@ -215,6 +216,25 @@ def float_dtype(*values) -> np.dtype:
     return np.result_type(*args, np.float32)
 
 
+def float_array(op: str, name: str, value, weak: bool = False) -> np.ndarray:
+    """A float input (or cotangent) as an array: its dtype must be a real float (float16, float32,
+    float64), as the Triton modules and torch's float ops require. Complex, boolean, integer,
+    object and string arrays are refused here, before any computing: the math would be silently
+    wrong for them (complex) or they are a mistake to cast (labels passed as floats' input). A
+    Python ``int`` or ``float`` scalar (``dloss=1``) counts as a float; with ``weak`` it stays a
+    Python float, so it does not widen the math's dtype (NEP 50, see :func:`float_dtype`)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if weak else np.asarray(float(value))
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{op}: {name} must be a real float array, got {type(value).__name__} ({e})") from None
+    if a.dtype.kind != "f":
+        raise ValueError(f"{op}: {name} must be a real float array (float16, float32 or float64), got dtype {a.dtype}; "
+                        "cast it (complex, boolean, integer and object arrays are not accepted)")
+    return a
+
+
 def label_array(op: str, name: str, value) -> np.ndarray:
     """An integer label tensor; a float array here is a mistake, not something to round."""
     a = np.asarray(value)
@@ -256,7 +276,7 @@ def derived_dim(op: str, name: str, formula: str, compute) -> int:
 
 def check_shape(op: str, name: str, value, dims: tuple, shape: tuple, dtype) -> np.ndarray:
     """A cotangent must have exactly its output's shape; returned as an array of ``dtype``."""
-    a = np.asarray(value, dtype=dtype)
+    a = float_array(op, f"cotangent {name}", value).astype(dtype, copy=False)
     if a.shape != tuple(shape):
         pretty = ", ".join(f"{d}={n}" for d, n in zip(dims, shape)) or "a scalar"
         raise ValueError(f"{op}: cotangent {name} must have shape {tuple(shape)} ({pretty}), got {a.shape}")

@@ -209,6 +209,7 @@ def _forward_prologue(plan: KernelPlan) -> str:
     op = plan.op
     lines = ["params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)"]
     if plan.params:
+        lines.append("_m.check_params(OP, params, _PARAM_DOMAINS)")
         names = [p.name for p in plan.params]
         lines.append(f"{', '.join(names)} = {', '.join(f'params[{n!r}]' for n in names)}")
     floats = []
@@ -216,7 +217,7 @@ def _forward_prologue(plan: KernelPlan) -> str:
         if t.role is Role.LABEL:
             lines.append(f"{t.name} = _m.label_array(OP, {t.name!r}, {t.name})")
         else:
-            lines.append(f"{t.name} = np.asarray({t.name})")
+            lines.append(f"{t.name} = _m.float_array(OP, 'input {t.name}', {t.name})")
             floats.append(t.name)
     lines.append(f"dims = _m.bind_dims(OP, {{{', '.join(f'{t.name!r}: {t.name}' for t in op.inputs)}}}, _INPUT_DIMS)")
     given = [s.dim.name for s in plan.dims if s.formula is None]
@@ -262,6 +263,7 @@ def _backward_prologue(plan: KernelPlan) -> str:
             lines.append(f"{', '.join(names)} = {', '.join(f'saved[{n!r}]' for n in names)}")
     labels = {t.name for t in op.inputs if t.role is Role.LABEL}
     floats = [n for n in plan.saved if n not in labels] + list(plan.cotangents)
+    lines += [f"{c} = _m.float_array(OP, 'cotangent {c}', {c}, weak=True)" for c in plan.cotangents]
     lines.append(f"{DTYPE} = _m.float_dtype({', '.join(floats)})")
     if leading_inputs(plan):
         lines.append("_lead = saved['_lead']")
@@ -297,8 +299,15 @@ def _constants(plan: KernelPlan) -> str:
         f"PARAMS = {params}",
         "",
         f"_INTEGER_PARAMS = {integer!r}",
+        *([_domain_table(plan.params)] if plan.params else []),
         f"_INPUT_DIMS = {input_dims}  # input -> its dims, in declaration order",
     ])
+
+
+def _domain_table(params) -> str:
+    """Each param's declared domain, as :func:`symgrad.runtime.domains.check_params` reads it."""
+    rows = ", ".join(f"{p.name!r}: {p.domain.literal(p.integer)}" for p in params)
+    return f"_PARAM_DOMAINS = {{{rows}}}  # param -> (low, high, low closed, high closed, domain)"
 
 
 def _module_doc(plan: KernelPlan) -> str:
@@ -313,7 +322,7 @@ def _module_doc(plan: KernelPlan) -> str:
     if plan.params:
         lines.append("Params:")
         for p in plan.params:
-            lines.append(f"    {p.name} = {p.default!r}" + (f"  ({p.doc})" if p.doc else ""))
+            lines.append(f"    {p.name} = {p.default!r}, {p.domain.text(p.integer)}" + (f"  ({p.doc})" if p.doc else ""))
     lines.append("Outputs:")
     for o in op.outputs:
         lines.append(f"    {shape(o.name, o.dims)}")

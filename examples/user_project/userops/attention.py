@@ -21,7 +21,7 @@ from symgrad.functions import Iverson
 
 Bd, Hd, Td, Ed = Dim("B", "b"), Dim("H", "h"), Dim("T", "t"), Dim("E", "e")
 b, h, t, s, e, u = idx("b h t s e u")
-causal = Param("causal", 0, integer=True, doc="1: key s > query t is masked (is_causal=True)")
+causal = Param("causal", 0, integer=True, doc="1: key s > query t is masked (is_causal=True)", domain="{0, 1}")
 Q, K, V = (Tensor(n, (Bd, Hd, Td, Ed)) for n in "QKV")
 score, lse, p = (sp.IndexedBase(n, real=True) for n in ("score", "lse", "p"))
 

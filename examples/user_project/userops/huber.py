@@ -8,7 +8,7 @@ from symgrad.functions import Iverson
 
 N, D = Dim("N", "n"), Dim("D", "d")
 n, d = idx("n d")
-delta_param = Param("delta", 1.0, doc="where the loss turns from quadratic to linear")
+delta_param = Param("delta", 1.0, doc="where the loss turns from quadratic to linear", domain="(0, inf)")
 delta = delta_param.symbol
 pred, target = Tensor("pred", (N, D), domain=(-3.0, 3.0)), Tensor("target", (N, D), Role.CONST, domain=(-3.0, 3.0))
 r = pred[n, d] - target[n, d]

@@ -1,0 +1,17 @@
+"""Param domains: the one check every generated module runs on its params before computing.
+
+Each op declares its params' domains (``Param(..., domain="[0, 1]")``, :class:`symgrad.declare.Domain`);
+a generated module carries them as a table ``{param: (low, high, low_closed, high_closed, text)}``
+and calls :func:`check_params` with it, on both targets. NaN lies in no domain.
+"""
+from __future__ import annotations
+
+
+def check_params(op: str, values: dict, domains: dict) -> None:
+    """A ``ValueError`` naming the op, the param, its value and its domain for the first param
+    outside its domain (``conv2d: param stride must be an integer >= 1, got 0``)."""
+    for name, (low, high, low_closed, high_closed, text) in domains.items():
+        v = values[name]
+        inside = (low <= v if low_closed else low < v) and (v <= high if high_closed else v < high)
+        if not inside:
+            raise ValueError(f"{op}: param {name} must be {text}, got {v!r}")
