@@ -249,6 +249,7 @@ def forward_with_saved(X, W, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(X, W, *_params(), True)
+    saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     return (outs[0] if len(outs) == 1 else outs), saved
 
 
@@ -259,7 +260,6 @@ def backward(saved, dY, ):
     in place since, as torch's autograd does.
     """
     _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
-    saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_K = saved['K']
