@@ -378,7 +378,12 @@ def choose_saved(s: _State) -> None:
         if name in want:
             want |= fwd[name].reads() & set(fwd)
     s.forward = [fwd[n] for n in order if n in want]
-    s.note("choose saved", "save_reductions", choose_saved.__doc__.split(";")[0], sorted(need & set(fwd)), sorted(s.saved) + recompute)
+    if s.saved:
+        s.note("choose saved", "save", "saved: computing it needs a reduction (or it is an output worth a transcendental call)",
+               sorted(need & set(fwd)), [n for n in order if n in s.saved])
+    if recompute:
+        s.note("choose saved", "recompute", "recomputed in backward: a map of saved values, cheaper than a tensor in memory",
+               sorted(need & set(fwd)), recompute)
 
 
 def inline_temporaries(s: _State) -> None:
@@ -400,9 +405,10 @@ def _inline(s: _State, stmts: list, keep: set) -> list:
         for prev in out:
             if prev.target in st.reads() and prev.target not in keep and not s.crosses(prev) and not holds_contraction:
                 expr = substitute(expr, prev, s.fresh)
+        new = replace(st, expr=expr, kind=classify(expr, _non_indices(s)))
         if expr != st.expr:
-            s.note("inline temporaries", "inline", "a temporary read by one launch is computed where it is used", st, st.target)
-        out.append(replace(st, expr=expr, kind=classify(expr, _non_indices(s))))
+            s.note("inline temporaries", "inline", "a temporary read by one launch is computed where it is used", st, new)
+        out.append(new)
     # Drop what is no longer read (a temporary inlined everywhere), until nothing changes.
     while True:
         needed = set(keep).union(*(st.reads() for st in out))

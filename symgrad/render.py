@@ -362,7 +362,8 @@ def _steps_text(views: list[StepView], lead: str) -> list[str]:
             stage = v.stage
             lines.append(f"  [{stage}]")
         lines.append(f"    {v.rule.ljust(rule_w)}  {v.doc}")
-        lines.append(f"    {' ' * rule_w}  {lead} {to_str(v.expr)}")
+        shown = f"{to_str(v.expr.lhs)} = {to_str(v.expr.rhs)}" if isinstance(v.expr, sp.Eq) else to_str(v.expr)
+        lines.append(f"    {' ' * rule_w}  {lead} {shown}")
     return lines
 
 
