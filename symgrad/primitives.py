@@ -174,12 +174,69 @@ def _iverson_latex(printer, expr, exp=None):
     return f"{tex}^{{{exp}}}" if exp else tex
 
 
+def bracket_false(bracket):
+    """Where the bracket is surely 0, or None when that is simply ``not cond``.
+
+    A bracket compares values: where one side is NaN the comparison is unordered, and the bracket is
+    NaN, not 0 (``relu(nan) = nan*[nan > 0]`` is NaN, as torch gives it). So a target prints
+    ``[c]*v`` as ``where(c, v, where(bracket_false, 0, nan))``. Brackets over integers (index
+    guards, labels, one-hots) and ``!=`` (true when unordered) are never NaN: None."""
+    if isinstance(bracket, sp.KroneckerDelta):
+        return None
+    rel = bracket.args[0]
+    if not isinstance(rel, sp.core.relational.Relational) or isinstance(rel, sp.Ne):
+        return None
+    a, b = rel.lhs, rel.rhs
+    if a.is_integer and b.is_integer:
+        return None
+    if isinstance(rel, sp.Eq):
+        return sp.Or(sp.StrictLessThan(a, b, evaluate=False), sp.StrictGreaterThan(a, b, evaluate=False), evaluate=False)
+    return rel.negated
+
+
+def saturating_first(factors):
+    """A product's factors, each ``sigmoid(z)`` moved to the front next to a factor ``z``: the
+    saturated zero meets its own argument first, as torch's ``silu(z)*g`` does (at ``z = g =
+    -1e30`` that is ``(0*z)*g = 0``, where ``z*g*sigmoid(z)`` is ``inf*0 = nan``)."""
+    factors = list(factors)
+    front = []
+    for f in list(factors):
+        if isinstance(f, sigmoid) and f in factors:
+            front.append(f)
+            factors.remove(f)
+            if f.args[0] in factors:
+                front.append(f.args[0])
+                factors.remove(f.args[0])
+    return front + factors
+
+
+def shift_first(terms, maxes=None):
+    """``(pair, rest)``: a sum's terms with the max shift ``x[..] - ReduceMax(x[..k..], k)`` (either
+    sign) taken out, to be added first, as torch's ``(x - max) - log(sum)`` is; else ``([], terms)``.
+    ``x - max`` is exact near the max, while ``x - (max + log(sum))`` rounds at ``ulp(max)``, which
+    ``exp`` then amplifies (log_softmax at +-1e4), or loses ``log(sum)`` outright (at +-1e30).
+    ``maxes`` maps a symbol that a target computed a row max into to the entry it is the max of."""
+    terms = list(terms)
+    maxes = maxes or {}
+    for t in terms:
+        c, m = t.as_coeff_Mul()
+        body = m.args[0] if isinstance(m, ReduceMax) else maxes.get(m)
+        if not (isinstance(body, sp.Indexed) and abs(c) == 1):
+            continue
+        for u in terms:
+            cu, xu = u.as_coeff_Mul()
+            if u is not t and cu == -c and isinstance(xu, sp.Indexed) and xu.base == body.base:
+                return [u, t], [w for w in terms if w is not u and w is not t]
+    return [], terms
+
+
 IVERSON = define(Primitive(
     "Iverson", Iverson,
-    "[cond]: 1 where cond holds, else 0; a strong zero in every target ([c]*inf is 0 where c is false); derivative 0",
+    "[cond]: 1 where cond holds, else 0; a strong zero in every target ([c]*inf is 0 where c is false),"
+    " NaN where cond compares a NaN (see bracket_false); derivative 0",
     derivative=lambda z: sp.Integer(0),
     numpy=STRUCTURAL,  # np.where(cond, v, 0) around the product it multiplies
-    triton=STRUCTURAL,  # tl.where(cond, 1.0, 0.0)
+    triton=STRUCTURAL,  # tl.where(cond, v, 0.0) around the product it multiplies
     reference=STRUCTURAL,
     mpmath=None,
     latex=_iverson_latex,

@@ -105,6 +105,7 @@ class NumPyPrinter(Printer):
         self.ranges = prepared.ranges
         self.index_set = set(prepared.axes)
         self.temps: dict[sp.Symbol, _Temp] = {}
+        self.maxes: dict = {}  # a temp holding a row max -> the entry it is the max of
         self.lines: list[str] = []
         self._aranges: dict[sp.Symbol, str] = {}
         self._hoisted = 0
@@ -246,6 +247,8 @@ class NumPyPrinter(Printer):
         """A common subexpression, computed once over its own axes."""
         code = self._print(e)
         self.temps[sym] = _Temp(self.axes(e), self.reads_values(e), self.is_weight(e), self.has_data(e))
+        if isinstance(e, ReduceMax):
+            self.maxes[sym] = e.args[0]
         self.lines.append(f"{sym} = {code}")
 
     def emptyPrinter(self, expr):
@@ -361,12 +364,16 @@ class NumPyPrinter(Printer):
 
     def _print_Add(self, e):
         ax = self.axes(e)
-        terms = e.as_ordered_terms()
+        pair, terms = primitives.shift_first(e.as_ordered_terms(), self.maxes)
+        if pair and not terms:
+            pair, terms = [], pair
         small = [t for t in terms if self.axes(t) != ax]
         if len(small) >= 2 and len(small) < len(terms):
             # add the terms with fewer axes on their small arrays first: one full-size pass for them
             group = sp.Add(*small)
             terms = [t for t in terms if t not in small] + [group]
+        if pair:  # x - max first, exact near the max (primitives.shift_first)
+            terms = [sp.Add(*pair)] + terms
         out = []
         for t in terms:
             if t.could_extract_minus_sign() and not t.is_Add:
@@ -394,13 +401,17 @@ class NumPyPrinter(Printer):
         masks = [w for w in weights if w not in switches and w not in self.nonzero]
         rest = [f for f in factors if f not in brackets and f not in masks]
         conds = [self.cond(b, ax) for b in brackets]
+        falses = [self.false_cond(b, ax) for b in brackets]
         if masks:
             w = self.hoist(sp.Mul(*masks))
             conds.append(f"({self.aligned(w, ax)} != 0)")
             rest.append(w)
         code = self.product(rest, ax)
         if conds:
-            code = f"np.where({' & '.join(conds)}, {code}, 0)"
+            zero = "0"
+            if any(falses):  # a bracket that compares a NaN is NaN, not 0 (primitives.bracket_false)
+                zero = f"np.where({' | '.join(f for f in falses if f)}, {DTYPE}.type(0), {DTYPE}.type(np.nan))"
+            code = f"np.where({' & '.join(conds)}, {code}, {zero})"
         if switches:
             code = f"({code} if {wrap(self._print(sp.Mul(*switches)), {'+', '-', '*', '/', '**'})} != 0 else {self.zeros(ax)})"
         return code
@@ -450,7 +461,7 @@ class NumPyPrinter(Printer):
                 den.insert(0, sp.Integer(coeff.q))
         elif coeff != 1:
             top.append(self._print(coeff))
-        top += [wrap(self.aligned(f, ax), {"*", "**"}) for f in num]
+        top += [wrap(self.aligned(f, ax), {"*", "**"}) for f in primitives.saturating_first(num)]
         code = "*".join(top)
         if den:
             bottom = [wrap(self.aligned(f, ax), {"*", "**"}) for f in den]
@@ -498,7 +509,10 @@ class NumPyPrinter(Printer):
     def _print_Iverson(self, e):
         cond = self.cond(e, self.axes(e))
         if not self.has_data(e):
-            return f"float({cond})"
+            return f"float({cond})" if false is None else f"(1.0 if {cond} else 0.0 if {false} else math.nan)"
+        if false is not None:  # NaN where the comparison is unordered (primitives.bracket_false)
+            return f"np.where({cond}, {DTYPE}.type(1), np.where({false}, {DTYPE}.type(0), {DTYPE}.type(np.nan)))"
+        false = self.false_cond(e, self.axes(e))
         return f"np.asarray({cond}, dtype={DTYPE})"
 
     def _print_KroneckerDelta(self, e):
@@ -514,6 +528,13 @@ class NumPyPrinter(Printer):
 
     def _print_Relational(self, e):
         op = _RELATIONS.get(type(e))
+    def false_cond(self, bracket, ax):
+        """Where a bracket is surely 0 (None: wherever its condition fails), lined up with ``ax``."""
+        false = primitives.bracket_false(bracket)
+        if false is None:
+            return None
+        return self.align(f"({self._print(false)})", self.axes(false), ax)
+
         if op is None:
             raise LoweringError(f"{self.where}: the NumPy target has no rule for relation {type(e).__name__}")
         ax = self.axes(e)

@@ -54,9 +54,10 @@ def _float(v) -> str:
 class TritonPrinter(Printer):
     printmethod = "_tritoncode"
 
-    def __init__(self, names: Mapping[sp.Basic, str], index_mode: bool = False):
+    def __init__(self, names: Mapping[sp.Basic, str], index_mode: bool = False, maxes=None):
         super().__init__()
         self.names = dict(names)
+        self.maxes = dict(maxes or {})  # row-max symbol -> the entry it is the max of
         self.index_mode = index_mode
 
     # Every node goes through the names table first; numbers fold to literals.
@@ -94,7 +95,8 @@ class TritonPrinter(Printer):
 
     # -- arithmetic ------------------------------------------------------------------------
     def _print_Add(self, expr):
-        terms = list(expr.args)
+        pair, rest = primitives.shift_first(expr.args, self.maxes)
+        terms = pair + rest  # x - max first, exact near the max (primitives.shift_first)
         # Print positive terms first so the line reads naturally; order is deterministic
         # because SymPy's argument order is.
         out = self._print(terms[0])
@@ -108,8 +110,20 @@ class TritonPrinter(Printer):
     def _print_Mul(self, expr):
         if expr.could_extract_minus_sign():
             return f"(-{self._print(-expr)})"
+        brackets = [f for f in expr.args if isinstance(f, (primitives.Iverson, sp.KroneckerDelta))]
+        if brackets and not self.index_mode and len(brackets) < len(expr.args):
+            # Strong zeros, as in every target: where a bracket is 0 the product is 0, even
+            # against inf; NaN where a bracket compares a NaN (primitives.bracket_false).
+            rest = self._print(sp.Mul(*[f for f in expr.args if f not in brackets]))
+            conds = [self._cond(b) for b in brackets]
+            falses = [primitives.bracket_false(b) for b in brackets]
+            zero = "0.0"
+            if any(f is not None for f in falses):
+                fs = " | ".join(self._print(f) for f in falses if f is not None)
+                zero = f"tl.where({fs}, 0.0, float('nan'))"
+            return f"tl.where({' & '.join(conds)}, {rest}, {zero})"
         num, den = [], []
-        for f in expr.args:
+        for f in primitives.saturating_first(expr.args):
             if isinstance(f, sp.Pow) and f.exp.is_Integer and f.exp < 0 and not self.index_mode:
                 den.append(f.base ** (-f.exp))
             elif f.is_Rational and not f.is_Integer and not self.index_mode:
@@ -158,7 +172,16 @@ class TritonPrinter(Printer):
 
     _print_exp = _print_Function
 
+    def _cond(self, bracket) -> str:
+        if isinstance(bracket, sp.KroneckerDelta):
+            a, b = bracket.args
+            return f"({self._print(a)} == {self._print(b)})"
+        return self._print(bracket.args[0])
+
     def _print_Iverson(self, expr):
+        false = primitives.bracket_false(expr)
+        if false is not None:  # NaN where the comparison is unordered (primitives.bracket_false)
+            return f"tl.where({self._print(expr.args[0])}, 1.0, tl.where({self._print(false)}, 0.0, float('nan')))"
         return f"tl.where({self._print(expr.args[0])}, 1.0, 0.0)"
 
     def _print_KroneckerDelta(self, expr):
@@ -194,5 +217,5 @@ class TritonPrinter(Printer):
         return "False"
 
 
-def print_expr(expr: sp.Basic, names: Mapping[sp.Basic, str], index_mode: bool = False) -> str:
-    return TritonPrinter(names, index_mode).doprint(expr)
+def print_expr(expr: sp.Basic, names: Mapping[sp.Basic, str], index_mode: bool = False, maxes=None) -> str:
+    return TritonPrinter(names, index_mode, maxes).doprint(expr)

@@ -131,9 +131,20 @@ class Sig:
         return out
 
 
-def pr(ctx: Context, expr, names, what: str) -> str:
+def _rowmax(v: str) -> str:
+    """A row's max that is NaN when any entry is (as torch's and NumPy's max are): ``tl.max``
+    skips NaNs, so a NaN entry is added back as a sum that is 0 when there is none."""
+    return f"(tl.max(tl.where(cmask, {v}, float('-inf')), 0) + tl.sum(tl.where(cmask & ({v} != {v}), {v}, 0.0), 0))"
+
+
+def _maximum(a: str, b: str) -> str:
+    """The running max of a multi-block row, NaN once any block's is."""
+    return f"tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"
+
+
+def pr(ctx: Context, expr, names, what: str, maxes=None) -> str:
     try:
-        return print_expr(expr, names)
+        return print_expr(expr, names, maxes=maxes)
     except TritonPrintError as e:
         raise LoweringError(f"op {ctx.op.name}: cannot print {what}: {e}") from None
 
@@ -288,6 +299,10 @@ class RowBuilder:
 
     def dim(self, lo, hi):
         return dim_of_extent(hi - lo + 1, self.dims)
+
+    def maxes(self) -> dict:
+        """Each row max's symbol -> the entry it is the max of (primitives.shift_first)."""
+        return {s.sym: s.body for s in self.stats if s.kind == "max"}
 
     def stat(self, kind: str, body: sp.Expr) -> sp.Symbol:
         for s in self.stats:
@@ -549,14 +564,14 @@ class RowBuilder:
                 v = pr(ctx, s.body, names, f"row statistic {s.body}")
                 if s.kind == "max":
                     if onl:
-                        body.append(f"m_new = tl.maximum({s.var}, tl.max(tl.where(cmask, {v}, float('-inf')), 0))")
+                        body.append(f"m_new = {_maximum(s.var, _rowmax(v))}")
                         for o in onl:
                             onames = self._printer_names(o.body, loads, load_lines, row_loads, row_lines, {s.sym: "m_new"}, True)
                             ov = pr(ctx, o.body, onames, f"row statistic {o.body}")
                             body.append(f"{o.var} = {o.var} * tl.exp({s.var} - m_new) + tl.sum(tl.where(cmask, {ov}, 0.0), 0)")
                         body.append(f"{s.var} = m_new")
                     else:
-                        body.append(f"{s.var} = tl.maximum({s.var}, tl.max(tl.where(cmask, {v}, float('-inf')), 0))")
+                        body.append(f"{s.var} = {_maximum(s.var, _rowmax(v))}")
                 else:
                     body.append(f"{s.var} += tl.sum(tl.where(cmask, {v}, 0.0), 0)")
             passes.append(dict(init=init, loads=load_lines, body=body))
@@ -569,14 +584,14 @@ class RowBuilder:
             names = self._printer_names(s.body, loads, load_lines, row_loads, row_lines, {}, True)
             v = pr(ctx, s.body, names, f"row statistic {s.body}")
             if s.kind == "max":
-                body.append(f"{s.var} = tl.maximum({s.var}, tl.max(tl.where(cmask, {v}, float('-inf')), 0))")
+                body.append(f"{s.var} = {_maximum(s.var, _rowmax(v))}")
             else:
                 body.append(f"{s.var} += tl.sum(tl.where(cmask, {v}, 0.0), 0)")
         for st, role, e in self.entries:
             if role != "rowcol":
                 continue
             names = self._printer_names(e, loads, load_lines, row_loads, row_lines, {}, True)
-            v = pr(ctx, e, names, st.formula)
+            v = pr(ctx, e, names, st.formula, self.maxes())
             ptr = sig.buf(st.target)
             line = f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)}, mask=cmask)"
             body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
@@ -610,7 +625,7 @@ class RowBuilder:
             if role != "row":
                 continue
             names = self._printer_names(e, {}, [], row_loads, row_lines, {}, False)
-            v = pr(ctx, e, names, st.formula)
+            v = pr(ctx, e, names, st.formula, self.maxes())
             ptr = sig.buf(st.target)
             row_after.append(f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)})")
         for sym, b, coldep in self.crosses:
@@ -672,13 +687,13 @@ class RowBuilder:
         for s in early + [s for s in self.stats if s.late]:
             v = pr(ctx, s.body, names_of(s.body), f"row statistic {s.body}")
             if s.kind == "max":
-                body.append(f"{s.var} = tl.max(tl.where(cmask, {v}, float('-inf')), 0)")
+                body.append(f"{s.var} = {_rowmax(v)}")
             else:
                 body.append(f"{s.var} = tl.sum(tl.where(cmask, {v}, 0.0), 0)")
         for st, role, e in self.entries:
             if role != "rowcol":
                 continue
-            v = pr(ctx, e, names_of(e), st.formula)
+            v = pr(ctx, e, names_of(e), st.formula, self.maxes())
             ptr = self.sig.buf(st.target)
             line = f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)}, mask=cmask)"
             body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
@@ -726,7 +741,7 @@ class RowBuilder:
                     load_lines.append(_load(ctx, sig, node, {COL: "cols"}, loads[node], "cmask"))
                 names[node] = loads[node]
             names = sig.names_for(e, names)
-            v = pr(ctx, e, names, st.formula)
+            v = pr(ctx, e, names, st.formula, self.maxes())
             ptr = sig.buf(st.target)
             if role == "col":
                 stores.append(f"tl.store({ptr} + cols * {sig.stride(st.target, 0)}, {store_value(ptr, v)}, mask=cmask)")
