@@ -62,7 +62,7 @@ def _forward_with_saved(x, **params):
     x = x.astype(_dt, copy=False)
 
     # out[b, i] = alpha*Iverson(x[b, i] <= 0)*x[b, i] + Iverson(x[b, i] > 0)*x[b, i]  [map]
-    out = (np.where((x <= 0), alpha*x, 0) if alpha != 0 else np.zeros((B, C,), dtype=_dt)) + np.where((x > 0), x, 0)
+    out = (np.where((x <= 0), alpha*x, np.where((x > 0), _dt.type(0), _dt.type(np.nan))) if alpha != 0 else np.zeros((B, C,), dtype=_dt)) + np.where((x > 0), x, np.where((x <= 0), _dt.type(0), _dt.type(np.nan)))
 
     saved = {'x': x, 'alpha': alpha, 'B': B, 'C': C, '_lead': _lead}
     return _m.unfold(out, _lead), saved
@@ -81,7 +81,7 @@ def backward(saved, dout):
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = (alpha*Iverson(x[b, i] <= 0) + Iverson(x[b, i] > 0))*dout[b, i]  [map]
-    _w0 = alpha*np.asarray((x <= 0), dtype=_dt) + np.asarray((x > 0), dtype=_dt)
+    _w0 = alpha*np.where((x <= 0), _dt.type(1), np.where((x > 0), _dt.type(0), _dt.type(np.nan))) + np.where((x > 0), _dt.type(1), np.where((x <= 0), _dt.type(0), _dt.type(np.nan)))
     dx = np.where((_w0 != 0), dout*_w0, 0)
 
     return (_m.unfold(dx, _lead),)

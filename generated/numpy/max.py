@@ -76,8 +76,8 @@ def backward(saved, dout):
 
     # dx[b, i] = Iverson(Eq(x[b, i], out[b]))*dout[b]/Sum(Iverson(Eq(x[b, k], out[b])), (k, 0, C - 1))
     #     [row_reduction]
-    _w0 = 1/np.sum(np.asarray((x == out[:, None]), dtype=_dt), axis=1)
-    dx = np.where((x == out[:, None]) & (_w0[:, None] != 0), dout[:, None]*_w0[:, None], 0)
+    _w0 = 1/np.sum(np.where((x == out[:, None]), _dt.type(1), np.where(((x > out[:, None]) | (x < out[:, None])), _dt.type(0), _dt.type(np.nan))), axis=1)
+    dx = np.where((x == out[:, None]) & (_w0[:, None] != 0), dout[:, None]*_w0[:, None], np.where(((x > out[:, None]) | (x < out[:, None])), _dt.type(0), _dt.type(np.nan)))
 
     return (_m.unfold(dx, _lead),)
 

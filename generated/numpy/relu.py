@@ -57,7 +57,7 @@ def _forward_with_saved(x, **params):
     x = x.astype(_dt, copy=False)
 
     # out[b, i] = Iverson(x[b, i] > 0)*x[b, i]  [map]
-    out = np.where((x > 0), x, 0)
+    out = np.where((x > 0), x, np.where((x <= 0), _dt.type(0), _dt.type(np.nan)))
 
     saved = {'x': x, 'B': B, 'C': C, '_lead': _lead}
     return _m.unfold(out, _lead), saved
@@ -75,7 +75,7 @@ def backward(saved, dout):
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = Iverson(x[b, i] > 0)*dout[b, i]  [map]
-    dx = np.where((x > 0), dout, 0)
+    dx = np.where((x > 0), dout, np.where((x <= 0), _dt.type(0), _dt.type(np.nan)))
 
     return (_m.unfold(dx, _lead),)
 

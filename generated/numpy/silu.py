@@ -57,7 +57,7 @@ def _forward_with_saved(x, **params):
     x = x.astype(_dt, copy=False)
 
     # out[b, i] = sigmoid(x[b, i])*x[b, i]  [map]
-    out = x*_m.sigmoid(x)
+    out = _m.sigmoid(x)*x
 
     saved = {'x': x, 'out': out, 'B': B, 'C': C, '_lead': _lead}
     return _m.unfold(out, _lead), saved

@@ -73,12 +73,12 @@ def _forward_with_saved(x, y, **params):
     #     (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/(C*n_valid)  [row_reduction]
     _t0 = 1/n_valid
     _b = np.arange(B)
-    loss = np.array((np.where((_t0 != 0), (1 - eps)*np.sum(np.where((y != ignore_index), (np.log(np.sum(np.exp(-np.max(x, axis=1)[:, None] + x), axis=1)) + np.max(x, axis=1) - _m.gather(x, _b, y)), 0), axis=0)*_t0, 0) if 1 - eps != 0 else _dt.type(0)) + (np.where((_t0 != 0), eps*np.sum(np.where((y != ignore_index), (C*(np.log(np.sum(np.exp(-np.max(x, axis=1)[:, None] + x), axis=1)) + np.max(x, axis=1)) - np.sum(x, axis=1)), 0), axis=0)*_t0/C, 0) if eps != 0 else _dt.type(0)), dtype=_dt)
+    loss = np.array((np.where((_t0 != 0), (1 - eps)*np.sum(np.where((y != ignore_index), (-_m.gather(x, _b, y) + np.max(x, axis=1) + np.log(np.sum(np.exp(x - np.max(x, axis=1)[:, None]), axis=1))), 0), axis=0)*_t0, 0) if 1 - eps != 0 else _dt.type(0)) + (np.where((_t0 != 0), eps*np.sum(np.where((y != ignore_index), (C*(np.log(np.sum(np.exp(x - np.max(x, axis=1)[:, None]), axis=1)) + np.max(x, axis=1)) - np.sum(x, axis=1)), 0), axis=0)*_t0/C, 0) if eps != 0 else _dt.type(0)), dtype=_dt)
 
     # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + exp(-ReduceMax(x[b, k_f7], k_f7, 0, C - 1) +
     #     x[b, i])/Sum(exp(-ReduceMax(x[b, k_f8], k_f8, 0, C - 1) + x[b, k_f9]), (k_f9, 0, C - 1)) -
     #     KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))/n_valid  [row_reduction]
-    _t0 = np.exp(-np.max(x, axis=1)[:, None] + x)
+    _t0 = np.exp(x - np.max(x, axis=1)[:, None])
     _w0 = 1/n_valid
     _scale = _w0*np.asarray((y != ignore_index), dtype=_dt)
     dx_fused = _t0/np.sum(_t0, axis=1)[:, None]

@@ -75,7 +75,7 @@ def backward(saved, dout):
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
     # dx[b, i] = sigmoid(x[b, i])*dout[b, i]  [map]
-    dx = dout*_m.sigmoid(x)
+    dx = _m.sigmoid(x)*dout
 
     return (_m.unfold(dx, _lead),)
 

@@ -60,7 +60,7 @@ def _forward_with_saved(a, g, **params):
     g = g.astype(_dt, copy=False)
 
     # out[b, i] = sigmoid(a[b, i])*a[b, i]*g[b, i]  [map]
-    out = a*g*_m.sigmoid(a)
+    out = _m.sigmoid(a)*a*g
 
     saved = {'a': a, 'g': g, 'out': out, 'B': B, 'C': C, '_lead': _lead}
     return _m.unfold(out, _lead), saved
@@ -82,7 +82,7 @@ def backward(saved, dout):
     da = (_t0*g + (1 - _t0)*out)*dout
 
     # dg[b, i] = sigmoid(a[b, i])*a[b, i]*dout[b, i]  [map]
-    dg = a*dout*_m.sigmoid(a)
+    dg = _m.sigmoid(a)*a*dout
 
     return (_m.unfold(da, _lead), _m.unfold(dg, _lead))
 

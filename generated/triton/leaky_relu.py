@@ -57,7 +57,7 @@ def _for0_map(
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
     ld0 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, (((ld0 * tl.where((ld0 > 0.0), 1.0, 0.0)) + (p_alpha * ld0 * tl.where((ld0 <= 0.0), 1.0, 0.0)))).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((tl.where((ld0 > 0.0), ld0, tl.where((ld0 <= 0.0), 0.0, float('nan'))) + tl.where((ld0 <= 0.0), (p_alpha * ld0), tl.where((ld0 > 0.0), 0.0, float('nan'))))).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -98,7 +98,7 @@ def _bac0_map(
     i1 = i1.to(tl.int64)
     ld0 = tl.load(dout_ptr + i0 * dout_s0 + i1 * dout_s1, mask=mask, other=0).to(tl.float32)
     ld1 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, ((((p_alpha * tl.where((ld1 <= 0.0), 1.0, 0.0)) + tl.where((ld1 > 0.0), 1.0, 0.0)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, (((tl.where((ld1 <= 0.0), p_alpha, tl.where((ld1 > 0.0), 0.0, float('nan'))) + tl.where((ld1 > 0.0), 1.0, tl.where((ld1 <= 0.0), 0.0, float('nan')))) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 

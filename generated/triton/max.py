@@ -54,7 +54,7 @@ def _for0_rows(
             cols = cols0
             cmask = cols < n_C
             cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 = tl.max(tl.where(cmask, cv1, float('-inf')), 0)
+            st0 = (tl.max(tl.where(cmask, cv1, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv1 != cv1), cv1, 0.0), 0))
         else:
             # final pass: outputs, statistics only row results need
             st0 = tl.full([], float("-inf"), tl.float32)
@@ -62,7 +62,7 @@ def _for0_rows(
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                st0 = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
+                st0 = tl.maximum(st0, (tl.max(tl.where(cmask, cv0, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv0 != cv0), cv0, 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_ptr + row * out_s0, (st0).to(out_ptr.dtype.element_ty))
 
 
@@ -104,8 +104,8 @@ def _bac0_rows(
             cols = cols0
             cmask = cols < n_C
             cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 = tl.sum(tl.where(cmask, tl.where((cv2 == rv0), 1.0, 0.0), 0.0), 0)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((rv1 * tl.where((cv2 == rv0), 1.0, 0.0) / (st0))).to(dx_ptr.dtype.element_ty), mask=cmask)
+            st0 = tl.sum(tl.where(cmask, tl.where((cv2 == rv0), 1.0, tl.where(((cv2 > rv0) | (cv2 < rv0)), 0.0, float('nan'))), 0.0), 0)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (tl.where((cv2 == rv0), (rv1 / (st0)), tl.where(((cv2 > rv0) | (cv2 < rv0)), 0.0, float('nan')))).to(dx_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], 0.0, tl.float32)
@@ -113,13 +113,13 @@ def _bac0_rows(
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                st0 += tl.sum(tl.where(cmask, tl.where((cv0 == rv0), 1.0, 0.0), 0.0), 0)
+                st0 += tl.sum(tl.where(cmask, tl.where((cv0 == rv0), 1.0, tl.where(((cv0 > rv0) | (cv0 < rv0)), 0.0, float('nan'))), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((rv1 * tl.where((cv1 == rv0), 1.0, 0.0) / (st0))).to(dx_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (tl.where((cv1 == rv0), (rv1 / (st0)), tl.where(((cv1 > rv0) | (cv1 < rv0)), 0.0, float('nan')))).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 
 

@@ -56,7 +56,7 @@ def _for0_map(
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
     ld0 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((ld0 * sg_sigmoid(ld0))).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((sg_sigmoid(ld0) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 

@@ -56,9 +56,9 @@ def _for0_rows(
             cols = cols0
             cmask = cols < n_C
             cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 = tl.max(tl.where(cmask, cv2, float('-inf')), 0)
+            st0 = (tl.max(tl.where(cmask, cv2, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv2 != cv2), cv2, 0.0), 0))
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
-            tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp(((-st0) + cv2)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
+            tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp((cv2 - st0)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], float("-inf"), tl.float32)
@@ -67,7 +67,7 @@ def _for0_rows(
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                m_new = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
+                m_new = tl.maximum(st0, (tl.max(tl.where(cmask, cv0, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv0 != cv0), cv0, 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
                 st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
                 st0 = m_new
             # final pass: outputs
@@ -75,7 +75,7 @@ def _for0_rows(
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp(((-st0) + cv1)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
+                tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp((cv1 - st0)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
 
 
 

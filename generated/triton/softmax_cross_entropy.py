@@ -123,11 +123,11 @@ def _for1_rows(
             cols = cols0
             cmask = cols < n_C
             cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 = tl.max(tl.where(cmask, cv2, float('-inf')), 0)
+            st0 = (tl.max(tl.where(cmask, cv2, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv2 != cv2), cv2, 0.0), 0))
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
             st2 = tl.sum(tl.where(cmask, cv2, 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-tl.where(cols == rv0, 1.0, 0.0)) + (p_eps * tl.where(cols == rv0, 1.0, 0.0)) + (tl.exp(((-st0) + cv2)) / (st1)) - (p_eps / (f_C))) * tl.where((rv0 != p_ignore_index), 1.0, 0.0) / (v_n_valid))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), (((-tl.where(cols == rv0, 1.0, 0.0)) + tl.where((cols == rv0), p_eps, 0.0) + (tl.exp((cv2 - st0)) / (st1)) - (p_eps / (f_C))) / (v_n_valid)), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], float("-inf"), tl.float32)
@@ -136,7 +136,7 @@ def _for1_rows(
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                m_new = tl.maximum(st0, tl.max(tl.where(cmask, cv0, float('-inf')), 0))
+                m_new = tl.maximum(st0, (tl.max(tl.where(cmask, cv0, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv0 != cv0), cv0, 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
                 st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
                 st0 = m_new
             # final pass: outputs, statistics only row results need
@@ -147,9 +147,9 @@ def _for1_rows(
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
                 st2 += tl.sum(tl.where(cmask, cv1, 0.0), 0)
                 if WRITE_GRAD:
-                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-tl.where(cols == rv0, 1.0, 0.0)) + (p_eps * tl.where(cols == rv0, 1.0, 0.0)) + (tl.exp(((-st0) + cv1)) / (st1)) - (p_eps / (f_C))) * tl.where((rv0 != p_ignore_index), 1.0, 0.0) / (v_n_valid))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
-        acc0 += ((st0 - rv1 + tl.log(st1)) * tl.where((rv0 != p_ignore_index), 1.0, 0.0))
-        acc1 += (((-st2) + (f_C * (st0 + tl.log(st1)))) * tl.where((rv0 != p_ignore_index), 1.0, 0.0))
+                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), (((-tl.where(cols == rv0, 1.0, 0.0)) + tl.where((cols == rv0), p_eps, 0.0) + (tl.exp((cv1 - st0)) / (st1)) - (p_eps / (f_C))) / (v_n_valid)), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+        acc0 += tl.where((rv0 != p_ignore_index), (st0 - rv1 + tl.log(st1)), 0.0)
+        acc1 += tl.where((rv0 != p_ignore_index), ((-st2) + (f_C * (st0 + tl.log(st1)))), 0.0)
     tl.store(part0_ptr + pid64, acc0)
     tl.store(part1_ptr + pid64, acc1)
 

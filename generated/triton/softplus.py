@@ -96,7 +96,7 @@ def _bac0_map(
     i1 = i1.to(tl.int64)
     ld0 = tl.load(dout_ptr + i0 * dout_s0 + i1 * dout_s1, mask=mask, other=0).to(tl.float32)
     ld1 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, ((ld0 * sg_sigmoid(ld1))).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, ((sg_sigmoid(ld1) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 

@@ -61,7 +61,7 @@ def _for0_map(
     i1 = i1.to(tl.int64)
     ld0 = tl.load(a_ptr + i0 * a_s0 + i1 * a_s1, mask=mask, other=0).to(tl.float32)
     ld1 = tl.load(g_ptr + i0 * g_s0 + i1 * g_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((ld0 * ld1 * sg_sigmoid(ld0))).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -113,8 +113,8 @@ def _bac0_map(
     ld1 = tl.load(dout_ptr + i0 * dout_s0 + i1 * dout_s1, mask=mask, other=0).to(tl.float32)
     ld2 = tl.load(g_ptr + i0 * g_s0 + i1 * g_s1, mask=mask, other=0).to(tl.float32)
     ld3 = tl.load(out_ptr + i0 * out_s0 + i1 * out_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(da_ptr + i0 * da_s0 + i1 * da_s1, (((((1.0 - sg_sigmoid(ld0)) * ld3) + (ld2 * sg_sigmoid(ld0))) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + i0 * dg_s0 + i1 * dg_s1, ((ld0 * ld1 * sg_sigmoid(ld0))).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + i0 * da_s0 + i1 * da_s1, (((((1.0 - sg_sigmoid(ld0)) * ld3) + (sg_sigmoid(ld0) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + i0 * dg_s0 + i1 * dg_s1, ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
 

@@ -508,11 +508,11 @@ class NumPyPrinter(Printer):
 
     def _print_Iverson(self, e):
         cond = self.cond(e, self.axes(e))
+        false = self.false_cond(e, self.axes(e))
         if not self.has_data(e):
             return f"float({cond})" if false is None else f"(1.0 if {cond} else 0.0 if {false} else math.nan)"
         if false is not None:  # NaN where the comparison is unordered (primitives.bracket_false)
             return f"np.where({cond}, {DTYPE}.type(1), np.where({false}, {DTYPE}.type(0), {DTYPE}.type(np.nan)))"
-        false = self.false_cond(e, self.axes(e))
         return f"np.asarray({cond}, dtype={DTYPE})"
 
     def _print_KroneckerDelta(self, e):
@@ -526,8 +526,6 @@ class NumPyPrinter(Printer):
             rel = bracket.args[0]
         return self.align(f"({self._print(rel)})", self.axes(rel), ax)
 
-    def _print_Relational(self, e):
-        op = _RELATIONS.get(type(e))
     def false_cond(self, bracket, ax):
         """Where a bracket is surely 0 (None: wherever its condition fails), lined up with ``ax``."""
         false = primitives.bracket_false(bracket)
@@ -535,6 +533,8 @@ class NumPyPrinter(Printer):
             return None
         return self.align(f"({self._print(false)})", self.axes(false), ax)
 
+    def _print_Relational(self, e):
+        op = _RELATIONS.get(type(e))
         if op is None:
             raise LoweringError(f"{self.where}: the NumPy target has no rule for relation {type(e).__name__}")
         ax = self.axes(e)
