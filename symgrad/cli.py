@@ -168,6 +168,54 @@ def _user_errors(prefix: str = ""):
         raise UserError(prefix + (str(e) or type(e).__name__)) from None
 
 
+#: Budgets of ``derive "EXPR"`` beyond the parser's (which bound the typed text): the number of
+#: ``--wrt`` variables, the written-out size of each partial derivative, and the time that
+#: differentiating and simplifying may take in all. Values at ``--at`` have their own budget
+#: (:mod:`symgrad.atpoint`).
+MAX_WRT = 32
+MAX_DERIVATIVE_NODES = 20_000
+DERIVE_TIME_LIMIT_S = 10.0
+
+
+class _OutOfTime(BaseException):
+    """Raised by the timer inside SymPy; a BaseException so that no ``except Exception`` there eats it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise :class:`_OutOfTime` in this thread after ``seconds`` (main thread, where SIGALRM exists)."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ring(signum, frame):
+        raise _OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _written_size(expr, cache: dict, limit: int) -> int:
+    """Node count of ``expr`` written out as a tree (what printing it costs), stopping past ``limit``."""
+    size = cache.get(expr)
+    if size is None:
+        size = 1
+        for arg in expr.args:
+            size += _written_size(arg, cache, limit)
+            if size > limit:
+                break
+        cache[expr] = size
+    return size
+
+
 def derive_expression(text: str, wrt: str | None, at: str | None):
     """Differentiate an ad-hoc scalar expression: ``sympy.diff``, then symgrad's rule stages.
 
@@ -195,6 +243,8 @@ def derive_expression(text: str, wrt: str | None, at: str | None):
             parse.validate_identifier(n, "--wrt variable")
     if not names:
         raise UserError("--wrt names no variable")
+    if len(names) > MAX_WRT:
+        raise UserError(f"--wrt names {len(names)} variables; at most {MAX_WRT} at a time")
     seen = set()
     for n in names:
         if n in seen:
@@ -217,19 +267,40 @@ def derive_expression(text: str, wrt: str | None, at: str | None):
         point = {n: sp.sympify(v) if not isinstance(v, sp.Basic) else v for n, v in bindings.items()}
 
     raw, grads, steps = {}, {}, {}
-    for s in wrt_syms:
-        d = sp.diff(expr, s)
-        tr = Trace()
-        try:
-            g = run_stages(d, GRADIENT_STAGES, Context(op="expr"), tr)
-        except RewriteError:
-            g, tr = d, Trace()
-        raw[s.name], grads[s.name], steps[s.name] = d, g, tr.steps
+    sizes: dict = {}
+    current = "differentiating"
+    try:
+        with _time_limit(DERIVE_TIME_LIMIT_S):
+            for s in wrt_syms:
+                current = f"differentiating by {s.name}"
+                d = sp.diff(expr, s)
+                if _written_size(d, sizes, MAX_DERIVATIVE_NODES) > MAX_DERIVATIVE_NODES:
+                    raise UserError(f"d/d{s.name} is too large: more than {MAX_DERIVATIVE_NODES} nodes when written out")
+                current = f"simplifying d/d{s.name}"
+                tr = Trace()
+                try:
+                    g = run_stages(d, GRADIENT_STAGES, Context(op="expr"), tr)
+                except RewriteError:
+                    g, tr = d, Trace()
+                if _written_size(g, sizes, MAX_DERIVATIVE_NODES) > MAX_DERIVATIVE_NODES:
+                    raise UserError(f"d/d{s.name} is too large: more than {MAX_DERIVATIVE_NODES} nodes when written out")
+                raw[s.name], grads[s.name], steps[s.name] = d, g, tr.steps
+    except _OutOfTime:
+        raise UserError(f"{current} took longer than {DERIVE_TIME_LIMIT_S:g} s") from None
 
     values = None
-    if point is not None:
-        subs = {symbols[n]: v for n, v in point.items()}
-        values = {"expr": render.values_at(expr, subs), "gradients": {n: render.values_at(g, subs) for n, g in grads.items()}}
+    if point is not None:  # numerically, at fixed precision, within a time and size budget
+        from .atpoint import EvaluationError, Evaluator
+
+        where = ",".join(f"{n}={v}" for n, v in bindings.items()) if len(at) > 60 else at.strip()
+        ev = Evaluator({symbols[n]: v for n, v in point.items()})
+        try:
+            values = {
+                "expr": ev.value(expr, f"evaluating the expression at {where}"),
+                "gradients": {n: ev.value(g, f"evaluating d/d{n} at {where}") for n, g in grads.items()},
+            }
+        except EvaluationError as e:
+            raise UserError(str(e)) from None
     return render.ExprDerivation(text, expr, wrt_syms, raw, grads, steps, point, values, time.perf_counter() - start)
 
 

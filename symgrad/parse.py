@@ -218,17 +218,24 @@ _LOG2_E = 1 / _MP.ln2
 _MAX_VALUE = _MP.mpf(2) ** MAX_BITS
 _NUMBER_TYPES = (_MP.mpf, _MP.mpc)  # this context's own classes, not mpmath.mpf
 _TINY = _MP.mpf(2) ** -44  # relative size below which an imaginary part is rounding noise
-_MIRROR: dict[type, Callable] = {
-    sp.Add: lambda *a: _MP.fsum(a),
-    sp.Mul: lambda *a: _MP.fprod(a),
-    sp.cot: _MP.cot,  # SymPy writes 1/tan as cot
-    # the grammar's functions, with their mpmath values from the primitives table
-    **{
-        p.cls: (lambda f: lambda *a: f(_MP, *a))(p.mpmath)
-        for p in primitives.TABLE
-        if p.grammar is not None and p.cls is not None and p.mpmath is not None
-    },
-}
+
+
+def mirror_table(mp) -> dict[type, Callable]:
+    """SymPy node class -> its mpmath value in context ``mp`` (also :mod:`symgrad.atpoint`'s)."""
+    return {
+        sp.Add: lambda *a: mp.fsum(a),
+        sp.Mul: lambda *a: mp.fprod(a),
+        sp.cot: mp.cot,  # SymPy writes 1/tan as cot
+        # the grammar's functions, with their mpmath values from the primitives table
+        **{
+            p.cls: (lambda f: lambda *a: f(mp, *a))(p.mpmath)
+            for p in primitives.TABLE
+            if p.grammar is not None and p.cls is not None and p.mpmath is not None
+        },
+    }
+
+
+_MIRROR: dict[type, Callable] = mirror_table(_MP)
 _MIRROR_CONSTANTS = {sp.pi: +_MP.pi, sp.E: +_MP.e, sp.I: _MP.mpc(0, 1)}
 
 
