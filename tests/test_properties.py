@@ -1,0 +1,319 @@
+"""Property test: every library op, both targets, against torch on random inputs (issue 11).
+
+Hypothesis draws, per op: sizes (odd ones and 1 included), leading batch axes where the op's first
+dim is ``leading``, a dtype (NumPy: float32, float64; Triton: float32, bfloat16 with loose
+tolerances), a layout per input (contiguous, transposed, every other column of a wider buffer) and
+special values planted in the float inputs (+-inf, NaN, +-1e30, 0, denormals). The reference is
+``tests/torch_reference.py`` run by torch in the same dtype (bfloat16 inputs: torch in float32 on
+the same rounded values). Where torch's output or gradient is finite, ours must be close to it
+(relative to the tensor's largest finite entry); where torch's forward output is NaN or +-inf, ours
+must be the same there; where torch raises, ours must raise a clear error.
+
+Bounded for CI (the Triton interpreter is slow): ``NUMPY_EXAMPLES`` and ``TRITON_EXAMPLES`` cases
+per op (29 ops: 1828 cases run, of 29 x (50 + 15) = 1885 drawn; 50-75 s on 2 busy cores), no deadline,
+derandomized so a failure reproduces. Narrowings, each naming the issue item
+that owns the disagreement, are in ``_narrow``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import symgrad.ops  # noqa: E402,F401  (registers the op library)
+from symgrad.declare import REGISTRY, Role  # noqa: E402
+from symgrad.evaluate import instantiate, param_values  # noqa: E402
+from torch_reference import REFERENCES  # noqa: E402
+
+NUMPY_EXAMPLES = 50
+TRITON_EXAMPLES = 15
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+OPS = [op.name for op in REGISTRY]
+SPECIALS = ("inf", "-inf", "nan", "1e30", "-1e30", "0", "denormal")
+TOL = {np.float64: 1e-7, np.float32: 2e-3, "bfloat16": 6e-2}
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+
+
+# Special values not planted yet: (op, target or None for both, dtype or None for all, values, the
+# issue-11 item that owns the disagreement with torch). Each is a known disagreement another item is
+# fixing: delete the entry when that item lands.
+NARROWED = (
+    ("relu", None, None, {"nan"}, "item 1: relu(NaN) is 0 (NumPy), its gradient NaN; torch propagates NaN"),
+    ("leaky_relu", None, None, {"nan"}, "item 1: leaky_relu(NaN) is 0 (NumPy), its gradient NaN; torch propagates NaN"),
+    ("swiglu", None, None, {"1e30", "-1e30", "inf", "-inf"}, "item 1: swiglu at a = -1e30 (or -inf) is NaN, torch 0"),
+    ("conv2d", None, None, {"inf", "-inf", "nan"}, "item 1: one inf/NaN in X makes more gradient entries NaN than torch"),
+    ("sigmoid_bce", None, None, {"inf", "-inf"}, "item 1: an infinite logit or target gives a NaN loss where torch has +-inf"),
+    ("softmax_cross_entropy", "triton", None, {"inf", "-inf", "nan"},
+     "item 1: Triton's loss is NaN where torch's is finite (an ignored row holding inf/NaN) or inf"),
+    ("layer_norm", None, None, {"1e30", "-1e30"}, "item 2: layer_norm at +-1e30 (float32 overflow; float64 differs from torch's rounding)"),
+    ("rms_norm", None, None, {"1e30", "-1e30"}, "item 2: rms_norm's gradient at +-1e30 in float32 is off by 15%"),
+    (None, "triton", "bfloat16", {"denormal"},
+     "item 1: a bfloat16 denormal input reads as 0 in the Triton kernels (relu's x > 0 is false, log is -inf)"),
+)
+
+
+def _narrow(name: str, target: str, dtype, specials: list[str]) -> list[str]:
+    """The special values this case may plant: all of them, less NARROWED's for this op/target/dtype."""
+    skip = set()
+    for op, tgt, dt, values, _why in NARROWED:
+        if op in (None, name) and tgt in (None, target) and (dt is None or dt == dtype):
+            skip |= values
+    return [s for s in specials if s not in skip]
+
+
+# ------------------------------------------------------------------------------------------------
+# drawing a case
+
+
+@st.composite
+def cases(draw, name: str, target: str, dtypes):
+    op = REGISTRY.get(name)
+    sizes = {}
+    for d in op.dims:
+        if d.extent is not None:
+            continue
+        sizes[d.name] = draw(st.integers(1, 3) if d.name in ("R", "S") else st.sampled_from((1, 2, 3, 5, 7)))
+    pv = {}
+    for p in op.params:
+        if p.name == "stride":
+            pv[p.name] = draw(st.integers(1, 2))
+        elif p.name == "pad":
+            pv[p.name] = draw(st.integers(0, 1))
+        elif p.name == "ignore_index":
+            pv[p.name] = draw(st.sampled_from((p.default, 0)))
+    try:
+        dims = instantiate(op, sizes, pv)
+    except Exception:
+        dims = None
+    hypothesis.assume(dims is not None and all(v >= 1 for v in dims.values()))
+    params = param_values(op, sizes, pv)
+    bad = [p.name for p in op.params if p.name in BAD_PARAMS]
+    if bad and draw(st.sampled_from((False,) * 5 + (True,))):  # sometimes a param outside its domain
+        p = draw(st.sampled_from(bad))
+        params[p] = draw(st.sampled_from(BAD_PARAMS[p]))
+        params["_bad"] = True
+    dtype = draw(st.sampled_from(dtypes))
+    first = op.inputs[0].dims[0] if op.inputs[0].dims else None
+    lead = ()
+    if first is not None and first.leading and dims[first.name] > 1 and draw(st.booleans()):
+        # B = lead axes x the rest: split the folded dim into leading batch axes
+        b = dims[first.name]
+        k = next((k for k in (2, 3, 5, 7) if b % k == 0), b)
+        lead = (k, b // k)
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    n_special = draw(st.integers(0, 3))
+    specials = _narrow(name, target, dtype, [draw(st.sampled_from(SPECIALS)) for _ in range(n_special)])
+    inputs = []
+    for t in op.inputs:
+        shape = tuple(dims[d.name] for d in t.dims)
+        if t.role is Role.LABEL:
+            classes = dims[op.facts[0].dim.name] if op.facts else 2
+            y = rng.integers(0, classes, size=shape)
+            if "ignore_index" in params and y.size > 1:
+                y[0] = params["ignore_index"]
+            inputs.append(("label", y, "contiguous"))
+            continue
+        lo, hi = t.domain
+        v = rng.uniform(lo, hi, size=shape)
+        for s in specials:
+            if v.size:
+                v.flat[rng.integers(0, v.size)] = _special(s, dtype)
+        layout = draw(st.sampled_from(("contiguous", "transposed", "strided"))) if v.ndim >= 2 else "contiguous"
+        inputs.append(("float", v, layout))
+    return op, params, dtype, lead, inputs, seed, any(s in ("inf", "-inf", "nan") for s in specials)
+
+
+# Param values outside their declared domain (issue 11, item 4). Where torch raises, ours must raise
+# a clear error naming the op; where torch does not (layer_norm eps=-0.5), ours may refuse it too.
+BAD_PARAMS = {"eps": (1.5, -0.5), "pad": (-1,), "stride": (0, -1)}
+
+
+def _special(s, dtype):
+    if s == "denormal":
+        return 1e-310 if dtype is np.float64 else 1e-40
+    return float(s)
+
+
+def _layout(a, layout, like):
+    """The same values as ``a`` (a numpy array or torch tensor), laid out as asked."""
+    if layout == "transposed":
+        return like(np.ascontiguousarray(np.swapaxes(a, -1, -2))).swapaxes(-1, -2) if isinstance(a, np.ndarray) \
+            else a.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "strided":
+        if isinstance(a, np.ndarray):
+            wide = np.zeros((*a.shape[:-1], 2 * a.shape[-1]), dtype=a.dtype)
+        else:
+            wide = torch.zeros((*a.shape[:-1], 2 * a.shape[-1]), dtype=a.dtype, device=a.device)
+        wide[..., ::2] = a
+        return wide[..., ::2]
+    return a
+
+
+def _with_lead(a, lead, op_input_is_leading):
+    return a.reshape(*lead, *a.shape[1:]) if lead and op_input_is_leading else a
+
+
+# ------------------------------------------------------------------------------------------------
+# torch, and comparing with it
+
+
+def _torch_reference(op, params, values, cot_seed, ref_dtype):
+    """torch's outputs and gradients (float64 numpy arrays, None where no gradient), or the error."""
+    ts = []
+    for t, (kind, v, _) in zip(op.inputs, values):
+        if kind == "label":
+            ts.append(torch.tensor(v, dtype=torch.int64))
+        else:
+            ts.append(torch.tensor(v, dtype=ref_dtype, requires_grad=t.role is Role.DIFF))
+    try:
+        outs = REFERENCES[op.name](*ts, **params)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        rng = np.random.default_rng(cot_seed)
+        cots = [torch.tensor(rng.standard_normal(tuple(o.shape)), dtype=o.dtype) for o in outs]
+        diff = [t for t in ts if t.requires_grad]
+        grads = iter(torch.autograd.grad(outs, diff, cots, allow_unused=True))
+    except (RuntimeError, ValueError, IndexError) as e:
+        return e, None, None, None
+    gs = [next(grads) if t.requires_grad else None for t in ts]
+    as_np = lambda x: None if x is None else x.detach().double().numpy()  # noqa: E731
+    return None, [as_np(o) for o in outs], [as_np(g) for g in gs], [c.double().numpy() for c in cots]
+
+
+def _close(what, got, want, tol, forward):
+    got = np.asarray(got, dtype=np.float64).reshape(want.shape)
+    finite = np.isfinite(want)
+    scale = max(1.0, float(np.max(np.abs(want[finite]), initial=0.0)))
+    bad = finite & ~(np.abs(got - want) <= tol * (np.abs(want) + scale))
+    assert not bad.any(), f"{what}: differs from torch at {np.argwhere(bad)[:4].tolist()}: " \
+                          f"got {got[bad][:4]}, torch {want[bad][:4]}"
+    if forward:  # NaN and +-inf where torch has them
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got) & ~finite, nan), f"{what}: NaN where torch has {want[~finite][:4]}, got {got[~finite][:4]}"
+        inf = np.isinf(want)
+        assert np.array_equal(got[inf], want[inf]), f"{what}: torch has {want[inf][:4]}, got {got[inf][:4]}"
+
+
+def _check(op, params, ref, got_outs, got_grads, tol, label, nonfinite):
+    """Finite torch values: close. NaN/inf in torch's outputs must be ours too when the inputs held
+    NaN or inf (propagation, which the issue demands); from finite inputs they are torch's own
+    overflow (layer_norm's float32 x*rstd - mean*rstd at 1e30), where we may stay finite."""
+    _, outs, grads, _ = ref
+    for name, g, w in zip([o.name for o in op.outputs], got_outs, outs):
+        _close(f"{label} {op.name} {name}", g, w, tol, nonfinite)
+    for t, g, w in zip(op.inputs, got_grads, grads):
+        if w is None:
+            continue
+        _close(f"{label} {op.name} d{t.name}", g, w, tol, False)
+
+
+def _raise_check(op, ref, call, label):
+    """torch raised: ours must raise too, before computing, a clear error that names the op."""
+    with pytest.raises((ValueError, TypeError, RuntimeError)) as e:
+        call()
+    assert str(e.value).startswith(f"{op.name}:"), f"{label}: torch raised {ref[0]!r}; ours: {e.value!r}"
+
+
+def _refused(op, call) -> bool:
+    """A param outside its domain that torch accepts: ours refusing it (clearly) is fine too."""
+    try:
+        call()
+    except ValueError as e:
+        assert str(e).startswith(f"{op.name}: param "), repr(e)
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# NumPy
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_numpy_agrees_with_torch(name):
+    mod = importlib.import_module(f"generated.numpy.{name}")
+
+    @settings(max_examples=NUMPY_EXAMPLES, **SETTINGS)
+    @given(cases(name, "numpy", (np.float32, np.float64)))
+    def run(case):
+        op, params, dtype, lead, inputs, seed, nonfinite = case
+        params = dict(params)
+        bad_param = params.pop("_bad", False)
+        values = [(k, v.astype(dtype) if k == "float" else v, lay) for k, v, lay in inputs]
+        ref_dtype = torch.float64 if dtype is np.float64 else torch.float32
+        ref = _torch_reference(op, params, values, seed + 1, ref_dtype)
+        args = []
+        for t, (kind, v, lay) in zip(op.inputs, values):
+            a = _layout(v, lay, np.asarray) if kind == "float" else v
+            args.append(_with_lead(a, lead, bool(t.dims) and t.dims[0].leading))
+        if ref[0] is not None:
+            _raise_check(op, ref, lambda: mod.forward(*args, **params), "numpy")
+            return
+        if bad_param and _refused(op, lambda: mod.forward(*args, **params)):
+            return
+        _, outs, grads, cots = ref
+        cots = [c.astype(dtype) for c in cots]
+        lead_cots = [_with_lead(c, lead, bool(o.dims) and o.dims[0].leading) for c, o in zip(cots, op.outputs)]
+        got_outs = mod.forward(*args, **params)
+        got_outs = got_outs if isinstance(got_outs, tuple) else (got_outs,)
+        got_grads = mod.vjp(*args, *lead_cots, **params)
+        _check(op, params, ref, got_outs, got_grads, TOL[dtype], f"numpy {np.dtype(dtype).name} lead={lead}", nonfinite)
+
+    run()
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton (interpreted on CPU in CI: few, tiny cases)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_triton_agrees_with_torch(name):
+    pytest.importorskip("triton")
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    mod = importlib.import_module(f"generated.triton.{name}")
+
+    @settings(max_examples=TRITON_EXAMPLES, **SETTINGS)
+    @given(cases(name, "triton", (np.float32, "bfloat16")))
+    def run(case):
+        op, params, dtype, lead, inputs, seed, nonfinite = case
+        params = dict(params)
+        bad_param = params.pop("_bad", False)
+        tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        # the values as the kernel sees them (bfloat16: rounded), and torch in float32 on those
+        tensors, values = [], []
+        for t, (kind, v, lay) in zip(op.inputs, inputs):
+            if kind == "label":
+                a = torch.tensor(v, dtype=torch.int64, device=DEVICE)
+                values.append((kind, v, lay))
+            else:
+                a = torch.tensor(v, dtype=torch.float32).to(tdtype)
+                values.append((kind, a.float().numpy(), lay))
+                a = _layout(a.to(DEVICE), lay, None)
+            tensors.append(_with_lead(a, lead, bool(t.dims) and t.dims[0].leading))
+        ref = _torch_reference(op, params, values, seed + 1, torch.float32)
+        if ref[0] is not None:
+            _raise_check(op, ref, lambda: mod.forward(*tensors, **params), "triton")
+            return
+        if bad_param and _refused(op, lambda: mod.forward(*tensors, **params)):
+            return
+        _, outs, grads, cots = ref
+        lead_cots = [_with_lead(torch.tensor(c, dtype=tdtype, device=DEVICE), lead, bool(o.dims) and o.dims[0].leading)
+                     for c, o in zip(cots, op.outputs)]
+        got_outs, saved = mod.forward_with_saved(*tensors, **params)
+        got_outs = got_outs if isinstance(got_outs, tuple) else (got_outs,)
+        got_grads = mod.backward(saved, *lead_cots)
+        as_np = lambda x: None if x is None else x.detach().float().cpu().numpy()  # noqa: E731
+        _check(op, params, ref, [as_np(o) for o in got_outs], [as_np(g) for g in got_grads],
+               TOL[np.float32 if dtype != "bfloat16" else "bfloat16"], f"triton {getattr(dtype, '__name__', dtype)} lead={lead}", nonfinite)
+
+    run()
+
