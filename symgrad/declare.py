@@ -51,6 +51,14 @@ class Dim:
     index: str
     extent: sp.Expr | None = None  # derived dims (conv output size) give their formula
     leading: bool = False
+    # The least size the generated modules accept. 0 by default: empty batches, rows and features
+    # give empty (or empty-sum) results as torch does. 1 where torch refuses an empty dim (a max
+    # over an empty row, a convolution's kernel or output channels); a derived dim is always >= 1.
+    min_size: int | None = field(default=None, compare=False)  # a check on sizes, not part of the dim's identity
+
+    def __post_init__(self):
+        if self.min_size is None:
+            object.__setattr__(self, "min_size", 1 if self.extent is not None else 0)
 
     @property
     def symbol(self) -> sp.Symbol:

@@ -291,6 +291,8 @@ def _pow_numpy(p, e) -> str:
     if exp == -sp.S.Half:
         return f"1/{sqrt}({b})"
     if exp == -1:
+        if not p.has_data(base) and any(str(s) in p.env.dims for s in base.free_symbols):
+            return f"1/_m.divisor({b})"  # a dim may be 0 (an empty batch): 1/0 as IEEE
         return f"1/{wrap(b)}"
     if exp.is_Integer and exp < 0:
         return f"1/{wrap(b)}**{-int(exp)}"

@@ -60,6 +60,7 @@ def _forward_with_saved(X, Wt, **params):
     Wt = _m.float_array(OP, 'input Wt', Wt)
     dims = _m.bind_dims(OP, {'X': X, 'Wt': Wt}, _INPUT_DIMS)
     N, Cin, H, W, Cout, R, S = dims['N'], dims['Cin'], dims['H'], dims['W'], dims['Cout'], dims['R'], dims['S']
+    _m.check_sizes(OP, dims, {'Cout': 1, 'R': 1, 'S': 1})
     Ho = _m.derived_dim(OP, 'Ho', 'floor((H - R + 2*pad)/stride) + 1', lambda: (H - R + 2*pad)//stride + 1)
     Wo = _m.derived_dim(OP, 'Wo', 'floor((-S + W + 2*pad)/stride) + 1', lambda: (-S + W + 2*pad)//stride + 1)
     _dt = _m.float_dtype(X, Wt)

@@ -68,10 +68,10 @@ def _forward_with_saved(x, w, bias, **params):
     bias = bias.astype(_dt, copy=False)
 
     # mean[b] = Sum(x[b, k], (k, 0, D - 1))/D  [row_reduction]
-    mean = np.sum(x, axis=1)/D
+    mean = np.sum(x, axis=1)/_m.divisor(D)
 
     # rstd[b] = 1/sqrt(eps + Sum((-mean[b] + x[b, k])**2, (k, 0, D - 1))/D)  [row_reduction]
-    rstd = 1/np.sqrt(eps + np.sum((-mean[:, None] + x)**2, axis=1)/D)
+    rstd = 1/np.sqrt(eps + np.sum((-mean[:, None] + x)**2, axis=1)/_m.divisor(D))
 
     # y[b, i] = (-mean[b] + x[b, i])*rstd[b]*w[i] + bias[i]  [map]
     y = rstd[:, None]*w[None, :]*(-mean[:, None] + x) + bias[None, :]
@@ -95,7 +95,7 @@ def backward(saved, dy):
     # dx[b, i] = (dy[b, i]*w[i] - (-mean[b] + x[b, i])*rstd[b]*Sum((-mean[b] + x[b, k])*dy[b,
     #     k]*rstd[b]*w[k], (k, 0, D - 1))/D - Sum(dy[b, k]*w[k], (k, 0, D - 1))/D)*rstd[b]
     #     [row_reduction]
-    _t0 = 1/D
+    _t0 = 1/_m.divisor(D)
     _t1 = w[None, :]*dy
     _t2 = (-mean[:, None] + x)*rstd[:, None]
     dx = (-(_t0*np.einsum("bi,bi->b", _t1, _t2))[:, None]*_t2 - (_t0*np.sum(_t1, axis=1))[:, None] + _t1)*rstd[:, None]

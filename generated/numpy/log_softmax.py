@@ -58,7 +58,7 @@ def _forward_with_saved(x, **params):
 
     # out[b, i] = -log(Sum(exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, k]), (k, 0, C - 1))) -
     #     ReduceMax(x[b, k], k, 0, C - 1) + x[b, i]  [row_reduction]
-    _t0 = np.max(x, axis=1)
+    _t0 = np.max(x, axis=1, initial=-math.inf)
     out = x - _t0[:, None] - np.log(np.sum(np.exp(x - _t0[:, None]), axis=1))[:, None]
 
     saved = {'out': out, 'B': B, 'C': C, '_lead': _lead}

@@ -53,11 +53,12 @@ def _forward_with_saved(x, **params):
     _lead, (x,) = _m.fold(OP, {'x': x}, {'x': 2})
     dims = _m.bind_dims(OP, {'x': x}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
+    _m.check_sizes(OP, dims, {'C': 1})
     _dt = _m.float_dtype(x)
     x = x.astype(_dt, copy=False)
 
     # out[b] = ReduceMax(x[b, k], k, 0, C - 1)  [row_reduction]
-    out = np.max(x, axis=1)
+    out = np.max(x, axis=1, initial=-math.inf)
 
     saved = {'x': x, 'out': out, 'B': B, 'C': C, '_lead': _lead}
     return _m.unfold(out, _lead), saved

@@ -57,7 +57,7 @@ def _forward_with_saved(x, **params):
     x = x.astype(_dt, copy=False)
 
     # out[b] = Sum(x[b, k], (k, 0, C - 1))/C  [row_reduction]
-    out = np.sum(x, axis=1)/C
+    out = np.sum(x, axis=1)/_m.divisor(C)
 
     saved = {'B': B, 'C': C, '_lead': _lead}
     return _m.unfold(out, _lead), saved
@@ -74,7 +74,7 @@ def backward(saved, dout):
     dout = _m.check_shape(OP, 'dout', dout, ('B',), (B,), _dt)
 
     # dx[b, i] = dout[b]/C  [map]
-    dx = np.broadcast_to((dout/C)[:, None], (B, C)).astype(_dt)
+    dx = np.broadcast_to((dout/_m.divisor(C))[:, None], (B, C)).astype(_dt)
 
     return (_m.unfold(dx, _lead),)
 

@@ -59,10 +59,10 @@ def _forward_with_saved(X, Y, **params):
     Y = Y.astype(_dt, copy=False)
 
     # loss = Sum((X[b, i] - Y[b, i])**2, (b, 0, B - 1), (i, 0, C - 1))/(B*C)  [row_reduction]
-    loss = np.array(np.sum((X - Y)**2, axis=(0, 1))/(B*C), dtype=_dt)
+    loss = np.array(np.sum((X - Y)**2, axis=(0, 1))/_m.divisor(B*C), dtype=_dt)
 
     # dX_fused[b, i] = 2*(X[b, i] - Y[b, i])/(B*C)  [map]
-    dX_fused = 2/(B*C)*(X - Y)
+    dX_fused = 2/_m.divisor(B*C)*(X - Y)
 
     saved = {'dX_fused': dX_fused, 'B': B, 'C': C}
     return loss, saved

@@ -65,7 +65,7 @@ def _forward_with_saved(x, w, **params):
     w = w.astype(_dt, copy=False)
 
     # rstd[b] = 1/sqrt(eps + Sum(x[b, k]**2, (k, 0, D - 1))/D)  [row_reduction]
-    rstd = 1/np.sqrt(eps + np.sum(x**2, axis=1)/D)
+    rstd = 1/np.sqrt(eps + np.sum(x**2, axis=1)/_m.divisor(D))
 
     # y[b, i] = rstd[b]*w[i]*x[b, i]  [map]
     y = rstd[:, None]*w[None, :]*x
@@ -90,7 +90,7 @@ def backward(saved, dy):
     #     1))/D)*rstd[b]  [row_reduction]
     _t0 = w[None, :]*dy
     _t1 = rstd[:, None]*x
-    dx = (_t0 - (np.einsum("bi,bi->b", _t0, _t1)/D)[:, None]*_t1)*rstd[:, None]
+    dx = (_t0 - (np.einsum("bi,bi->b", _t0, _t1)/_m.divisor(D))[:, None]*_t1)*rstd[:, None]
 
     # dw[i] = Sum(dy[k, i]*rstd[k]*x[k, i], (k, 0, B - 1))  [row_reduction]
     dw = np.einsum("k,ki,ki->i", rstd, dy, x, optimize=True)

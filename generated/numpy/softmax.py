@@ -58,7 +58,7 @@ def _forward_with_saved(x, **params):
 
     # p[b, i] = exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, i])/Sum(exp(-ReduceMax(x[b, k], k, 0, C -
     #     1) + x[b, k]), (k, 0, C - 1))  [row_reduction]
-    _t0 = np.exp(x - np.max(x, axis=1)[:, None])
+    _t0 = np.exp(x - np.max(x, axis=1, initial=-math.inf)[:, None])
     p = _t0/np.sum(_t0, axis=1)[:, None]
 
     saved = {'p': p, 'B': B, 'C': C, '_lead': _lead}

@@ -60,6 +60,7 @@ def _forward_with_saved(x, y, **params):
     y = _m.label_array(OP, 'y', y)
     dims = _m.bind_dims(OP, {'x': x, 'y': y}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
+    _m.check_sizes(OP, dims, {'C': 1})
     _dt = _m.float_dtype(x)
     x = x.astype(_dt, copy=False)
 
@@ -73,17 +74,17 @@ def _forward_with_saved(x, y, **params):
     #     (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/(C*n_valid)  [row_reduction]
     _t0 = 1/n_valid
     _b = np.arange(B)
-    loss = np.array((np.where((_t0 != 0), (1 - eps)*np.sum(np.where((y != ignore_index), (-_m.gather(x, _b, y) + np.max(x, axis=1) + np.log(np.sum(np.exp(x - np.max(x, axis=1)[:, None]), axis=1))), 0), axis=0)*_t0, 0) if 1 - eps != 0 else _dt.type(0)) + (np.where((_t0 != 0), eps*np.sum(np.where((y != ignore_index), (C*(np.log(np.sum(np.exp(x - np.max(x, axis=1)[:, None]), axis=1)) + np.max(x, axis=1)) - np.sum(x, axis=1)), 0), axis=0)*_t0/C, 0) if eps != 0 else _dt.type(0)), dtype=_dt)
+    loss = np.array((np.where((_t0 != 0), (1 - eps)*np.sum(np.where((y != ignore_index), (-_m.gather(x, _b, y) + np.max(x, axis=1, initial=-math.inf) + np.log(np.sum(np.exp(x - np.max(x, axis=1, initial=-math.inf)[:, None]), axis=1))), 0), axis=0)*_t0, 0) if 1 - eps != 0 else _dt.type(0)) + (np.where((_t0 != 0), eps*np.sum(np.where((y != ignore_index), (C*(np.log(np.sum(np.exp(x - np.max(x, axis=1, initial=-math.inf)[:, None]), axis=1)) + np.max(x, axis=1, initial=-math.inf)) - np.sum(x, axis=1)), 0), axis=0)*_t0/_m.divisor(C), 0) if eps != 0 else _dt.type(0)), dtype=_dt)
 
     # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + exp(-ReduceMax(x[b, k_f7], k_f7, 0, C - 1) +
     #     x[b, i])/Sum(exp(-ReduceMax(x[b, k_f8], k_f8, 0, C - 1) + x[b, k_f9]), (k_f9, 0, C - 1)) -
     #     KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))/n_valid  [row_reduction]
-    _t0 = np.exp(x - np.max(x, axis=1)[:, None])
+    _t0 = np.exp(x - np.max(x, axis=1, initial=-math.inf)[:, None])
     _w0 = 1/n_valid
     _scale = _w0*np.asarray((y != ignore_index), dtype=_dt)
     dx_fused = _t0/np.sum(_t0, axis=1)[:, None]
     if eps != 0:
-        dx_fused -= eps/C
+        dx_fused -= eps/_m.divisor(C)
     np.multiply(dx_fused, _scale[:, None], out=dx_fused)
     if eps - 1 != 0:
         _m.add_onehot(dx_fused, 1, y, _scale*(eps - 1))

@@ -152,12 +152,11 @@ def _forward(t_x, t_bias, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, t_bias, ))])
     n_B = dims['B']
     n_C = dims['C']
-    _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_map: out (map)
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _for0_map[(triton.cdiv(n_total, blk),)](t_bias, t_bias.stride(0), t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_bias, t_bias.stride(0), t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     saved = {
         'B': n_B,
         'C': n_C,
@@ -205,9 +204,9 @@ def backward(saved, dout, ):
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog, n_C), dtype=torch.float32, device=device)
-    _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_C)
-    _bac0_rows_finish[(triton.cdiv(n_C, fblk),)](t_dbias, t_dbias.stride(0), n_C, part0, n_prog, BLOCK=fblk)
+    if _rt.programs((triton.cdiv(n_C, fblk),)): _bac0_rows_finish[(triton.cdiv(n_C, fblk),)](t_dbias, t_dbias.stride(0), n_C, part0, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dx, _lead), t_dbias, )
 
 

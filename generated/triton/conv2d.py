@@ -297,7 +297,7 @@ def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
     n_S = dims['S']
     n_Ho = (1 + (((n_H - n_R + (2 * p_pad))) // (p_stride)))
     n_Wo = (1 + (((n_W - n_S + (2 * p_pad))) // (p_stride)))
-    _rt.check_positive(OP, {'N': n_N, 'Cin': n_Cin, 'H': n_H, 'W': n_W, 'Cout': n_Cout, 'R': n_R, 'S': n_S, 'Ho': n_Ho, 'Wo': n_Wo})
+    _rt.check_sizes(OP, {'N': n_N, 'Cin': n_Cin, 'H': n_H, 'W': n_W, 'Cout': n_Cout, 'R': n_R, 'S': n_S, 'Ho': n_Ho, 'Wo': n_Wo}, {'Cout': 1, 'R': 1, 'S': 1, 'Ho': 1, 'Wo': 1})
     # _for0_gemm: Y (gemm)
     t_Y = torch.empty((n_N, n_Cout, n_Ho, n_Wo, ), dtype=dtype, device=device)
     M_tot = n_N * n_Ho * n_Wo
@@ -305,7 +305,7 @@ def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
     K_tot = n_Cin * n_R * n_S
     cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
     grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    if _rt.programs(grid): _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
     saved = {
         'X': t_X,
         'Wt': t_Wt,
@@ -372,7 +372,7 @@ def backward(saved, dY, ):
     K_tot = n_Cout * n_R * n_S
     cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
     grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    if _rt.programs(grid): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
     # _bac1_gemm: dWt (gemm)
     t_dWt = torch.empty((n_Cout, n_Cin, n_R, n_S, ), dtype=dtype, device=device)
     M_tot = n_Cout * n_R * n_S
@@ -380,7 +380,7 @@ def backward(saved, dY, ):
     K_tot = n_N * n_H * n_W
     cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
     grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    if _rt.programs(grid): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
     return (t_dX, t_dWt, )
 
 

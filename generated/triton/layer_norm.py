@@ -250,14 +250,13 @@ def _forward(t_x, t_w, t_bias, p_eps, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, t_w, t_bias, ))])
     n_B = dims['B']
     n_D = dims['D']
-    _rt.check_positive(OP, {'B': n_B, 'D': n_D})
     # _for0_rows: mean, rstd, y (rows)
     t_mean = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_rstd = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_y = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_D, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_bias, t_bias.stride(0), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_bias, t_bias.stride(0), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'w': t_w,
@@ -317,9 +316,9 @@ def backward(saved, dy, ):
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
     part1 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
-    _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, part1, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, part1, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
-    _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dbias, t_dbias.stride(0), t_dw, t_dw.stride(0), n_D, part0, part1, n_prog, BLOCK=fblk)
+    if _rt.programs((triton.cdiv(n_D, fblk),)): _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dbias, t_dbias.stride(0), t_dw, t_dw.stride(0), n_D, part0, part1, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dx, _lead), t_dw, t_dbias, )
 
 

@@ -281,7 +281,6 @@ def _forward(t_X, t_W, t_bias, write_grad):
     n_B = dims['B']
     n_K = dims['K']
     n_N = dims['N']
-    _rt.check_positive(OP, {'B': n_B, 'K': n_K, 'N': n_N})
     # _for0_gemm: Y (gemm)
     t_Y = torch.empty((n_B, n_N, ), dtype=dtype, device=device)
     M_tot = n_B
@@ -289,7 +288,7 @@ def _forward(t_X, t_W, t_bias, write_grad):
     K_tot = n_K
     cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
     grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    _for0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_bias, t_bias.stride(0), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    if _rt.programs(grid): _for0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_bias, t_bias.stride(0), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
     saved = {
         'X': t_X,
         'W': t_W,
@@ -344,7 +343,7 @@ def backward(saved, dY, ):
     K_tot = n_N
     cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
     grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    _bac0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_dX, t_dX.stride(0), t_dX.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    if _rt.programs(grid): _bac0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_dX, t_dX.stride(0), t_dX.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
     # _bac1_gemm: dW (gemm)
     t_dW = torch.empty((n_K, n_N, ), dtype=dtype, device=device)
     M_tot = n_K
@@ -352,15 +351,15 @@ def backward(saved, dY, ):
     K_tot = n_B
     cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
     grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    if _rt.programs(grid): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
     # _bac2_rows: dbias (rows)
     t_dbias = torch.empty((n_N, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_N, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog, n_N), dtype=torch.float32, device=device)
-    _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_N)
-    _bac2_rows_finish[(triton.cdiv(n_N, fblk),)](t_dbias, t_dbias.stride(0), n_N, part0, n_prog, BLOCK=fblk)
+    if _rt.programs((triton.cdiv(n_N, fblk),)): _bac2_rows_finish[(triton.cdiv(n_N, fblk),)](t_dbias, t_dbias.stride(0), n_N, part0, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dX, _lead), t_dW, t_dbias, )
 
 

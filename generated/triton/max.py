@@ -141,12 +141,12 @@ def _forward(t_x, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, ))])
     n_B = dims['B']
     n_C = dims['C']
-    _rt.check_positive(OP, {'B': n_B, 'C': n_C})
+    _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
     # _for0_rows: out (rows)
     t_out = torch.empty((n_B, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'out': t_out,
@@ -196,7 +196,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dx, _lead), )
 
 

@@ -159,14 +159,13 @@ def _forward(t_X, t_Y, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_X, t_Y, ))])
     n_B = dims['B']
     n_C = dims['C']
-    _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_rows: loss, dX_fused (rows)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dX_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    _for0_rows[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_loss, part0, n_prog, BLOCK=fblk)
     saved = {
@@ -212,7 +211,7 @@ def backward(saved, dloss, ):
     t_dX = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _bac0_map[(triton.cdiv(n_total, blk),)](t_dX, t_dX.stride(0), t_dX.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), t_dloss, n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dX, t_dX.stride(0), t_dX.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), t_dloss, n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     return (t_dX, None, )
 
 

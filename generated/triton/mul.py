@@ -132,12 +132,11 @@ def _forward(t_p, t_q, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_p, t_q, ))])
     n_B = dims['B']
     n_C = dims['C']
-    _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_map: out (map)
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     saved = {
         'p': t_p,
         'q': t_q,
@@ -188,7 +187,7 @@ def backward(saved, dout, ):
     t_dq = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dp, t_dp.stride(0), t_dp.stride(1), t_dq, t_dq.stride(0), t_dq.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dp, t_dp.stride(0), t_dp.stride(1), t_dq, t_dq.stride(0), t_dq.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     return (_rt.unfold(t_dp, _lead), _rt.unfold(t_dq, _lead), )
 
 

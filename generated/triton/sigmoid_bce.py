@@ -177,7 +177,6 @@ def _forward(t_x, t_y, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, t_y, ))])
     n_B = dims['B']
     n_C = dims['C']
-    _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_rows: loss, dx_fused (rows)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dx_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
@@ -185,7 +184,7 @@ def _forward(t_x, t_y, write_grad):
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     part1 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_loss, float(n_B), float(n_C), part0, part1, n_prog, BLOCK=fblk)
     saved = {
@@ -231,7 +230,7 @@ def backward(saved, dloss, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dx, t_dx.stride(0), t_dx.stride(1), t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dx, t_dx.stride(0), t_dx.stride(1), t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     return (t_dx, None, )
 
 

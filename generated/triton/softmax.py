@@ -153,12 +153,11 @@ def _forward(t_x, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, ))])
     n_B = dims['B']
     n_C = dims['C']
-    _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_rows: p (rows)
     t_p = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _for0_rows[(n_prog,)](t_p, t_p.stride(0), t_p.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_p, t_p.stride(0), t_p.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'p': t_p,
         'B': n_B,
@@ -206,7 +205,7 @@ def backward(saved, dp, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    _bac0_rows[(n_prog,)](t_dp, t_dp.stride(0), t_dp.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_p, t_p.stride(0), t_p.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dp, t_dp.stride(0), t_dp.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_p, t_p.stride(0), t_p.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dx, _lead), )
 
 

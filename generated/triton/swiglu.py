@@ -136,12 +136,11 @@ def _forward(t_a, t_g, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_a, t_g, ))])
     n_B = dims['B']
     n_C = dims['C']
-    _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_map: out (map)
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _for0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_g, t_g.stride(0), t_g.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_g, t_g.stride(0), t_g.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     saved = {
         'a': t_a,
         'g': t_g,
@@ -194,7 +193,7 @@ def backward(saved, dout, ):
     t_dg = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _bac0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_da, t_da.stride(0), t_da.stride(1), t_dg, t_dg.stride(0), t_dg.stride(1), t_dout, t_dout.stride(0), t_dout.stride(1), t_g, t_g.stride(0), t_g.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_da, t_da.stride(0), t_da.stride(1), t_dg, t_dg.stride(0), t_dg.stride(1), t_dout, t_dout.stride(0), t_dout.stride(1), t_g, t_g.stride(0), t_g.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     return (_rt.unfold(t_da, _lead), _rt.unfold(t_dg, _lead), )
 
 

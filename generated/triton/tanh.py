@@ -118,12 +118,11 @@ def _forward(t_x, write_grad):
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, ))])
     n_B = dims['B']
     n_C = dims['C']
-    _rt.check_positive(OP, {'B': n_B, 'C': n_C})
     # _for0_map: out (map)
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     saved = {
         'out': t_out,
         'B': n_B,
@@ -171,7 +170,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     return (_rt.unfold(t_dx, _lead), )
 
 

@@ -1,7 +1,7 @@
 """Losses: mean squared error, sigmoid + binary cross-entropy, softmax + cross-entropy."""
 import sympy as sp
 
-from ..declare import LabelRange, Op, Param, Role, Tensor, output, register, idx
+from ..declare import Dim, LabelRange, Op, Param, Role, Tensor, output, register, idx
 from ..functions import Iverson, onehot, sigmoid
 from .dims import B, C
 
@@ -32,7 +32,8 @@ register(Op(
 # softmax + cross-entropy over integer labels, with ignore_index and label smoothing eps:
 # target t[b, i] = (1 - eps)*onehot(y[b], i) + eps/C; rows whose label is ignore_index weigh 0,
 # and the loss is averaged over the rows that count.
-logits, labels = Tensor("x", (B, C), domain=(-4.0, 4.0)), Tensor("y", (B,), Role.LABEL)
+# classes may not be empty (min_size=1): with rows, torch refuses every label as out of bounds
+logits, labels = Tensor("x", (B, Dim(C.name, C.index, min_size=1)), domain=(-4.0, 4.0)), Tensor("y", (B,), Role.LABEL)
 eps = Param("eps", 0.0, doc="label smoothing", domain="[0, 1]")  # torch: label_smoothing in [0.0, 1.0]
 ignore = Param("ignore_index", -100, integer=True, doc="label of rows to skip", domain="finite")  # any integer
 valid = Iverson(sp.Ne(labels[b], ignore))

@@ -1,4 +1,4 @@
-"""Param domains: the one check every generated module runs on its params before computing.
+"""Param domains and least dim sizes: the checks every generated module runs before computing.
 
 Each op declares its params' domains (``Param(..., domain="[0, 1]")``, :class:`symgrad.declare.Domain`);
 a generated module carries them as a table ``{param: (low, high, low_closed, high_closed, text)}``
@@ -15,3 +15,11 @@ def check_params(op: str, values: dict, domains: dict) -> None:
         inside = (low <= v if low_closed else low < v) and (v <= high if high_closed else v < high)
         if not inside:
             raise ValueError(f"{op}: param {name} must be {text}, got {v!r}")
+
+
+def check_sizes(op: str, dims: dict, minimum: dict) -> None:
+    """Dims may be empty (0) unless the op declares a least size (``Dim(min_size=1)``, e.g. a max
+    over an empty row, which torch refuses too): a ``ValueError`` naming the dim and its size."""
+    for name, least in minimum.items():
+        if name in dims and dims[name] < least:
+            raise ValueError(f"{op}: dim {name} is {dims[name]}; it must be at least {least} (check the input shapes and params)")

@@ -10,7 +10,7 @@ import operator
 import numpy as np
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the Triton modules)
-from .domains import check_params  # noqa: F401  (param domains, shared with the Triton modules)
+from .domains import check_params, check_sizes  # noqa: F401  (param domains and least sizes, shared with the Triton modules)
 
 __all__ = [
     "ALL", "erf", "sigmoid", "gather", "add_onehot", "zero_unless",
@@ -208,6 +208,16 @@ def bind_params(op: str, defaults: dict, integer: tuple, given: dict) -> dict:
     return out
 
 
+_ZERO = np.float32(0.0)
+
+
+def divisor(n):
+    """A divisor that holds dims (``x/(B*C)``): ``n`` itself, or a float32 zero when an empty batch
+    makes it 0, so the quotient is IEEE's inf or NaN (torch's mean over nothing is NaN) instead of
+    Python's ZeroDivisionError. A float32 scalar widens no array: float32 math stays float32."""
+    return n if n else _ZERO
+
+
 def float_dtype(*values) -> np.dtype:
     """The dtype the math runs in: float64 if any float input is float64, else float32.
 
@@ -254,9 +264,7 @@ def bind_dims(op: str, arrays: dict, spec: dict) -> dict:
             want = f"({', '.join(names)})" if names else "() (a scalar)"
             raise ValueError(f"{op}: input {name} must have {len(names)} dims {want}, got shape {tuple(shape)}")
         for axis, (d, n) in enumerate(zip(names, shape)):
-            if d not in dims:
-                if n < 1:
-                    raise ValueError(f"{op}: input {name} has {d} = {n} (axis {axis}); every dim must be at least 1")
+            if d not in dims:  # 0 is a size (an empty batch); least sizes are checked by check_sizes
                 dims[d], source[d] = int(n), f"input {name} (axis {axis})"
             elif dims[d] != n:
                 raise ValueError(f"{op}: input {name} has {d} = {n} (axis {axis}) but {source[d]} gives {d} = {dims[d]}")

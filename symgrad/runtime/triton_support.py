@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the NumPy modules)
-from .domains import check_params  # noqa: F401  (param domains, shared with the NumPy modules)
+from .domains import check_params, check_sizes  # noqa: F401  (param domains and least sizes, shared with the NumPy modules)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -217,6 +217,12 @@ def check_positive(op: str, dims: dict) -> None:
     for d, v in dims.items():
         if v < 1:
             raise ValueError(f"{op}: dim {d} is {v}; every dim must be at least 1 (check sizes and params)")
+
+
+def programs(grid) -> bool:
+    """Whether a launch grid has any program: a grid of 0 programs (an empty batch) is an error
+    in Triton, and has nothing to compute, so the generated host code skips that launch."""
+    return all(int(g) > 0 for g in grid)
 
 
 def check_cotangent(op: str, name: str, t, shape, device) -> None:

@@ -51,8 +51,17 @@ are folded into that dim, and outputs and gradients that start with it get them 
 
 Errors, raised before any computing: an unknown param (or one of the wrong type) is a
 ``TypeError`` naming it; an input of the wrong rank, inputs that disagree on a shared dim, a label
-tensor that is not integer, a cotangent of the wrong shape, or params that leave a derived dim
-(a convolution's output size) below 1 is a ``ValueError`` naming the input and the dims.
+tensor that is not integer, a float input or cotangent whose dtype is not a real float (complex,
+bool, int, object, str), a cotangent of the wrong shape, or params that leave a derived dim (a
+convolution's output size) below 1 is a ``ValueError`` naming the input and the dims. A param
+outside its declared domain (``Param(domain=...)``: ``PARAMS``' values lie in it) is a
+``ValueError`` naming the op, the param, its value and the domain; the module holds its domains
+as a table ``_PARAM_DOMAINS`` that ``symgrad.runtime.domains.check_params`` reads.
+
+Empty batches: any dim may be 0 unless the op declares a least size (``Dim(min_size=1)``, where
+torch refuses an empty dim too: a max over an empty row, a convolution's kernel); results are then
+torch's: empty outputs and gradients of the right shapes, sums over nothing 0, means over nothing
+NaN. Derived dims (a convolution's output size) must be at least 1.
 
 Inputs are never written, and returned arrays never alias an input or a cotangent.
 Conventions: reading a tensor outside its extent gives 0 (zero padding); Iverson brackets, one-hots

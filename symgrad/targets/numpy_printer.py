@@ -466,6 +466,8 @@ class NumPyPrinter(Printer):
         if den:
             bottom = [wrap(self.aligned(f, ax), {"*", "**"}) for f in den]
             below = bottom[0] if len(bottom) == 1 and top_level_ops(bottom[0]) <= {"**"} else f"({'*'.join(bottom)})"
+            if not any(self.has_data(f) for f in den) and any(str(s) in self.env.dims for f in den for s in f.free_symbols):
+                below = f"_m.divisor({'*'.join(bottom)})"  # a dim may be 0 (an empty batch): x/0 as IEEE
             code = f"{code}/{wrap(below, {'**'})}"
         return f"{sign}{code}" if sign else code
 
@@ -561,7 +563,8 @@ class NumPyPrinter(Printer):
         have = self.axes(body)
         if v not in have:
             return self._print(body)
-        return f"np.max({self._print(body)}, axis={have.index(v)})"
+        # initial=-inf: a max over an empty row (an empty batch's softmax) is -inf, not an error
+        return f"np.max({self._print(body)}, axis={have.index(v)}, initial=-math.inf)"
 
     def _print_Sum(self, e):
         body = e.function

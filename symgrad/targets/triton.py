@@ -62,6 +62,16 @@ def _host_dim_formula(expr: sp.Expr, dims, params) -> str:
     return print_expr(expr, names, index_mode=True)
 
 
+def _skip_empty(line: str) -> str:
+    """A kernel launch ``k[grid](...)`` runs only when its grid has programs: an empty batch
+    launches nothing (Triton refuses a grid of 0), and its outputs are empty already."""
+    head, sep, _ = line.partition("](")
+    name, bracket, grid = head.partition("[")
+    if not sep or not bracket or not name.isidentifier() or grid.strip("(),").isdigit():
+        return line
+    return f"if _rt.programs({grid}): {line}"
+
+
 def render(plan: KernelPlan, command: str | None = None) -> str:
     """The generated module for ``program``; raises :class:`LoweringError` (a NotImplementedError)
     naming the op, statement and kernel class when a statement cannot be lowered yet."""
@@ -118,7 +128,7 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
                 else:
                     lines.append(f"t_{t} = torch.empty({shape(t)}, dtype={alloc_dtype(t)}, device=device)")
                 have.add(t)
-            lines += klines
+            lines += [_skip_empty(line) for line in klines]
         return lines
 
     labels = {t.name for t in inputs if t.role is Role.LABEL}
@@ -157,4 +167,5 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         kinds=sorted({s.kind.name for s in plan.forward.statements + plan.backward.statements}),
         plan=plan, str=str, len=len, float=float, zip=zip, range=range,
         leading=leading, ranks=ranks, leading_outputs=leading_outputs, apply_return=apply_return,
+        least_sizes={d.name: d.min_size for d in dims if d.min_size},
     )
