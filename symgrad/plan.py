@@ -668,7 +668,8 @@ def _reindex_rule(node, ctx: _StencilContext):
 
 def _strided_read(factors, j, tensors, ranges):
     """(factor index, position, coefficient) of a tensor factor read at ``a*j + rest`` with the
-    coefficient ``a`` (a stride: numbers, params) not +-1, and ``j`` in no other position."""
+    coefficient ``a`` (a stride: numbers, params) not +-1 and negative (a transposed read: conv dX
+    reads the filter at ``h + pad - stride*j``), and ``j`` in no other position."""
     for fi, f in enumerate(factors):
         if not isinstance(f, sp.Indexed) or str(f.base) not in tensors:
             continue
@@ -680,6 +681,10 @@ def _strided_read(factors, j, tensors, ranges):
         if a.is_zero or a in (sp.Integer(1), sp.Integer(-1)) or a.free_symbols & (set(ranges) | {j}):
             continue
         if sp.expand(e - a * j).has(j):  # not linear in j
+            continue
+        if not a.could_extract_minus_sign():
+            # +stride*j is the forward's own read (conv dW reads X there: a zero-padded gather);
+            # re-indexed, the padding's zeros would meet every entry of X, inf and NaN included
             continue
         return fi, hits[0], a
     return None

@@ -93,7 +93,9 @@ def test_stencil_is_reindexed_by_the_plan_not_the_targets(plans):
     dX = next(st for st in plan.backward.statements if st.target == "dX")
     assert dX.kind is KernelClass.STENCIL and dX.expr.has(sp.Mod)  # the stride became a guard
     steps = [s for s in plan.trace.steps if s.stage == "re-index stencils"]
-    assert {str(s.after.lhs.base) for s in steps} == {"dX", "dWt"}
+    # dWt reads X at +stride*j, the forward's own read: not re-indexed, so the padding's zeros never
+    # meet an inf or NaN of X (tests/test_special_values.py)
+    assert {str(s.after.lhs.base) for s in steps} == {"dX"}
 
 
 def test_layer_norm_plan_recomputes_xhat(plans):

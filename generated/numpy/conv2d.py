@@ -98,14 +98,13 @@ def backward(saved, dY):
     _w = np.arange(W)
     dX = np.einsum("kcab,nkhwab->nchw", Wt, _m.gather(dY, _m.ALL, _m.ALL, np.where(((_h[:, None] + pad - _r_v[None, :]) % stride == 0)[:, None, :, None] & ((pad - _s_v[None, :] + _w[:, None]) % stride == 0)[None, :, None, :], ((_h[:, None] + pad - _r_v[None, :])//stride)[:, None, :, None], -1), ((pad - _s_v[None, :] + _w[:, None])//stride)[None, :, None, :]), optimize=True)
 
-    # dWt[o, c, r, s] = Sum(Iverson(Eq(Mod(h_v + pad - r, stride), 0))*Iverson(Eq(Mod(pad - s + w_v,
-    #     stride), 0))*X[k, c, h_v, w_v]*dY[k, o, floor((h_v + pad - r)/stride), floor((pad - s +
-    #     w_v)/stride)], (k, 0, N - 1), (h_v, 0, H - 1), (w_v, 0, W - 1))  [stencil]
-    _h_v = np.arange(H)
+    # dWt[o, c, r, s] = Sum(X[k, c, j*stride - pad + r, l*stride - pad + s]*dY[k, o, j, l], (k, 0, N -
+    #     1), (j, 0, floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))  [stencil]
+    _j = np.arange(Ho)
     _r = np.arange(R)
+    _l = np.arange(Wo)
     _s = np.arange(S)
-    _w_v = np.arange(W)
-    dWt = np.einsum("kcab,korsab->ocrs", X, _m.gather(dY, _m.ALL, _m.ALL, np.where(((_h_v[None, :] + pad - _r[:, None]) % stride == 0)[:, None, :, None] & ((pad - _s[:, None] + _w_v[None, :]) % stride == 0)[None, :, None, :], ((_h_v[None, :] + pad - _r[:, None])//stride)[:, None, :, None], -1), ((pad - _s[:, None] + _w_v[None, :])//stride)[None, :, None, :]), optimize=True)
+    dWt = np.einsum("kcrsjl,kojl->ocrs", _m.gather(X, _m.ALL, _m.ALL, ((_j*stride)[None, :] - pad + _r[:, None])[:, None, :, None], ((_l*stride)[None, :] - pad + _s[:, None])[None, :, None, :]), dY, optimize=True)
 
     return (dX, dWt)
 

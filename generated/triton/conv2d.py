@@ -7,7 +7,7 @@ Forward (kernel classes: STENCIL):
 
 Backward:
     dX[n, c, h, w] = Sum(Iverson(Eq(Mod(h + pad - r_v, stride), 0))*Iverson(Eq(Mod(pad - s_v + w, stride), 0))*Wt[k, c, r_v, s_v]*dY[n, k, floor((h + pad - r_v)/stride), floor((pad - s_v + w)/stride)], (k, 0, Cout - 1), (r_v, 0, R - 1), (s_v, 0, S - 1))
-    dWt[o, c, r, s] = Sum(Iverson(Eq(Mod(h_v + pad - r, stride), 0))*Iverson(Eq(Mod(pad - s + w_v, stride), 0))*X[k, c, h_v, w_v]*dY[k, o, floor((h_v + pad - r)/stride), floor((pad - s + w_v)/stride)], (k, 0, N - 1), (h_v, 0, H - 1), (w_v, 0, W - 1))
+    dWt[o, c, r, s] = Sum(X[k, c, j*stride - pad + r, l*stride - pad + s]*dY[k, o, j, l], (k, 0, N - 1), (j, 0, floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))
 """
 from __future__ import annotations
 
@@ -228,10 +228,9 @@ def _bac1_gemm(
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # dWt[o, c, r, s] = Sum(Iverson(Eq(Mod(h_v + pad - r, stride), 0))*Iverson(Eq(Mod(pad - s + w_v, stride),
-    #     0))*X[k, c, h_v, w_v]*dY[k, o, floor((h_v + pad - r)/stride), floor((pad - s + w_v)/stride)], (k, 0, N -
-    #     1), (h_v, 0, H - 1), (w_v, 0, W - 1))
-    # implicit GEMM: M = (o, r, s), N = (c), K = (k, h_v, w_v)
+    # dWt[o, c, r, s] = Sum(X[k, c, j*stride - pad + r, l*stride - pad + s]*dY[k, o, j, l], (k, 0, N - 1), (j, 0,
+    #     floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))
+    # implicit GEMM: M = (o), N = (c, r, s), K = (k, j, l)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
     num_pid_n = tl.cdiv(N_tot, BLOCK_N)
@@ -245,28 +244,28 @@ def _bac1_gemm(
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
-    m_s = offs_m % n_S
-    mr2 = offs_m // n_S
-    m_r = mr2 % n_R
-    mr1 = mr2 // n_R
-    m_o = mr1
-    n_c = offs_n
+    m_o = offs_m
+    n_s = offs_n % n_S
+    nr2 = offs_n // n_S
+    n_r = nr2 % n_R
+    nr1 = nr2 // n_R
+    n_c = nr1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_tot, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K_tot
-        k_w_v = offs_k % n_W
-        kr2 = offs_k // n_W
-        k_h_v = kr2 % n_H
-        kr1 = kr2 // n_H
+        k_l = offs_k % n_Wo
+        kr2 = offs_k // n_Wo
+        k_j = kr2 % n_Ho
+        kr1 = kr2 // n_Ho
         k_k = kr1
-        a = tl.load(dY_ptr + (k_k[None, :]) * dY_s0 + (m_o[:, None]) * dY_s1 + ((((k_h_v[None, :] + p_pad - m_r[:, None])) // (p_stride))) * dY_s2 + ((((p_pad + k_w_v[None, :] - m_s[:, None])) // (p_stride))) * dY_s3, mask=m_mask[:, None] & k_mask[None, :] & ((((k_h_v[None, :] + p_pad - m_r[:, None])) % (p_stride)) == 0) & ((((p_pad + k_w_v[None, :] - m_s[:, None])) % (p_stride)) == 0) & (((((k_h_v[None, :] + p_pad - m_r[:, None])) // (p_stride))) >= 0) & (((((k_h_v[None, :] + p_pad - m_r[:, None])) // (p_stride))) < n_Ho) & (((((p_pad + k_w_v[None, :] - m_s[:, None])) // (p_stride))) >= 0) & (((((p_pad + k_w_v[None, :] - m_s[:, None])) // (p_stride))) < n_Wo), other=0.0)
-        b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + (k_h_v[:, None]) * X_s2 + (k_w_v[:, None]) * X_s3, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(dY_ptr + (k_k[None, :]) * dY_s0 + (m_o[:, None]) * dY_s1 + (k_j[None, :]) * dY_s2 + (k_l[None, :]) * dY_s3, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=k_mask[:, None] & n_mask[None, :] & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) >= 0) & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) < n_H) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) >= 0) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) < n_W), other=0.0)
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    tl.store(dWt_ptr + m_o[:, None] * dWt_s0 + n_c[None, :] * dWt_s1 + m_r[:, None] * dWt_s2 + m_s[:, None] * dWt_s3, (acc).to(dWt_ptr.dtype.element_ty), mask=mn_mask)
+    tl.store(dWt_ptr + m_o[:, None] * dWt_s0 + n_c[None, :] * dWt_s1 + n_r[None, :] * dWt_s2 + n_s[None, :] * dWt_s3, (acc).to(dWt_ptr.dtype.element_ty), mask=mn_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,9 +374,9 @@ def backward(saved, dY, ):
     if _rt.programs(grid): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
     # _bac1_gemm: dWt (gemm)
     t_dWt = torch.empty((n_Cout, n_Cin, n_R, n_S, ), dtype=dtype, device=device)
-    M_tot = n_Cout * n_R * n_S
-    N_tot = n_Cin
-    K_tot = n_N * n_H * n_W
+    M_tot = n_Cout
+    N_tot = n_Cin * n_R * n_S
+    K_tot = n_N * n_Ho * n_Wo
     cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
     grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
     if _rt.programs(grid): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
