@@ -470,6 +470,81 @@ def _forward_closure(stmts: list, defs: dict) -> list:
     return [defs[n] for n in defs if n in want and n not in names] + stmts
 
 
+def share_row_statistics(s: _State) -> None:
+    """A row statistic (a max or sum over a row) that several statements of one kernel compute is
+    computed once, as a value of its own, and read by each: the fused cross-entropy's loss and
+    gradient share the row max and the row sum of exp(x - max), so x - max stays exact and the
+    row is exponentiated once."""
+    for side in ("forward", "backward"):
+        for _ in range(8):  # innermost statistics first; those that read them on the next round
+            stmts = getattr(s, side)
+            seen: dict = {}  # canonical form -> [(statement index, node, ranges)]
+            for n, st in enumerate(stmts):
+                for node, ranges in _row_statistics(s, st):
+                    seen.setdefault(_canonical(node, st), []).append((n, node, ranges))
+            shared = [hits for hits in seen.values() if len({n for n, _, _ in hits}) > 1]
+            if not shared:
+                break
+            setattr(s, side, _share(s, stmts, shared))
+
+
+def _share(s: _State, stmts: list, shared: list) -> list:
+    out: list = []
+    made: dict = {}  # id of the hits list -> the statistic's statement
+    for n, st in enumerate(stmts):
+        expr = st.expr
+        for k, hits in enumerate(shared):
+            for m, node, ranges in hits:
+                if m != n or not expr.has(node):
+                    continue
+                idx = tuple(sorted(node.free_symbols & _index_symbols(st), key=lambda x: _order(st, x)))
+                if k not in made:
+                    kind = "max" if isinstance(node, ReduceMax) else "sum"
+                    name = next(f"row_{kind}{j}" for j in itertools.count() if f"row_{kind}{j}" not in s.buffers)
+                    dims = tuple(_index_dim(s, st, x, ranges) for x in idx)
+                    made[k] = Statement(name, idx, dims, node, classify(node, _non_indices(s)))
+                    s.buffers[name] = dims
+                    out.append(made[k])
+                    s.note("share row statistics", "share_statistic", "a row statistic several statements compute is computed once", made[k], name)
+                read = sp.IndexedBase(made[k].target, real=True)[idx] if idx else sp.Symbol(made[k].target, real=True)
+                expr = expr.xreplace({node: read})
+        out.append(replace(st, expr=expr, kind=classify(expr, _non_indices(s))) if expr != st.expr else st)
+    return out
+
+
+def _index_symbols(st: Statement) -> set:
+    return set(st.indices) | {v for n in _reductions(st.expr) for v, _, _ in binders(n)}
+
+
+def _row_statistics(s: _State, st: Statement):
+    """``(node, ranges)`` for each innermost max or sum of ``st`` that runs along a row (not across
+    rows, not a contraction), with the ranges of the indices bound around it."""
+    out = []
+
+    def visit(node, ranges):
+        if not isinstance(node, sp.Basic) or node.is_Atom or isinstance(node, sp.Indexed):
+            return
+        inner = {**ranges, **{v: (lo, hi) for v, lo, hi in binders(node)}}
+        for a in node.args:
+            visit(a, inner)
+        if binders(node) and not any(_reductions(a) for a in node.args[:1]) and not (isinstance(node, sp.Sum) and is_contraction(node, _non_indices(s))):
+            out.append((node, ranges))
+
+    visit(st.expr, {})
+    return out
+
+
+def _canonical(node: sp.Basic, st: Statement) -> sp.Basic:
+    """``node`` with its bound and free indices renamed in order of appearance: two statements'
+    copies of one statistic compare equal."""
+    names = {}
+    symbols = _index_symbols(st) | {v for v, _, _ in binders(node)}
+    for x in sp.preorder_traversal(node):
+        if isinstance(x, sp.Symbol) and x in symbols and x not in names:
+            names[x] = sp.Symbol(f"_c{len(names)}", integer=True)
+    return node.xreplace(names)
+
+
 def split_reductions(s: _State) -> None:
     """A statement that holds a contraction or a sum over rows beside other work is split: the
     inner value becomes a temporary of its own launch (attention's ``dQ = Sum_s dS*K`` reads
@@ -862,7 +937,8 @@ def row_space(s: _State, st: Statement) -> tuple:
     return (big[:col] + big[col + 1:], big[col])
 
 
-LOWERING_STAGES = (choose_saved, inline_temporaries, fuse_losses, split_reductions, reindex_stencils, schedule_launches)
+LOWERING_STAGES = (choose_saved, inline_temporaries, fuse_losses, share_row_statistics, split_reductions, reindex_stencils,
+                   schedule_launches)
 
 
 def lower(derivation: Derivation) -> KernelPlan:

@@ -215,12 +215,15 @@ def shift_first(terms, maxes=None):
     sign) taken out, to be added first, as torch's ``(x - max) - log(sum)`` is; else ``([], terms)``.
     ``x - max`` is exact near the max, while ``x - (max + log(sum))`` rounds at ``ulp(max)``, which
     ``exp`` then amplifies (log_softmax at +-1e4), or loses ``log(sum)`` outright (at +-1e30).
-    ``maxes`` maps a symbol that a target computed a row max into to the entry it is the max of."""
+    ``maxes`` maps a symbol that a target computed a row max into (or the name of a plan buffer
+    holding one) to the entry it is the max of."""
     terms = list(terms)
     maxes = maxes or {}
     for t in terms:
         c, m = t.as_coeff_Mul()
         body = m.args[0] if isinstance(m, ReduceMax) else maxes.get(m)
+        if body is None and isinstance(m, sp.Indexed):  # a row max the plan computed once (row_max0[b])
+            body = maxes.get(str(m.base))
         if not (isinstance(body, sp.Indexed) and abs(c) == 1):
             continue
         for u in terms:

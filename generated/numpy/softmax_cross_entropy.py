@@ -67,22 +67,24 @@ def _forward_with_saved(x, y, **params):
     # n_valid = Sum(Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))  [row_reduction]
     n_valid = np.array(np.sum(np.asarray((y != ignore_index), dtype=_dt), axis=0), dtype=_dt)
 
-    # loss = (1 - eps)*Sum((log(Sum(exp(-ReduceMax(x[b, k_f2], k_f2, 0, C - 1) + x[b, k_f3]), (k_f3,
-    #     0, C - 1))) + ReduceMax(x[b, k_f1], k_f1, 0, C - 1) - x[b, y[b]])*Iverson(Ne(y[b],
-    #     ignore_index)), (b, 0, B - 1))/n_valid + eps*Sum((C*(log(Sum(exp(-ReduceMax(x[b, k_f5], k_f5, 0,
-    #     C - 1) + x[b, k_f6]), (k_f6, 0, C - 1))) + ReduceMax(x[b, k_f4], k_f4, 0, C - 1)) - Sum(x[b, i],
-    #     (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/(C*n_valid)  [row_reduction]
+    # row_max0[b] = ReduceMax(x[b, k_f1], k_f1, 0, C - 1)  [row_reduction]
+    row_max0 = np.max(x, axis=1, initial=-math.inf)
+
+    # row_sum0[b] = Sum(exp(-row_max0[b] + x[b, k_f3]), (k_f3, 0, C - 1))  [row_reduction]
+    row_sum0 = np.sum(np.exp(x - row_max0[:, None]), axis=1)
+
+    # loss = (1 - eps)*Sum((log(row_sum0[b]) + row_max0[b] - x[b, y[b]])*Iverson(Ne(y[b],
+    #     ignore_index)), (b, 0, B - 1))/n_valid + eps*Sum((C*(log(row_sum0[b]) + row_max0[b]) - Sum(x[b,
+    #     i], (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/(C*n_valid)  [row_reduction]
     _t0 = 1/n_valid
     _b = np.arange(B)
-    loss = np.array((np.where((_t0 != 0), (1 - eps)*np.sum(np.where((y != ignore_index), (-_m.gather(x, _b, y) + np.max(x, axis=1, initial=-math.inf) + np.log(np.sum(np.exp(x - np.max(x, axis=1, initial=-math.inf)[:, None]), axis=1))), 0), axis=0)*_t0, 0) if 1 - eps != 0 else _dt.type(0)) + (np.where((_t0 != 0), eps*np.sum(np.where((y != ignore_index), (C*(np.log(np.sum(np.exp(x - np.max(x, axis=1, initial=-math.inf)[:, None]), axis=1)) + np.max(x, axis=1, initial=-math.inf)) - np.sum(x, axis=1)), 0), axis=0)*_t0/_m.divisor(C), 0) if eps != 0 else _dt.type(0)), dtype=_dt)
+    loss = np.array((np.where((_t0 != 0), (1 - eps)*np.sum(np.where((y != ignore_index), (-_m.gather(x, _b, y) + row_max0 + np.log(row_sum0)), 0), axis=0)*_t0, 0) if 1 - eps != 0 else _dt.type(0)) + (np.where((_t0 != 0), eps*np.sum(np.where((y != ignore_index), (C*(np.log(row_sum0) + row_max0) - np.sum(x, axis=1)), 0), axis=0)*_t0/_m.divisor(C), 0) if eps != 0 else _dt.type(0)), dtype=_dt)
 
-    # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + exp(-ReduceMax(x[b, k_f7], k_f7, 0, C - 1) +
-    #     x[b, i])/Sum(exp(-ReduceMax(x[b, k_f8], k_f8, 0, C - 1) + x[b, k_f9]), (k_f9, 0, C - 1)) -
-    #     KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))/n_valid  [row_reduction]
-    _t0 = np.exp(x - np.max(x, axis=1, initial=-math.inf)[:, None])
+    # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + exp(-row_max0[b] + x[b, i])/row_sum0[b] -
+    #     KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))/n_valid  [map]
     _w0 = 1/n_valid
     _scale = _w0*np.asarray((y != ignore_index), dtype=_dt)
-    dx_fused = _t0/np.sum(_t0, axis=1)[:, None]
+    dx_fused = np.exp(x - row_max0[:, None])/row_sum0[:, None]
     if eps != 0:
         dx_fused -= eps/_m.divisor(C)
     np.multiply(dx_fused, _scale[:, None], out=dx_fused)

@@ -4,7 +4,9 @@
 
 Forward (kernel classes: MAP, ROW_REDUCTION):
     n_valid = Sum(Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))
-    loss = (1 - eps)*Sum((log(Sum(exp(-ReduceMax(x[b, k_f2], k_f2, 0, C - 1) + x[b, k_f3]), (k_f3, 0, C - 1))) + ReduceMax(x[b, k_f1], k_f1, 0, C - 1) - x[b, y[b]])*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/n_valid + eps*Sum((C*(log(Sum(exp(-ReduceMax(x[b, k_f5], k_f5, 0, C - 1) + x[b, k_f6]), (k_f6, 0, C - 1))) + ReduceMax(x[b, k_f4], k_f4, 0, C - 1)) - Sum(x[b, i], (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/(C*n_valid)
+    row_max0[b] = ReduceMax(x[b, k_f1], k_f1, 0, C - 1)
+    row_sum0[b] = Sum(exp(-row_max0[b] + x[b, k_f3]), (k_f3, 0, C - 1))
+    loss = (1 - eps)*Sum((log(row_sum0[b]) + row_max0[b] - x[b, y[b]])*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/n_valid + eps*Sum((C*(log(row_sum0[b]) + row_max0[b]) - Sum(x[b, i], (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/(C*n_valid)
 
 Backward:
     dx[b, i] = dloss*dx_fused[b, i]
@@ -81,6 +83,10 @@ def _for1_rows(
     dx_fused_s0,
     dx_fused_s1,
     n_valid_ptr,
+    row_max0_ptr,
+    row_max0_s0,
+    row_sum0_ptr,
+    row_sum0_s0,
     x_ptr,
     x_s0,
     x_s1,
@@ -98,13 +104,12 @@ def _for1_rows(
     WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
-    # loss = (1 - eps)*Sum((log(Sum(exp(-ReduceMax(x[b, k_f2], k_f2, 0, C - 1) + x[b, k_f3]), (k_f3, 0, C - 1))) +
-    #     ReduceMax(x[b, k_f1], k_f1, 0, C - 1) - x[b, y[b]])*Iverson(Ne(y[b], ignore_index)), (b, 0, B -
-    #     1))/n_valid + eps*Sum((C*(log(Sum(exp(-ReduceMax(x[b, k_f5], k_f5, 0, C - 1) + x[b, k_f6]), (k_f6, 0, C
-    #     - 1))) + ReduceMax(x[b, k_f4], k_f4, 0, C - 1)) - Sum(x[b, i], (i, 0, C - 1)))*Iverson(Ne(y[b],
-    #     ignore_index)), (b, 0, B - 1))/(C*n_valid)
-    # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + exp(-ReduceMax(x[b, k_f7], k_f7, 0, C - 1) + x[b,
-    #     i])/Sum(exp(-ReduceMax(x[b, k_f8], k_f8, 0, C - 1) + x[b, k_f9]), (k_f9, 0, C - 1)) - KroneckerDelta(i,
+    # row_max0[b] = ReduceMax(x[b, k_f1], k_f1, 0, C - 1)
+    # row_sum0[b] = Sum(exp(-row_max0[b] + x[b, k_f3]), (k_f3, 0, C - 1))
+    # loss = (1 - eps)*Sum((log(row_sum0[b]) + row_max0[b] - x[b, y[b]])*Iverson(Ne(y[b], ignore_index)), (b, 0, B
+    #     - 1))/n_valid + eps*Sum((C*(log(row_sum0[b]) + row_max0[b]) - Sum(x[b, i], (i, 0, C -
+    #     1)))*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/(C*n_valid)
+    # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + exp(-row_max0[b] + x[b, i])/row_sum0[b] - KroneckerDelta(i,
     #     y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))/n_valid
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -148,6 +153,8 @@ def _for1_rows(
                 st2 += tl.sum(tl.where(cmask, cv1, 0.0), 0)
                 if WRITE_GRAD:
                     tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), (((-tl.where(cols == rv0, 1.0, 0.0)) + tl.where((cols == rv0), p_eps, 0.0) + (tl.exp((cv1 - st0)) / (st1)) - (p_eps / (f_C))) / (v_n_valid)), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+        tl.store(row_max0_ptr + row * row_max0_s0, (st0).to(row_max0_ptr.dtype.element_ty))
+        tl.store(row_sum0_ptr + row * row_sum0_s0, (st1).to(row_sum0_ptr.dtype.element_ty))
         acc0 += tl.where((rv0 != p_ignore_index), (st0 - rv1 + tl.log(st1)), 0.0)
         acc1 += tl.where((rv0 != p_ignore_index), ((-st2) + (f_C * (st0 + tl.log(st1)))), 0.0)
     tl.store(part0_ptr + pid64, acc0)
@@ -166,7 +173,7 @@ def _for1_rows_finish(
     P,
     BLOCK: tl.constexpr,
 ):
-    # finish: loss = (1 - eps)*Sum((log(Sum(exp(-ReduceMax(x[b, k_f2], k_f2, 0, C - 1) + x[b, k_f3]), (k_f3, 0, C - 
+    # finish: loss = (1 - eps)*Sum((log(row_sum0[b]) + row_max0[b] - x[b, y[b]])*Iverson(Ne(y[b], ignore_index)), (b
     pid = tl.program_id(0)
     v_n_valid = tl.load(n_valid_ptr).to(tl.float32)
     acc0 = tl.zeros([BLOCK], tl.float32)
@@ -252,14 +259,16 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, write_grad):
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_y, t_y.stride(0), n_B, p_ignore_index, part0, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_n_valid, part0, n_prog, BLOCK=fblk)
-    # _for1_rows: loss, dx_fused (rows)
+    # _for1_rows: row_max0, row_sum0, loss, dx_fused (rows)
+    t_row_max0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
+    t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dx_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     part1 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    if _rt.programs((n_prog,)): _for1_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for1_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for1_rows_finish[(1,)](t_loss, t_n_valid, float(n_C), p_eps, part0, part1, n_prog, BLOCK=fblk)
     saved = {

@@ -35,6 +35,7 @@ import jinja2
 import sympy as sp
 
 from ..declare import Role
+from ..functions import ReduceMax
 from ..plan import KernelPlan, LoweringError, Statement
 from . import declaration_file
 from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_row_form_lines, lower_statement_lines, mask_buffers, row_form_applies
@@ -115,7 +116,14 @@ def _env(plan: KernelPlan) -> Env:
         dims={d.name for d in op.dims},
         sizes={sp.expand(d.size): d.name for d in op.dims},
         where=f"op {op.name}",
+        maxes=row_maxes(plan),
     )
+
+
+def row_maxes(plan: KernelPlan) -> dict:
+    """Buffers the plan computes as a row max, each with the entry it is the max of: ``x - max``
+    is then added first wherever they are read (exact near the max, as torch's log-softmax)."""
+    return {st.target: st.expr.args[0] for k in (plan.forward, plan.backward) for st in k.statements if isinstance(st.expr, ReduceMax)}
 
 
 def _reserved(plan: KernelPlan) -> set[str]:
@@ -150,7 +158,7 @@ def _statement(st: Statement, plan: KernelPlan, env: Env, owned=frozenset()) -> 
     if row_form_applies(printer, form, prepared.indices):
         lines = lower_row_form_lines(printer, form, st.target, prepared.indices, shape, owned)
     else:
-        reps, reduced = common_subexpressions(prepared.expr)
+        reps, reduced = common_subexpressions(prepared.expr, row_maxes=set(env.maxes))
         lines = lower_statement_lines(printer, reps, reduced, st.target, prepared.indices, shape)
     comment = _wrap(f"{st.formula}  [{st.kind.value}]")
     return "\n".join([*comment, *lines])

@@ -51,8 +51,10 @@ class Env:
     """What the printer knows about an op's names: tensors (name -> ``Dim``s), which are labels,
     scalar buffers, params and dims. ``where`` names the op in errors."""
 
-    def __init__(self, tensors: dict, labels: set, params: set, dims: set, sizes: dict, where: str, masks: set = frozenset()):
+    def __init__(self, tensors: dict, labels: set, params: set, dims: set, sizes: dict, where: str, masks: set = frozenset(),
+                 maxes: dict | None = None):
         self.tensors = tensors
+        self.maxes = dict(maxes or {})  # buffers holding a row max (the plan's shared statistics) -> the entry
         self.masks = set(masks)  # buffers that hold a weight (w[b] = [y[b] != ignore]): strong zeros too
         self.sizes = sizes  # size expression -> dim name, to print extents as the dim's local
         self.labels = labels
@@ -105,7 +107,7 @@ class NumPyPrinter(Printer):
         self.ranges = prepared.ranges
         self.index_set = set(prepared.axes)
         self.temps: dict[sp.Symbol, _Temp] = {}
-        self.maxes: dict = {}  # a temp holding a row max -> the entry it is the max of
+        self.maxes: dict = dict(env.maxes)  # a temp or buffer holding a row max -> the entry it is the max of
         self.lines: list[str] = []
         self._aranges: dict[sp.Symbol, str] = {}
         self._hoisted = 0

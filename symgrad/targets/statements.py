@@ -177,11 +177,14 @@ def _integer_valued(e) -> bool:
 # common subexpressions
 
 
-def common_subexpressions(expr: sp.Expr, prefix: str = "_t"):
+def common_subexpressions(expr: sp.Expr, prefix: str = "_t", row_maxes=frozenset()):
     """``sympy.cse`` of ``expr`` with tensor entries, Iverson brackets, one-hots and sum limits held
     opaque: a temporary is then an array expression over the statement's axes, never a piece of an
     index or a bound. Returns ``(replacements, reduced)``; deterministic (placeholders are named in
-    traversal order, never ``Dummy``s, whose numbering depends on what ran before)."""
+    traversal order, never ``Dummy``s, whose numbering depends on what ran before). A sum holding a
+    row max (a ``ReduceMax``, or a read of a buffer named in ``row_maxes``) is not made a temporary:
+    where it is used, the printer adds ``x - max`` first (``max + log(s) - x`` would round at
+    ``ulp(max)``)."""
     opaque: dict = {}
     counter = itertools.count()
 
@@ -220,7 +223,19 @@ def common_subexpressions(expr: sp.Expr, prefix: str = "_t"):
         reduced = reduced.xreplace({e: sym})
         reps[k + 1:] = [(s2, e2.xreplace({e: sym})) for s2, e2 in reps[k + 1:]]
     reps = [(s, e.xreplace(back)) for s, e in reps]
-    return reps, reduced.xreplace(back)
+    reduced = reduced.xreplace(back)
+    maxes = {sym for sym, e in reps if isinstance(e, ReduceMax)}
+
+    def holds_max(e) -> bool:
+        def is_max(t):
+            m = t.as_coeff_Mul()[1]
+            return isinstance(m, ReduceMax) or m in maxes or (isinstance(m, sp.Indexed) and str(m.base) in row_maxes)
+        return e.is_Add and any(is_max(t) for t in e.args)
+
+    for sym, e in [r for r in reps if holds_max(r[1])]:  # put such sums back where they are used
+        reps = [(s2, e2.xreplace({sym: e})) for s2, e2 in reps if s2 != sym]
+        reduced = reduced.xreplace({sym: e})
+    return reps, reduced
 
 
 # ------------------------------------------------------------------------------------------------
