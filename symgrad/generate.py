@@ -12,13 +12,17 @@ absent is noted and skipped; one that fails to import is an error); ``--target a
 * fast when nothing changed: ``<out>/.manifest.json`` (committed, deterministic) records each
   generated file's sha256 and the fingerprint of its inputs (:mod:`symgrad.fingerprint`: the package
   sources, templates, SymPy/Jinja versions, the target and the op's declaration).
-  A file whose fingerprint and bytes both match its entry is up to date without deriving anything;
-  any other file is derived, rendered and compared byte for byte, as without a manifest. So a
-  changed input that leaves a file's bytes alone is *not* stale: ``--check`` passes (and notes that
-  the manifest is behind), and ``symgrad generate`` brings the manifest up to date. ``--force``
-  ignores the manifest (derives everything) and rewrites it;
-* ``--check`` writes nothing (not even the manifest); it lists stale (bytes differ from what
-  generation gives, e.g. a hand edit), missing and orphaned modules and exits 1 if any.
+  For ``symgrad generate``, a file whose fingerprint and bytes both match its entry is up to date
+  without deriving anything; any other file is derived, rendered and compared byte for byte, as
+  without a manifest. So a changed input that leaves a file's bytes alone is *not* stale: ``--check``
+  passes (and notes that the manifest is behind), and ``symgrad generate`` brings the manifest up to
+  date. ``--force`` ignores the manifest (derives everything) and rewrites it;
+* ``--check`` writes nothing (not even the manifest) and never takes the manifest's word: it renders
+  every file and compares bytes (a hand edit whose sha256 was also written into the manifest is
+  stale). It lists stale, missing and orphaned modules and leftover temporary files (``.<name>.*.tmp``
+  from a killed run, which ``symgrad generate`` removes) and exits 1 if any;
+* a file-system failure (read-only folder, full disk, ``--out`` naming a file) is a one-line error
+  naming the path (exit 2); the atomic write leaves the old file whole.
 
 Progress goes to stderr, one line per module (``[3/29] softmax numpy: written``), then a summary.
 This module renders and writes; the renderers live in :mod:`symgrad.targets`, one per target.
@@ -31,7 +35,10 @@ overwritten (an error names it), never reported as an orphan and never deleted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
+import re
 import sys
 import tempfile
 import time
@@ -126,6 +133,41 @@ def write_if_changed(path: Path, text: str) -> bool:
             pass
         raise
     return True
+
+
+#: ``write_if_changed``'s temporary files: ``.<name>.<random>.tmp`` next to ``<name>``.
+TEMP_PATTERN = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def leftover_temp_files(out: Path, targets: Sequence[str]) -> list[Path]:
+    """Temporary files a killed run left in ``out`` or its target packages (for files generation
+    writes: modules, package files, the manifest). Generation removes them; ``--check`` flags them."""
+    found = []
+    for folder in [out, *(out / TARGETS[t].subpackage for t in targets)]:
+        if not folder.is_dir():
+            continue
+        suffixes = {TARGETS[t].extension for t in targets} | {".py"}
+        for p in sorted(folder.glob(".*.tmp")):
+            m = TEMP_PATTERN.fullmatch(p.name)
+            if m and p.is_file() and (m["name"] == fingerprint.MANIFEST_NAME or m["name"].endswith(tuple(suffixes))):
+                found.append(p)
+    return found
+
+
+@contextlib.contextmanager
+def _file_errors(action: str, path: Path):
+    """A file-system failure (read-only folder, full disk, a file where a folder should be) is a
+    user error naming what failed and where, one line; the atomic write has left the old file whole."""
+    try:
+        yield
+    except OSError as e:
+        from .cli import UserError
+
+        code = errno.errorcode.get(e.errno or 0)
+        reason = f"{e.strerror or type(e).__name__}{f' ({code})' if code else ''}"
+        other = Path(str(e.filename)) if e.filename else path
+        where = "" if other == path or TEMP_PATTERN.fullmatch(other.name) else f" ({_rel(other)})"
+        raise UserError(f"{action} {_rel(path)} failed: {reason}{where}") from None
 
 
 def compare(path: Path, text: str) -> str:
@@ -258,6 +300,10 @@ def run_generate(args) -> int:
     from .declare import REGISTRY
 
     out = Path(args.out) if args.out else (project.default_out() or DEFAULT_OUT)
+    if out.exists() and not out.is_dir():
+        from .cli import UserError
+
+        raise UserError(f"output folder {_rel(out)} is a file, not a folder (--out names the folder to generate into)")
     targets = resolve_targets(args.target)
     force = getattr(args, "force", False)
     failed = False
@@ -313,7 +359,9 @@ def run_generate(args) -> int:
                 why = None  # the manifest vouches for these bytes: nothing to derive
             if not is_own(path, own):
                 raise FileExistsError(f"{_rel(path)} exists and was not generated by symgrad; left alone (move it to generate here)")
-            text = None if why is None else make()
+            # --check never takes the manifest's word for a file's bytes (a hand edit whose sha256
+            # is written into the manifest too would pass): it renders every file and compares.
+            text = None if why is None and not args.check else make()
         except Exception as e:  # a lowering error names the op and statement; go on with the rest
             outcomes.append(Outcome(path, "error", f"{type(e).__name__}: {e}"))
             print(f"[{n}/{len(modules)}] {op_name or _rel(path)} {target}: error: {type(e).__name__}: {e}", file=sys.stderr)
@@ -322,19 +370,27 @@ def run_generate(args) -> int:
         if text is None:
             status = "unchanged"
         else:
-            if args.check:
-                status = compare(path, text)
-            else:
-                status = "written" if write_if_changed(path, text) else "unchanged"
+            with _file_errors("reading" if args.check else "writing", path):
+                if args.check:
+                    status = compare(path, text)
+                else:
+                    status = "written" if write_if_changed(path, text) else "unchanged"
             if fp is not None:
                 fresh[key] = {"fingerprint": fp, "sha256": fingerprint.sha256_bytes(text.encode("utf-8"))}
-            if status == "unchanged":
+            if status == "unchanged" and why is not None:
                 behind.append(why)
         outcomes.append(Outcome(path, status))
         if op_name is not None:
             print(f"[{n}/{len(modules)}] {op_name} {target}: {status}", file=sys.stderr)
     # Orphans only make sense against the whole registry.
     strays = orphans(out, ops, usable) if not args.ops else []
+    leftovers = leftover_temp_files(out, usable)
+    if not args.check:
+        for p in leftovers:
+            with _file_errors("removing the leftover temporary file", p):
+                p.unlink(missing_ok=True)
+            print(f"removed {_rel(p)}: a temporary file left by an interrupted run", file=sys.stderr)
+        leftovers = []
     moved = inputs.changed() if fresh else []
     if moved and args.check:
         print(
@@ -353,7 +409,8 @@ def run_generate(args) -> int:
         fresh = {}
     if not args.check:
         entries = _manifest_entries(recorded, fresh, out, files, usable, whole_registry=not args.ops)
-        write_if_changed(out / fingerprint.MANIFEST_NAME, fingerprint.manifest_text(entries, inputs.describe()))
+        with _file_errors("writing", out / fingerprint.MANIFEST_NAME):
+            write_if_changed(out / fingerprint.MANIFEST_NAME, fingerprint.manifest_text(entries, inputs.describe()))
     elapsed = time.perf_counter() - start
     counts = {s: sum(o.status == s for o in outcomes) for s in ("written", "unchanged", "stale", "missing", "error")}
     derived = f"{renderer.derived} op{'s' * (renderer.derived != 1)} derived"
@@ -363,8 +420,13 @@ def run_generate(args) -> int:
             print(f"{o.status}: {_rel(o.path)}")
         for p in strays:
             print(f"orphaned: {_rel(p)} (no registered op of that name)")
-        if bad or strays:
-            print(f"{len(bad) + len(strays)} generated file(s) out of date; run `symgrad generate` to update them", file=sys.stderr)
+        for p in leftovers:
+            print(f"leftover: {_rel(p)} (a temporary file left by an interrupted run)")
+        if bad or strays or leftovers:
+            print(
+                f"{len(bad) + len(strays) + len(leftovers)} generated file(s) out of date; run `symgrad generate` to update them",
+                file=sys.stderr,
+            )
             failed = True
         if behind and not force and not problem:
             changes = fingerprint.input_changes(recorded_inputs, inputs.describe())
@@ -417,7 +479,11 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="output directory (default: [tool.symgrad] out of ./pyproject.toml; else generated/ at the root of a "
              "symgrad checkout, else in the working directory)",
     )
-    p.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 when anything is out of date")
+    p.add_argument(
+        "--check", action="store_true",
+        help="render every module and compare bytes instead of writing (the manifest is not trusted); exit 1 when "
+             "anything is out of date or a temporary file was left behind",
+    )
     p.add_argument(
         "--force", action="store_true",
         help=f"ignore {fingerprint.MANIFEST_NAME} (which lets unchanged modules skip derivation): derive and compare every module",
