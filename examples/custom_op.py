@@ -24,7 +24,7 @@ from symgrad.render import derivation_text
 # --- the declaration: one block ----------------------------------------------------------------
 F = Dim("F", "f")  # a feature dim; gradients index it with f
 b, f = idx("b f")
-delta = Param("delta", 1.0, doc="where the loss turns from quadratic to linear")  # used in the formula as it is
+delta = Param("delta", 1.0, domain="(0, inf)", doc="where the loss turns from quadratic to linear")  # used in the formula as it is
 pred, target = Tensor("pred", (B, F)), Tensor("target", (B, F), Role.CONST, domain=(-2.0, 2.0))
 r = pred[b, f] - target[b, f]
 huber = register(Op(
