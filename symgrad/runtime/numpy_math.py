@@ -10,7 +10,6 @@ import operator
 import numpy as np
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the Triton modules)
-from .domains import check_params  # noqa: F401  (param domains, shared with the Triton modules)
 from .domains import check_params, check_sizes  # noqa: F401  (param domains and least sizes, shared with the Triton modules)
 
 __all__ = [

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the NumPy modules)
-from .domains import check_params  # noqa: F401  (param domains, shared with the NumPy modules)
 from .domains import check_params, check_sizes  # noqa: F401  (param domains and least sizes, shared with the NumPy modules)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
