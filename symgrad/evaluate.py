@@ -384,3 +384,20 @@ def evaluate_gradient(derivation, input_name: str, env: Mapping[str, object], si
 def contraction_loss(op: Op, values: Mapping[str, np.ndarray], cotangents: Mapping[str, np.ndarray]) -> float:
     """Sum over outputs of sum(d<output> * output): the scalar whose gradient the VJP is."""
     return float(sum(np.sum(np.asarray(cotangents[f"d{o.name}"]) * values[o.name]) for o in op.outputs))
+
+
+def finite_differences(op: Op, inputs: Mapping[str, np.ndarray], params, sizes, name: str, cotangents) -> np.ndarray:
+    """Central differences of the contraction loss (the declared forward, in float64) with respect
+    to each entry of input ``name``: the numeric gradient a derived one is checked against."""
+    base = np.asarray(inputs[name], dtype=np.float64)
+    grad = np.zeros_like(base)
+    for ix in np.ndindex(base.shape):
+        h = 1e-5 * max(1.0, abs(base[ix]))
+        losses = []
+        for sign in (1.0, -1.0):
+            moved = base.copy()
+            moved[ix] += sign * h
+            losses.append(contraction_loss(op, evaluate_forward(op, {**inputs, name: moved}, params, sizes), cotangents))
+        grad[ix] = (losses[0] - losses[1]) / (2 * h)
+    return grad
+

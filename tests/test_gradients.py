@@ -22,11 +22,11 @@ from symgrad.declare import REGISTRY, Role, idx
 from symgrad.derive import derive
 from symgrad.evaluate import (
     EvaluationError,
-    contraction_loss,
     evaluate,
     evaluate_forward,
     evaluate_gradient,
     evaluate_over,
+    finite_differences,
     instantiate,
     param_values,
     sample_inputs,
@@ -60,21 +60,6 @@ def at_point(name: str, sizes, seed: int, params=None, inputs=None):
     cot = {f"d{o.name}": rng.normal(size=np.shape(fwd[o.name])) for o in op.outputs}
     env = {**inputs, **param_values(op, sizes, params), **fwd, **cot}
     return op, inputs, fwd, cot, env
-
-
-def finite_differences(op, inputs, params, sizes, name, cot) -> np.ndarray:
-    """Central differences of sum(dout*out) (declared forward) w.r.t. each entry of ``name``."""
-    base = np.asarray(inputs[name], dtype=np.float64)
-    grad = np.zeros_like(base)
-    for ix in np.ndindex(base.shape):
-        h = 1e-5 * max(1.0, abs(base[ix]))
-        losses = []
-        for sign in (1.0, -1.0):
-            moved = base.copy()
-            moved[ix] += sign * h
-            losses.append(contraction_loss(op, evaluate_forward(op, {**inputs, name: moved}, params, sizes), cot))
-        grad[ix] = (losses[0] - losses[1]) / (2 * h)
-    return grad
 
 
 def assert_close(got, want, rtol, what):

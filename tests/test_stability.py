@@ -22,7 +22,7 @@ import symgrad.ops  # noqa: F401  (registers the op library)
 from symgrad import check, declare, stages
 from symgrad.declare import REGISTRY, Dim, Op, Tensor, idx, output
 from symgrad.derive import derive
-from symgrad.evaluate import contraction_loss, evaluate_forward, evaluate_gradient, param_values, sample_inputs
+from symgrad.evaluate import evaluate_forward, evaluate_gradient, finite_differences, param_values, sample_inputs
 from symgrad.plan import lower
 from symgrad.rewrite import Stage
 
@@ -92,20 +92,6 @@ def test_attention_gradients_read_p_and_never_exp_a_score(which):
         assert len(outer) == 1, (name, g)  # one pass over the keys, not two that cancel
 
 
-def _finite_differences(op, inputs, params, sizes, name, cot):
-    base = np.asarray(inputs[name], dtype=np.float64)
-    grad = np.zeros_like(base)
-    for ix in np.ndindex(base.shape):
-        h = 1e-5 * max(1.0, abs(base[ix]))
-        losses = []
-        for sign in (1.0, -1.0):
-            moved = base.copy()
-            moved[ix] += sign * h
-            losses.append(contraction_loss(op, evaluate_forward(op, {**inputs, name: moved}, params, sizes), cot))
-        grad[ix] = (losses[0] - losses[1]) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("which, sizes, causal", [
     ("one_head", {"T": 4, "E": 3}, None),
     ("multi_head", {"B": 1, "H": 2, "T": 4, "E": 2}, 0),
@@ -122,7 +108,7 @@ def test_attention_gradients_agree_with_finite_differences(which, sizes, causal)
     env = {**inputs, **param_values(op, sizes, params), **fwd, **cot}
     for name in ("Q", "K", "V"):
         got = evaluate_gradient(d, name, env, sizes)
-        want = _finite_differences(op, inputs, params, sizes, name, cot)
+        want = finite_differences(op, inputs, params, sizes, name, cot)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=f"d{name}")
     if causal:  # the last key is masked for every query but the last: it gets no gradient through p
         assert np.all(fwd["p"][..., :-1, -1] == 0)
