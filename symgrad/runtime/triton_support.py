@@ -213,12 +213,6 @@ def bind_dims(op: str, entries) -> dict:
     return dims
 
 
-def check_positive(op: str, dims: dict) -> None:
-    for d, v in dims.items():
-        if v < 1:
-            raise ValueError(f"{op}: dim {d} is {v}; every dim must be at least 1 (check sizes and params)")
-
-
 def programs(grid) -> bool:
     """Whether a launch grid has any program: a grid of 0 programs (an empty batch) is an error
     in Triton, and has nothing to compute, so the generated host code skips that launch."""
