@@ -57,7 +57,7 @@ def add_list_parser(subparsers) -> None:
 
 
 def run_list(args) -> int:
-    from . import project, render
+    from . import render
     from .declare import REGISTRY
 
     current = _load_ops(args)

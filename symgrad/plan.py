@@ -236,15 +236,6 @@ def dim_of_extent(extent: sp.Expr, dims) -> Dim | None:
     return None
 
 
-def reduced_dims(expr: sp.Expr, dims) -> list:
-    """The dims summed (or maxed) over anywhere in ``expr``, matched by each limit's extent."""
-    out = []
-    for node in sp.preorder_traversal(expr):
-        for _, lo, hi in binders(node):
-            out.append(dim_of_extent(hi - lo + 1, dims))
-    return out
-
-
 def binders(node: sp.Basic):
     """``(symbol, lo, hi)`` for each index that ``node`` binds (a Sum's limits, a ReduceMax)."""
     if isinstance(node, sp.Sum):

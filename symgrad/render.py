@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
@@ -525,19 +525,3 @@ def expr_latex(e: ExprDerivation, steps: bool = False) -> str:
         lines.append(f"% at {point}: f = {_fmt_value(e.values['expr'])}; "
                      + "; ".join(f"df/d{n} = {_fmt_value(v)}" for n, v in e.values["gradients"].items()))
     return "\n".join(lines) + "\n"
-
-
-def values_at(expr: sp.Expr, point: Mapping[sp.Symbol, sp.Expr]):
-    """The numeric value of ``expr`` at ``point``: a float, or a string where it is not a finite real."""
-    v = expr.xreplace(dict(point))
-    v = v.replace(lambda n: isinstance(n, (primitives.sigmoid, primitives.softplus)), lambda n: n.rewrite(sp.exp))
-    v = v.evalf(30)
-    if v.free_symbols:
-        raise ValueError(f"no value for {', '.join(sorted(s.name for s in v.free_symbols))}")
-    if v.is_real and v.is_finite:
-        return float(v)
-    if v in (sp.oo, -sp.oo):
-        return "inf" if v == sp.oo else "-inf"
-    if v is sp.nan:
-        return "nan"
-    return to_str(sp.N(v, 17))  # zoo (1/0), or a complex number such as log(-1)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import keyword
 import textwrap
 from functools import lru_cache
-from pathlib import Path
 
 import jinja2
 import sympy as sp

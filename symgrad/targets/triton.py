@@ -17,7 +17,6 @@ Lowering is planned once in :mod:`symgrad.plan` and emitted per kernel class by 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jinja2
 import sympy as sp
