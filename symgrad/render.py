@@ -278,19 +278,15 @@ def _step_json(v: StepView) -> dict:
 # Op derivations
 
 
-def saved_plan(d) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(what backward saves, what it recomputes), as the lowering decides for every target."""
+def plan_of(d):
+    """The kernel plan of derivation ``d`` (lowered once per rendering, shared by its parts)."""
     from .plan import lower
 
-    plan = lower(d)
-    return plan.saved, plan.recomputed
+    return lower(d)
 
 
-def saved_line(d) -> str:
+def saved_line(plan) -> str:
     """What backward saves, as the one kernel plan decides it for every target."""
-    from .plan import lower
-
-    plan = lower(d)
     line = "saved for backward (every target): " + (", ".join(plan.saved) if plan.saved else "nothing (backward reads only cotangents)")
     if plan.recomputed:
         line += f"; recomputed in backward: {', '.join(plan.recomputed)}"
@@ -299,11 +295,10 @@ def saved_line(d) -> str:
     return line + "\n" + targets_line(plan)
 
 
-def _targets_dict(d) -> dict:
-    from .plan import lower
+def _targets_dict(plan) -> dict:
     from .targets import lowering_report
 
-    return {t: {"lowers": why is None, "why": why} for t, why in lowering_report(lower(d)).items()}
+    return {t: {"lowers": why is None, "why": why} for t, why in lowering_report(plan).items()}
 
 
 def targets_line(plan) -> str:
@@ -317,17 +312,16 @@ def targets_line(plan) -> str:
     return "\n".join(lines)
 
 
-def lowering_steps(d) -> list[StepView]:
+def lowering_steps(plan) -> list[StepView]:
     """The lowering stages' decisions (inline, fuse, split, re-index, schedule), one view each."""
-    from .plan import lower
-
-    return [StepView("lowering", None, s.stage, s.rule, s.doc, s.after) for s in lower(d).trace.steps]
+    return [StepView("lowering", None, s.stage, s.rule, s.doc, s.after) for s in plan.trace.steps]
 
 
 def derivation_dict(d, steps: bool = False) -> dict:
     """``symgrad derive OP --format json``: one object."""
     op = d.op
     outputs = {q.name for q in op.outputs}
+    plan = plan_of(d)
     return {
         "op": op.name,
         "doc": op.doc,
@@ -338,9 +332,9 @@ def derivation_dict(d, steps: bool = False) -> dict:
         "indices": {name: [str(i) for i in q.indices] for name, q in d.forward.items()},
         "cotangents": dict(d.cotangents),
         "reads": list(d.reads),
-        "saved": list(saved_plan(d)[0]),
-        "recomputed": list(saved_plan(d)[1]),
-        "lowers_for": _targets_dict(d),
+        "saved": list(plan.saved),
+        "recomputed": list(plan.recomputed),
+        "lowers_for": _targets_dict(plan),
         "gradients": {name: to_str(g.expr) for name, g in d.gradients.items()},
         "targets": {name: to_str(g.target) for name, g in d.gradients.items()},
         "steps": [_step_json(v) for v in (forward_steps(d) + gradient_steps(d))] if steps else [],
@@ -370,6 +364,7 @@ def _steps_text(views: list[StepView], lead: str) -> list[str]:
 def derivation_text(d, steps: bool = False) -> str:
     op = d.op
     outputs = {q.name for q in op.outputs}
+    plan = plan_of(d)
     cot = ", ".join(f"{c} is the upstream gradient of {o}" for o, c in d.cotangents.items())
     lines = [f"{op.name}: {op.doc}", "", "inputs"]
     lines += _aligned([(_shape(t.name, t.dims), t.role.value) for t in op.inputs], sep="  ")
@@ -393,8 +388,8 @@ def derivation_text(d, steps: bool = False) -> str:
     lines += _aligned([(to_str(g.target), to_str(g.expr)) for g in d.gradients.values()])
     if steps:
         lines += ["", "lowering (one kernel plan, printed by every target)"]
-        lines += _steps_text(lowering_steps(d), "->")
-    lines += ["", saved_line(d)]
+        lines += _steps_text(lowering_steps(plan), "->")
+    lines += ["", saved_line(plan)]
     return "\n".join(ln.rstrip() for ln in lines) + "\n"
 
 
@@ -429,7 +424,7 @@ def derivation_latex(d, steps: bool = False) -> str:
             lines += _latex_block(rows)
     lines.append("% gradients")
     lines += _latex_block([rf"{_latex_entry('d' + name, g.indices)} &= {to_latex(g.expr)}" for name, g in d.gradients.items()])
-    lines += ["% " + ln for ln in saved_line(d).splitlines()]
+    lines += ["% " + ln for ln in saved_line(plan_of(d)).splitlines()]
     return "\n".join(lines) + "\n"
 
 
