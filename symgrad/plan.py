@@ -150,6 +150,18 @@ class KernelPlan:
         return tuple(n for n in self.saved if n not in self.inputs)
 
     @property
+    def leading_inputs(self) -> tuple[str, ...]:
+        """Inputs whose first dim takes any number of leading axes (torch's ``[*, D]``)."""
+        return tuple(t.name for t in self.op.inputs if t.dims and t.dims[0].leading)
+
+    @property
+    def leading_outputs(self) -> tuple[str, ...]:
+        """Outputs that start with that dim: the generated modules unfold its axes on them."""
+        if not self.leading_inputs:
+            return ()
+        return tuple(o for o in self.outputs if self.buffers[o] and self.buffers[o][0].leading)
+
+    @property
     def fused_cotangent(self) -> dict:
         return {g: self.cotangents[0] for g in self.fused}
 

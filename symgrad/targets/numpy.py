@@ -236,7 +236,7 @@ def _forward_prologue(plan: KernelPlan) -> str:
         if s.formula is not None:
             code = _size_code(s.formula)
             lines.append(f"{s.dim.name} = _m.derived_dim(OP, {s.dim.name!r}, {sp.sstr(s.formula)!r}, lambda: {code})")
-    lead = leading_inputs(plan)
+    lead = [op.tensor(n) for n in plan.leading_inputs]
     if lead:
         names = ", ".join(t.name for t in lead)
         values = ", ".join(f"{t.name!r}: {t.name}" for t in lead)
@@ -249,18 +249,13 @@ def _forward_prologue(plan: KernelPlan) -> str:
     return "\n".join(lines)
 
 
-def leading_inputs(plan: KernelPlan) -> list:
-    """The inputs whose first dim takes any number of leading axes."""
-    return [t for t in plan.op.inputs if t.dims and t.dims[0].leading]
-
-
 def _unfolded(plan: KernelPlan, name: str, dims) -> str:
-    return f"_m.unfold({name}, _lead)" if leading_inputs(plan) and dims and dims[0].leading else name
+    return f"_m.unfold({name}, _lead)" if plan.leading_inputs and dims and dims[0].leading else name
 
 
 def _saved_dict(plan: KernelPlan) -> str:
     names = list(plan.saved) + [p.name for p in plan.params] + [d.name for d in plan.op.dims]
-    lead = ["'_lead': _lead"] if leading_inputs(plan) else []
+    lead = ["'_lead': _lead"] if plan.leading_inputs else []
     return "{" + ", ".join([f"{n!r}: {n}" for n in names] + lead) + "}"
 
 
@@ -275,10 +270,10 @@ def _backward_prologue(plan: KernelPlan) -> str:
     floats = [n for n in plan.saved if n not in labels] + list(plan.cotangents)
     lines += [f"{c} = _m.float_array(OP, 'cotangent {c}', {c}, weak=True)" for c in plan.cotangents]
     lines.append(f"{DTYPE} = _m.float_dtype({', '.join(floats)})")
-    if leading_inputs(plan):
+    if plan.leading_inputs:
         lines.append("_lead = saved['_lead']")
     for cot, out in zip(plan.cotangents, op.outputs):
-        if leading_inputs(plan) and out.dims and out.dims[0].leading:
+        if out.name in plan.leading_outputs:
             trailing = "".join(f"{d.name}, " for d in out.dims[1:])
             lines.append(f"{cot} = _m.fold_like(OP, {cot!r}, np.asarray({cot}), _lead, ({trailing}))")
         names = tuple(d.name for d in out.dims)

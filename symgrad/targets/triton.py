@@ -139,9 +139,9 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
 
     # Inputs whose first dim takes any number of leading axes (torch's [*, D]), and the outputs
     # that start with that dim: folded in, computed, unfolded.
-    leading = [t.name for t in inputs if t.dims and t.dims[0].leading]
+    leading = list(plan.leading_inputs)
     ranks = {t.name: len(t.dims) for t in inputs}
-    leading_outputs = {o for o in outputs if leading and out_dims[o] and out_dims[o][0].leading}
+    leading_outputs = set(plan.leading_outputs)
 
     def apply_return(n_ret: int) -> str:
         items = ["res"] if n_ret == 1 else [f"res[{k}]" for k in range(len(outputs))]
