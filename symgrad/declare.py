@@ -355,6 +355,14 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._ops)
 
+    def of_kind(self, kind: str) -> list[Op]:
+        """The ops of one kind (:attr:`Op.kind`): ``"op"``, differentiable ops whose modules have
+        forward, backward and vjp; ``"update"``, update rules whose modules have ``update``. A test
+        of one module contract iterates the kind it applies to."""
+        if kind not in ("op", "update"):
+            raise ValueError(f"kind must be 'op' or 'update', got {kind!r}")
+        return [op for op in self._ops.values() if op.kind == kind]
+
 
 def _check(op: Op) -> None:
     """Reject declarations whose outputs read undeclared tensors or symbols, leave indices unbound,

@@ -51,7 +51,7 @@ def _update(
     tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
     if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
         low_ptr = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
-        tl.store(low_ptr + offs, p_new.to(LOW_DTYPE), mask=mask)
+        tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def update(p, g, momentum_buffer, lr, t, *, master=None, **params):
@@ -59,7 +59,8 @@ def update(p, g, momentum_buffer, lr, t, *, master=None, **params):
     their new values. ``lr`` and ``t``: a number or a device tensor (one entry, or one per
     parameter for ``t``). ``master``: fp32 copies of bf16/fp16 parameters ``p``, updated in their
     place while ``p`` gets their rounding. Returns None."""
-    values = _mt.bind_params(OP, PARAMS, _PARAM_DOMAINS, params)
+    values = _mt.bind_params(OP, PARAMS, params)
+    _mt.check_params(OP, dict(zip(PARAMS, values)), _PARAM_DOMAINS)
     launch = _mt.plan_launch(OP, TENSORS, tuple(UPDATED), (p, g, momentum_buffer, ), master)
     if launch is None:
         return

@@ -4,7 +4,7 @@
 
 One multi-tensor launch updates every tensor of a group in place:
     square_avg_new[i] = alpha*square_avg[i] + (1 - alpha)*(weight_decay*p[i] + g[i])**2    (written over square_avg)
-    grad_avg_new[i] = alpha*grad_avg[i] + (1 - alpha)*(weight_decay*p[i] + g[i])    (written over grad_avg)
+    grad_avg_new[i] = (1 - alpha)*(weight_decay*p[i] + g[i] - grad_avg[i]) + grad_avg[i]    (written over grad_avg)
     momentum_buffer_new[i] = momentum*momentum_buffer[i] + (weight_decay*p[i] + g[i])/(eps + sqrt(-grad_avg_new[i]**2 + square_avg_new[i]))    (written over momentum_buffer)
     p_new[i] = -lr*momentum_buffer_new[i] + p[i]    (written over p)
 """
@@ -34,7 +34,7 @@ def _update(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, SQUARE_AVG_DTYPE: tl.constexpr, GRAD_AVG_DTYPE: tl.constexpr, MOMENTUM_BUFFER_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # square_avg_new[i] = alpha*square_avg[i] + (1 - alpha)*(weight_decay*p[i] + g[i])**2    (written over square_avg)
-    # grad_avg_new[i] = alpha*grad_avg[i] + (1 - alpha)*(weight_decay*p[i] + g[i])    (written over grad_avg)
+    # grad_avg_new[i] = (1 - alpha)*(weight_decay*p[i] + g[i] - grad_avg[i]) + grad_avg[i]    (written over grad_avg)
     # momentum_buffer_new[i] = momentum*momentum_buffer[i] + (weight_decay*p[i] + g[i])/(eps + sqrt(-grad_avg_new[i]**2 + square_avg_new[i]))    (written over momentum_buffer)
     # p_new[i] = -lr*momentum_buffer_new[i] + p[i]    (written over p)
     pid = tl.program_id(0)
@@ -54,7 +54,7 @@ def _update(
     momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     square_avg_new = ((alpha * square_avg) + ((((weight_decay * p) + g) * ((weight_decay * p) + g)) * (1.0 - alpha)))
     tl.store(square_avg_ptr + offs, square_avg_new.to(SQUARE_AVG_DTYPE), mask=mask)
-    grad_avg_new = ((alpha * grad_avg) + ((1.0 - alpha) * ((weight_decay * p) + g)))
+    grad_avg_new = (((1.0 - alpha) * ((-grad_avg) + (weight_decay * p) + g)) + grad_avg)
     tl.store(grad_avg_ptr + offs, grad_avg_new.to(GRAD_AVG_DTYPE), mask=mask)
     momentum_buffer_new = ((momentum * momentum_buffer) + (((weight_decay * p) + g) / ((eps + tl.sqrt(((-(grad_avg_new * grad_avg_new)) + square_avg_new))))))
     tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
@@ -62,7 +62,7 @@ def _update(
     tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
     if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
         low_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
-        tl.store(low_ptr + offs, p_new.to(LOW_DTYPE), mask=mask)
+        tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def update(p, g, square_avg, grad_avg, momentum_buffer, lr, *, master=None, **params):
@@ -70,7 +70,8 @@ def update(p, g, square_avg, grad_avg, momentum_buffer, lr, *, master=None, **pa
     their new values. ``lr``: a number or a device tensor (one entry, or one per
     parameter for ``t``). ``master``: fp32 copies of bf16/fp16 parameters ``p``, updated in their
     place while ``p`` gets their rounding. Returns None."""
-    values = _mt.bind_params(OP, PARAMS, _PARAM_DOMAINS, params)
+    values = _mt.bind_params(OP, PARAMS, params)
+    _mt.check_params(OP, dict(zip(PARAMS, values)), _PARAM_DOMAINS)
     launch = _mt.plan_launch(OP, TENSORS, tuple(UPDATED), (p, g, square_avg, grad_avg, momentum_buffer, ), master)
     if launch is None:
         return

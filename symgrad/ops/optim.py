@@ -89,7 +89,8 @@ for centered in (False, True):
         state = [square_avg]
         mean_square = sq_new
         if centered:  # the variance: the mean square less the squared running mean
-            outs.append(update(grad_avg, i, alpha * grad_avg[i] + (1 - alpha) * gw))
+            # alpha*grad_avg + (1 - alpha)*g, in the order torch's lerp_ rounds it
+            outs.append(update(grad_avg, i, grad_avg[i] + (1 - alpha) * (gw - grad_avg[i])))
             state.append(grad_avg)
             mean_square = sq_new - sp.IndexedBase("grad_avg_new", real=True)[i] ** 2
         step = gw / (sp.sqrt(mean_square) + rms_eps)

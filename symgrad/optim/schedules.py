@@ -83,6 +83,10 @@ def warmup_cosine(lr: float, warmup: int, total_steps: int, start_factor: float 
                     start_factor=start_factor, eta_min=eta_min)
 
 
-def step_decay(lr: float, step_size: int, gamma: float = 0.1, target: str = "numpy", device=None) -> Schedule:
-    """``lr*gamma**(t // step_size)``: torch's ``StepLR(opt, step_size, gamma)``."""
-    return Schedule("step_decay", target, device, lr=lr, step_size=step_size, gamma=gamma)
+def step_decay(lr: float, step_size: int, gamma: float = 0.1, warmup: int = 0, start_factor: float = 1 / 3,
+               target: str = "numpy", device=None) -> Schedule:
+    """``lr*gamma**(t // step_size)``: torch's ``StepLR(opt, step_size, gamma)``. With ``warmup`` W > 0,
+    a linear warmup from ``lr*start_factor`` first and the decays counted from W: torch's
+    ``SequentialLR([LinearLR(opt, start_factor, 1.0, W), StepLR(opt, step_size, gamma)], milestones=[W])``."""
+    return Schedule("step_decay", target, device, lr=lr, step_size=step_size, gamma=gamma, warmup=warmup,
+                    start_factor=start_factor)
