@@ -293,7 +293,8 @@ def _given_dims(op):
 
 EMPTY_CASES = [(op.name, d) for op in REGISTRY.of_kind("op") for d in _given_dims(op)]
 TORCH_REFUSES = {("max", "C"), ("conv2d", "Cout"), ("conv2d", "R"), ("conv2d", "S"), ("conv2d", "H"), ("conv2d", "W"),
-                 ("softmax_cross_entropy", "C")}  # with rows, every label is out of bounds
+                 ("softmax_cross_entropy", "C"),  # with rows, every label is out of bounds
+                 ("grad_norm_inf", "N")}  # no max of an empty gradient
 
 
 def _torch_run(op, args, pv):
