@@ -117,3 +117,29 @@ def test_bad_schedules_are_clear_errors():
         schedules.Schedule("softmax")
     with pytest.raises(ValueError, match="target must be 'numpy' or 'triton'"):
         schedules.Schedule("step_decay", target="jax", lr=0.1, step_size=2)
+
+
+def test_fused_optimizer_reads_the_schedules_device_lr():
+    """symgrad.optim's Triton update reads its lr from ``sched.lr`` each step: the run equals torch's
+    SGD under the same SequentialLR, and the group's lr is the one tensor throughout."""
+    import symgrad.optim as optim
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(37))
+    q = torch.nn.Parameter(p.detach().clone())
+    sched = schedules.warmup_cosine(0.1, 3, 12, start_factor=0.1, eta_min=1e-3, target="triton")
+    opt = optim.SGD([p], lr=sched.lr, momentum=0.9, backend="triton")
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    L = torch.optim.lr_scheduler
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_sched = L.SequentialLR(ref, [L.LinearLR(ref, 0.1, 1.0, 3), L.CosineAnnealingLR(ref, 9, 1e-3)], [3])
+        for _ in range(12):
+            g = torch.randn(37)
+            p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            ref.step()
+            sched.step()
+            ref_sched.step()
+    assert opt.param_groups[0]["lr"] is sched.lr
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)
