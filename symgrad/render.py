@@ -184,6 +184,8 @@ def op_summary(op: Op) -> dict:
         "inputs": [input_dict(t) for t in op.inputs],
         "params": [param_dict(p) for p in op.params],
         "outputs": [{"name": q.name, "dims": [d.name for d in q.dims]} for q in op.outputs],
+        "kind": op.kind,
+        "updates": {t: o for o, t in op.updates.items()},  # update rules: input -> its new value
         "modules": project.modules_for(op.name),
     }
 
@@ -199,9 +201,14 @@ def op_list_text(ops: Iterable[Op]) -> str:
     for op in ops:
         lines.append(f"{op.name.ljust(width)}  {op.doc}")
         pad = " " * (width + 2)
-        ins = ", ".join(f"{_shape(t.name, t.dims)}" + ("" if t.role is Role.DIFF else f" ({t.role.value})") for t in op.inputs)
-        outs = ", ".join(_shape(q.name, q.dims) for q in op.outputs)
-        lines.append(f"{pad}in: {ins}  ->  out: {outs}")
+        if op.kind == "update":  # an update rule: what it reads and what it writes over in place
+            updated = set(op.updates.values())
+            ins = ", ".join(_shape(t.name, t.dims) + (" (updated)" if t.name in updated else "") for t in op.inputs)
+            lines.append(f"{pad}update rule, in place: {ins}")
+        else:
+            ins = ", ".join(f"{_shape(t.name, t.dims)}" + ("" if t.role is Role.DIFF else f" ({t.role.value})") for t in op.inputs)
+            outs = ", ".join(_shape(q.name, q.dims) for q in op.outputs)
+            lines.append(f"{pad}in: {ins}  ->  out: {outs}")
         if op.params:
             lines.append(f"{pad}params: " + ", ".join(f"{p.name}={_number(p.default)} ({p.domain.text(p.integer)})" for p in op.params))
     lines.append("")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import symgrad.ops  # noqa: F401  (registers the update rules)
 import symgrad.optim as so
 import symgrad.optim.numpy as son
 from symgrad.declare import REGISTRY
@@ -227,3 +228,56 @@ def test_update_rules_declare_themselves():
     for op in rules:
         assert not op.differentiable
         assert set(op.updates) == {o.name for o in op.outputs}
+
+
+def test_a_users_update_rule_goes_through_the_same_pipeline(tmp_path, monkeypatch):
+    """A rule declared outside the library (signSGD with decoupled decay: p <- p*(1 - lr*wd) - lr*sign(g))
+    is checked, derived, lowered to one multi launch and printed like the library's rules."""
+    import importlib.util
+
+    import sympy as sp
+
+    from symgrad.declare import Dim, Op, Param, Role, Tensor, idx, update
+    from symgrad.derive import derive
+    from symgrad.plan import lower, update_traffic
+    from symgrad.targets import numpy as numpy_target
+
+    n = Dim("N", "i")
+    (i,) = idx("i")
+    p, g = Tensor("p", (n,), Role.CONST), Tensor("g", (n,), Role.CONST)
+    lr = Tensor("lr", (), Role.CONST)
+    wd = Param("wd", 0.1, domain="[0, inf)")
+    op = Op("sign_sgd", "p <- p*(1 - lr*wd) - lr*sign(g)", (p, g, lr),
+            (update(p, i, p[i] * (1 - sp.Symbol("lr", real=True) * wd) - sp.Symbol("lr", real=True) * sp.sign(g[i])),),
+            params=(wd,), test_sizes=({"N": 5},), module="tests.user_rule")
+    plan = lower(derive(op))
+    assert [launch.kind for launch in plan.forward.launches] == ["multi"] and not plan.backward.launches
+    assert update_traffic(plan, {"p": 2, "g": 2, "lr": 4}) == {"read": 4, "written": 2, "minimum_read": 4, "minimum_written": 2}
+    path = tmp_path / "sign_sgd.py"
+    path.write_text(numpy_target.render(plan, "symgrad generate sign_sgd --ops tests.user_rule"))
+    spec = importlib.util.spec_from_file_location("sign_sgd_generated", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    ps = [rng.standard_normal(k) for k in (3, 17)]
+    gs = [rng.standard_normal(k) for k in (3, 17)]
+    gs[0][1] = 0.0
+    want = [q * (1 - 0.01 * 0.1) - 0.01 * np.sign(x) for q, x in zip(ps, gs)]
+    mod.update(ps, gs, 0.01)
+    assert_tracks(ps, want, 1e-15, "a user's update rule")
+    with pytest.raises(ValueError, match="wd must be in"):
+        mod.update(ps, gs, 0.01, wd=-1.0)
+
+
+def test_bad_update_declarations_are_refused():
+    from symgrad.declare import DeclarationError, Dim, Op, Role, Tensor, idx, register, update
+
+    n = Dim("N", "i")
+    (i,) = idx("i")
+    p, m, g = (Tensor(x, (n,), Role.CONST) for x in ("p", "m", "g"))
+    with pytest.raises(DeclarationError, match="reads the old value of m"):
+        register(Op("bad_order", "reads m after m_new overwrote it", (p, g, m),
+                    (update(m, i, 0.9 * m[i] + g[i]), update(p, i, p[i] - m[i])), module="tests"))
+    with pytest.raises(DeclarationError, match="not differentiated"):
+        register(Op("bad_role", "a differentiable input", (Tensor("p", (n,)), g), (update(Tensor("p", (n,)), i, g[i]),), module="tests"))
+    assert "bad_order" not in REGISTRY and "bad_role" not in REGISTRY
