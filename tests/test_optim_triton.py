@@ -1,10 +1,10 @@
 """The generated Triton update rules (one multi-tensor launch per group) against torch.optim.
 
-Under TRITON_INTERPRET=1 (tests/conftest.py), on small tensors of odd sizes, 100 steps in float32.
-The kernel computes in fp32 throughout, the bias corrections ``1 - beta**t`` included (torch
-computes those on the host in float64), so Adam-family runs agree to 2e-5 relative to each
-tensor's largest entry (``1 - 0.999**t`` in fp32 carries ~6e-5 relative error at t = 1, which
-the step inherits through its square root); the others to 1e-6.
+Under TRITON_INTERPRET=1 (tests/conftest.py), on small tensors of odd sizes, 100 steps in float32,
+to 1e-6 relative to each tensor's largest entry. The kernel computes every scalar (the bias
+corrections ``1 - beta**t``, ``lr/(1 - beta1**t)``) once per program in float64 from a float64
+param table, as torch computes its step sizes on the host; in fp32, ``1 - 0.999**t`` alone would
+be off by ~6e-5.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ CONFIGS = [
     ("SGD", {"lr": 0.05, "weight_decay": 0.1}, 1e-6),
     ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.5}, 1e-6),
     ("SGD", {"lr": 0.05, "momentum": 0.8, "nesterov": True}, 1e-6),
-    ("Adam", {"lr": 0.01, "weight_decay": 0.1}, 2e-5),
-    ("AdamW", {"lr": 0.01}, 2e-5),
-    ("AdamW", {"lr": 0.01, "amsgrad": True}, 2e-5),
+    ("Adam", {"lr": 0.01, "weight_decay": 0.1}, 1e-6),
+    ("AdamW", {"lr": 0.01}, 1e-6),
+    ("AdamW", {"lr": 0.01, "amsgrad": True}, 1e-6),
     ("RMSprop", {"lr": 0.01, "centered": True, "momentum": 0.5}, 1e-6),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.01}, 1e-6),
 ]
@@ -74,7 +74,7 @@ def test_one_launch_updates_every_tensor_in_place():
     mod.update(ps, gs, ms, vs, torch.tensor([0.01]), torch.tensor([1.0, 1.0, 1.0]))
     assert [p.data_ptr() for p in ps] == ptrs
     assert all(torch.equal(a, b) for a, b in zip(gs, before))
-    assert_tracks(ps, [w.detach() for w in want], 2e-5, "one launch")
+    assert_tracks(ps, [w.detach() for w in want], 1e-6, "one launch")
     assert_tracks(ms, [ref.state[w]["exp_avg"] for w in want], 1e-6, "exp_avg")
 
 

@@ -27,9 +27,7 @@ _PARAM_DOMAINS = {'beta1': (0.0, 1.0, True, False, 'in [0, 1)'), 'beta2': (0.0, 
 
 @triton.jit
 def _update(
-    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride,
-    beta1, beta2, eps, weight_decay, 
-
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride, param_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # exp_avg_new[i] = (1 - beta1)*(-exp_avg[i] + g[i]) + exp_avg[i]    (written over exp_avg)
@@ -39,8 +37,20 @@ def _update(
     tid = tl.load(block_tensor_ptr + pid)
     offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < tl.load(size_ptr + tid)
-    lr = tl.load(lr_ptr).to(tl.float32)
-    t = tl.load(t_ptr + tid * t_stride).to(tl.float32)
+    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
+    lr = tl.load(lr_ptr).to(tl.float64)
+    t = tl.load(t_ptr + tid * t_stride).to(tl.float64)
+    beta1 = tl.load(param_ptr + 0)
+    beta2 = tl.load(param_ptr + 1)
+    eps = tl.load(param_ptr + 2)
+    weight_decay = tl.load(param_ptr + 3)
+    _c0 = ((1.0 - beta1)).to(tl.float32)
+    _c1 = (beta2).to(tl.float32)
+    _c2 = ((1.0 - beta2)).to(tl.float32)
+    _c3 = ((1.0 - (lr * weight_decay))).to(tl.float32)
+    _c4 = (tl.sqrt((1.0 - sg_pow(beta2, t)))).to(tl.float32)
+    _c5 = (eps).to(tl.float32)
+    _c6 = ((lr / ((1.0 - sg_pow(beta1, t))))).to(tl.float32)
     p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
@@ -49,11 +59,11 @@ def _update(
     exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     exp_avg_sq_ptr = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(EXP_AVG_SQ_DTYPE), bitcast=True)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    exp_avg_new = (((1.0 - beta1) * ((-exp_avg) + g)) + exp_avg)
+    exp_avg_new = ((_c0 * ((-exp_avg) + g)) + exp_avg)
     tl.store(exp_avg_ptr + offs, exp_avg_new.to(EXP_AVG_DTYPE), mask=mask)
-    exp_avg_sq_new = ((beta2 * exp_avg_sq) + ((g * g) * (1.0 - beta2)))
+    exp_avg_sq_new = ((_c1 * exp_avg_sq) + (_c2 * (g * g)))
     tl.store(exp_avg_sq_ptr + offs, exp_avg_sq_new.to(EXP_AVG_SQ_DTYPE), mask=mask)
-    p_new = (((1.0 - (lr * weight_decay)) * p) - (lr * exp_avg_new / ((1.0 - sg_pow(beta1, t)) * (eps + ((1.0 / tl.sqrt((1.0 - sg_pow(beta2, t)))) * tl.sqrt(exp_avg_sq_new))))))
+    p_new = ((_c3 * p) - (_c6 * exp_avg_new / (((tl.sqrt(exp_avg_sq_new) / (_c4)) + _c5))))
     tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
     if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
         low_ptr = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
@@ -73,5 +83,5 @@ def update(p, g, exp_avg, exp_avg_sq, lr, t, *, master=None, **params):
     scalars = _mt.scalars(OP, launch, lr, t)
     _update[(launch.blocks,)](
         launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count, *scalars,
-        *values, *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
+        _mt.param_table(values, launch.device), *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
     )

@@ -26,9 +26,7 @@ _PARAM_DOMAINS = {'alpha': (0.0, 1.0, True, True, 'in [0, 1]'), 'eps': (0.0, flo
 
 @triton.jit
 def _update(
-    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride,
-    alpha, eps, weight_decay, 
-
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride, param_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, SQUARE_AVG_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # square_avg_new[i] = alpha*square_avg[i] + (1 - alpha)*(weight_decay*p[i] + g[i])**2    (written over square_avg)
@@ -37,16 +35,25 @@ def _update(
     tid = tl.load(block_tensor_ptr + pid)
     offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < tl.load(size_ptr + tid)
-    lr = tl.load(lr_ptr).to(tl.float32)
+    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
+    lr = tl.load(lr_ptr).to(tl.float64)
+    alpha = tl.load(param_ptr + 0)
+    eps = tl.load(param_ptr + 1)
+    weight_decay = tl.load(param_ptr + 2)
+    _c0 = (alpha).to(tl.float32)
+    _c1 = (weight_decay).to(tl.float32)
+    _c2 = ((1.0 - alpha)).to(tl.float32)
+    _c3 = (eps).to(tl.float32)
+    _c4 = (lr).to(tl.float32)
     p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     square_avg_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(SQUARE_AVG_DTYPE), bitcast=True)
     square_avg = tl.load(square_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    square_avg_new = ((alpha * square_avg) + ((((weight_decay * p) + g) * ((weight_decay * p) + g)) * (1.0 - alpha)))
+    square_avg_new = ((_c0 * square_avg) + (_c2 * (((_c1 * p) + g) * ((_c1 * p) + g))))
     tl.store(square_avg_ptr + offs, square_avg_new.to(SQUARE_AVG_DTYPE), mask=mask)
-    p_new = ((-(lr * ((weight_decay * p) + g) / ((eps + tl.sqrt(square_avg_new))))) + p)
+    p_new = ((-(_c4 * ((_c1 * p) + g) / ((tl.sqrt(square_avg_new) + _c3)))) + p)
     tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
     if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
         low_ptr = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
@@ -66,5 +73,5 @@ def update(p, g, square_avg, lr, *, master=None, **params):
     scalars = _mt.scalars(OP, launch, lr, None)
     _update[(launch.blocks,)](
         launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count, *scalars,
-        *values, *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
+        _mt.param_table(values, launch.device), *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
     )

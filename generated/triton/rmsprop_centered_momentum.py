@@ -28,9 +28,7 @@ _PARAM_DOMAINS = {'alpha': (0.0, 1.0, True, True, 'in [0, 1]'), 'eps': (0.0, flo
 
 @triton.jit
 def _update(
-    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride,
-    alpha, eps, momentum, weight_decay, 
-
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride, param_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, SQUARE_AVG_DTYPE: tl.constexpr, GRAD_AVG_DTYPE: tl.constexpr, MOMENTUM_BUFFER_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # square_avg_new[i] = alpha*square_avg[i] + (1 - alpha)*(weight_decay*p[i] + g[i])**2    (written over square_avg)
@@ -41,7 +39,18 @@ def _update(
     tid = tl.load(block_tensor_ptr + pid)
     offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < tl.load(size_ptr + tid)
-    lr = tl.load(lr_ptr).to(tl.float32)
+    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
+    lr = tl.load(lr_ptr).to(tl.float64)
+    alpha = tl.load(param_ptr + 0)
+    eps = tl.load(param_ptr + 1)
+    momentum = tl.load(param_ptr + 2)
+    weight_decay = tl.load(param_ptr + 3)
+    _c0 = (alpha).to(tl.float32)
+    _c1 = (weight_decay).to(tl.float32)
+    _c2 = ((1.0 - alpha)).to(tl.float32)
+    _c3 = (momentum).to(tl.float32)
+    _c4 = (eps).to(tl.float32)
+    _c5 = (lr).to(tl.float32)
     p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
@@ -52,13 +61,13 @@ def _update(
     grad_avg = tl.load(grad_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     momentum_buffer_ptr = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(MOMENTUM_BUFFER_DTYPE), bitcast=True)
     momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    square_avg_new = ((alpha * square_avg) + ((((weight_decay * p) + g) * ((weight_decay * p) + g)) * (1.0 - alpha)))
+    square_avg_new = ((_c0 * square_avg) + (_c2 * (((_c1 * p) + g) * ((_c1 * p) + g))))
     tl.store(square_avg_ptr + offs, square_avg_new.to(SQUARE_AVG_DTYPE), mask=mask)
-    grad_avg_new = (((1.0 - alpha) * ((-grad_avg) + (weight_decay * p) + g)) + grad_avg)
+    grad_avg_new = ((_c2 * ((-grad_avg) + (_c1 * p) + g)) + grad_avg)
     tl.store(grad_avg_ptr + offs, grad_avg_new.to(GRAD_AVG_DTYPE), mask=mask)
-    momentum_buffer_new = ((momentum * momentum_buffer) + (((weight_decay * p) + g) / ((eps + tl.sqrt(((-(grad_avg_new * grad_avg_new)) + square_avg_new))))))
+    momentum_buffer_new = ((_c3 * momentum_buffer) + (((_c1 * p) + g) / ((tl.sqrt(((-(grad_avg_new * grad_avg_new)) + square_avg_new)) + _c4))))
     tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
-    p_new = ((-(lr * momentum_buffer_new)) + p)
+    p_new = ((-(_c5 * momentum_buffer_new)) + p)
     tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
     if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
         low_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
@@ -78,5 +87,5 @@ def update(p, g, square_avg, grad_avg, momentum_buffer, lr, *, master=None, **pa
     scalars = _mt.scalars(OP, launch, lr, None)
     _update[(launch.blocks,)](
         launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count, *scalars,
-        *values, *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
+        _mt.param_table(values, launch.device), *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
     )

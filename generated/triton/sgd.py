@@ -25,9 +25,7 @@ _PARAM_DOMAINS = {'weight_decay': (0.0, float('inf'), True, False, 'in [0, inf)'
 
 @triton.jit
 def _update(
-    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride,
-    weight_decay, l1, 
-
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride, param_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # p_new[i] = -lr*(l1*(Iverson(p[i] > 0) - Iverson(p[i] < 0)) + weight_decay*p[i] + g[i]) + p[i]    (written over p)
@@ -35,12 +33,18 @@ def _update(
     tid = tl.load(block_tensor_ptr + pid)
     offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < tl.load(size_ptr + tid)
-    lr = tl.load(lr_ptr).to(tl.float32)
+    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
+    lr = tl.load(lr_ptr).to(tl.float64)
+    weight_decay = tl.load(param_ptr + 0)
+    l1 = tl.load(param_ptr + 1)
+    _c0 = (l1).to(tl.float32)
+    _c1 = (weight_decay).to(tl.float32)
+    _c2 = (lr).to(tl.float32)
     p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p_new = ((-(lr * ((l1 * ((-tl.where((p < 0.0), 1.0, tl.where((p >= 0.0), 0.0, float('nan')))) + tl.where((p > 0.0), 1.0, tl.where((p <= 0.0), 0.0, float('nan'))))) + (weight_decay * p) + g))) + p)
+    p_new = ((-(_c2 * ((_c0 * ((-tl.where((p < 0.0), 1.0, tl.where((p >= 0.0), 0.0, float('nan')))) + tl.where((p > 0.0), 1.0, tl.where((p <= 0.0), 0.0, float('nan'))))) + (_c1 * p) + g))) + p)
     tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
     if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
         low_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
@@ -60,5 +64,5 @@ def update(p, g, lr, *, master=None, **params):
     scalars = _mt.scalars(OP, launch, lr, None)
     _update[(launch.blocks,)](
         launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count, *scalars,
-        *values, *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
+        _mt.param_table(values, launch.device), *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
     )

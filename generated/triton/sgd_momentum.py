@@ -26,9 +26,7 @@ _PARAM_DOMAINS = {'momentum': (0.0, float('inf'), True, False, 'in [0, inf)'), '
 
 @triton.jit
 def _update(
-    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride,
-    momentum, dampening, weight_decay, 
-
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride, param_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MOMENTUM_BUFFER_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # momentum_buffer_new[i] = momentum*momentum_buffer[i] + (-dampening*Iverson(t > 1) + 1)*(weight_decay*p[i] + g[i])    (written over momentum_buffer)
@@ -37,17 +35,25 @@ def _update(
     tid = tl.load(block_tensor_ptr + pid)
     offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < tl.load(size_ptr + tid)
-    lr = tl.load(lr_ptr).to(tl.float32)
-    t = tl.load(t_ptr + tid * t_stride).to(tl.float32)
+    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
+    lr = tl.load(lr_ptr).to(tl.float64)
+    t = tl.load(t_ptr + tid * t_stride).to(tl.float64)
+    momentum = tl.load(param_ptr + 0)
+    dampening = tl.load(param_ptr + 1)
+    weight_decay = tl.load(param_ptr + 2)
+    _c0 = (momentum).to(tl.float32)
+    _c1 = (weight_decay).to(tl.float32)
+    _c2 = ((1.0 - tl.where((t > 1.0), dampening, tl.where((t <= 1.0), 0.0, float('nan'))))).to(tl.float32)
+    _c3 = (lr).to(tl.float32)
     p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     momentum_buffer_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(MOMENTUM_BUFFER_DTYPE), bitcast=True)
     momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    momentum_buffer_new = ((momentum * momentum_buffer) + ((1.0 - tl.where((t > 1.0), dampening, tl.where((t <= 1.0), 0.0, float('nan')))) * ((weight_decay * p) + g)))
+    momentum_buffer_new = ((_c0 * momentum_buffer) + (_c2 * ((_c1 * p) + g)))
     tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
-    p_new = ((-(lr * momentum_buffer_new)) + p)
+    p_new = ((-(_c3 * momentum_buffer_new)) + p)
     tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
     if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
         low_ptr = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
@@ -67,5 +73,5 @@ def update(p, g, momentum_buffer, lr, t, *, master=None, **params):
     scalars = _mt.scalars(OP, launch, lr, t)
     _update[(launch.blocks,)](
         launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count, *scalars,
-        *values, *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
+        _mt.param_table(values, launch.device), *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
     )

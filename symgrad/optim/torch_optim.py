@@ -130,7 +130,7 @@ def _run_triton(rule, names, params, lr, t, items, master) -> None:
     ps = [p for p, _, _ in items]
     gs = [p.grad for p, _, _ in items]
     states = [[state[name] for _, state, _ in items] for name in names]
-    lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor([float(lr)], dtype=torch.float32, device=device)
+    lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor([float(lr)], dtype=torch.float64, device=device)
     if t is None:  # one step count per parameter, gathered on the device (no host sync)
         t = torch.stack([s["step"] for _, s, _ in items]).to(device=device, dtype=torch.float32)
     values = {"lr": lr_t, "t": t}

@@ -125,8 +125,9 @@ def plan_launch(op: str, names: tuple, updated: tuple, lists: tuple, master) -> 
 
 def _device_scalar(op: str, name: str, value, device, per_tensor: int | None):
     """``(tensor, stride)``: a device tensor the kernel loads ``value`` from at ``tid * stride``."""
-    if isinstance(value, torch.Tensor):
-        v = value.to(device=device, dtype=torch.float32).reshape(-1)
+    if isinstance(value, torch.Tensor):  # read as it is (the kernel widens it to float64)
+        v = value.to(device=device) if value.is_floating_point() else value.to(device=device, dtype=torch.float64)
+        v = v.reshape(-1)
         if v.numel() == 1:
             return v, 0
         if per_tensor is not None and v.numel() == per_tensor:
@@ -134,7 +135,7 @@ def _device_scalar(op: str, name: str, value, device, per_tensor: int | None):
         raise ValueError(f"{op}: {name} must have one entry" + (f" or {per_tensor} (one per tensor)" if per_tensor else "")
                          + f", got {v.numel()}")
     try:
-        return torch.tensor([float(value)], dtype=torch.float32, device=device), 0
+        return torch.tensor([float(value)], dtype=torch.float64, device=device), 0
     except (TypeError, ValueError):
         raise TypeError(f"{op}: {name} must be a number or a tensor, got {value!r}") from None
 
@@ -144,3 +145,18 @@ def scalars(op: str, launch: Launch, lr, t) -> tuple:
     lr_t, _ = _device_scalar(op, "lr", 0.0 if lr is None else lr, launch.device, None)
     t_t, stride = _device_scalar(op, "t", 0.0 if t is None else t, launch.device, launch.count)
     return lr_t, t_t, stride
+
+
+_PARAMS: dict = {}
+
+
+def param_table(values: tuple, device) -> torch.Tensor:
+    """The params as a float64 device tensor the kernel loads (float64: ``1 - beta2`` keeps its
+    digits), one per distinct set of values and device, so a step copies nothing to the device."""
+    key = (device, values)
+    hit = _PARAMS.get(key)
+    if hit is None:
+        if len(_PARAMS) > 256:
+            _PARAMS.clear()
+        hit = _PARAMS[key] = torch.tensor(values if values else (0.0,), dtype=torch.float64, device=device)
+    return hit

@@ -33,10 +33,13 @@ def render(plan: KernelPlan, command: str, env) -> str:
     names = {sp.IndexedBase(n, real=True)[i]: n for n in tensors}
     names.update({sp.Symbol(n, real=True): n for n in scalars})
     names.update({p.symbol: p.name for p in op.params})
-    body = []
+    body, hoisted = [], {}
     for st in launch.statements:
+        expr = _hoist(st.expr.xreplace({ix: i for ix in st.indices}), hoisted)
+        for name in hoisted.values():
+            names.setdefault(name, str(name))
         try:
-            code = print_expr(st.expr.xreplace({ix: i for ix in st.indices}), names)
+            code = print_expr(expr, names)
         except TritonPrintError as e:
             raise LoweringError(f"op {op.name}: {st.target}: {e}") from None
         target = plan.updates[st.target]
@@ -46,4 +49,48 @@ def render(plan: KernelPlan, command: str, env) -> str:
         op=op, declared=declaration_file(op), command=command, repr=repr, float=float, helpers=sorted(HELPERS),
         inputs=list(plan.inputs), tensors=tensors, scalars=scalars, params=list(plan.params),
         updated={t: o for o, t in plan.updates.items()}, body=body,
+        scalar_lines=[(str(sym), print_expr(e, names)) for e, sym in hoisted.items()],
     )
+
+
+def _tensor(e) -> bool:
+    return bool(e.atoms(sp.Indexed))
+
+
+def _hoist(expr, hoisted: dict):
+    """``expr`` with every subexpression that reads no tensor replaced by a symbol ``_c<k>``
+    (``hoisted``: subexpression -> symbol). The kernel computes those once per program in float64
+    from the float64 params, as torch computes its step sizes on the host, and rounds each to fp32
+    once: ``1 - 0.999**t`` in fp32 would carry ~6e-5 relative error into Adam's step. A product of
+    a tensor term with scalar divisors only (``sqrt(v)/sqrt(1 - beta2**t)``) divides, as torch does."""
+
+    def leaf(e):
+        if e.is_Number:
+            return e
+        if e not in hoisted:
+            hoisted[e] = sp.Symbol(f"_c{len(hoisted)}", real=True)
+        return hoisted[e]
+
+    def go(e):
+        if isinstance(e, sp.Indexed):
+            return e
+        if not _tensor(e):
+            return leaf(e)
+        if isinstance(e, sp.Mul):
+            scalars = [a for a in e.args if not _tensor(a)]
+            tensors = [go(a) for a in e.args if _tensor(a)]
+            divisors = all(isinstance(a, sp.Pow) and a.exp.is_number and a.exp < 0 and not a.base.is_Number for a in scalars)
+            if scalars and divisors and not any(isinstance(a, sp.Pow) and a.exp.is_number and a.exp < 0 for a in e.args if _tensor(a)):
+                return sp.Mul(*tensors, *[sp.Pow(leaf(a.base ** -a.exp), -1) for a in scalars], evaluate=False)
+            numbers = [a for a in scalars if a.is_Number]
+            rest = [a for a in scalars if not a.is_Number]
+            return sp.Mul(*numbers, *([leaf(sp.Mul(*rest))] if rest else []), *tensors, evaluate=False)
+        if isinstance(e, sp.Add):
+            scalars = [a for a in e.args if not _tensor(a)]
+            tensors = [go(a) for a in e.args if _tensor(a)]
+            return sp.Add(*tensors, *([leaf(sp.Add(*scalars))] if scalars else []), evaluate=False)
+        if not e.args:
+            return e
+        return e.func(*[go(a) for a in e.args])
+
+    return go(expr)
