@@ -10,11 +10,25 @@ power of the scalar input ``t``) gets the step, Adam's two corrections and a use
 """
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 
 from ..rewrite import Step
 
 STAGE = "explain update"
+_BETA, _T = sp.Symbol("beta", real=True), sp.Symbol("t", integer=True, positive=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_total() -> sp.Expr:
+    """SymPy's sum of the weights (1 - beta)*beta**(t - k), k = 1..t, as (1 - beta) times the
+    geometric series over j = t - k (the branch beta != 1: a decay lies in [0, 1)); computed once."""
+    j = sp.Symbol("j", integer=True)
+    series = sp.summation(_BETA**j, (j, 0, _T - 1))
+    if isinstance(series, sp.Piecewise):
+        series = series.args[-1][0]
+    return sp.cancel((1 - _BETA) * series)
 
 
 def bias_corrections(expr: sp.Expr, params: set, steps: set) -> list[tuple[sp.Symbol, sp.Symbol]]:
@@ -37,15 +51,15 @@ def explain(op, expr: sp.Expr) -> list[Step]:
     out = []
     before = expr  # each step follows the last, so --steps shows them all under the value they explain
     for beta, t in bias_corrections(expr, params, scalars):
-        k, n = sp.Symbol("k", integer=True), sp.Symbol(str(t), integer=True, positive=True)
-        weights = sp.Sum((1 - beta) * beta ** (n - k), (k, 1, n))
-        total = sp.simplify(sp.piecewise_fold(weights.doit())).subs(n, t)
-        if sp.simplify(total - (1 - beta**t)) != 0:
+        k = sp.Symbol("k", integer=True)
+        weights = sp.Sum((1 - beta) * beta ** (t - k), (k, 1, t))
+        total = _weights_total().xreplace({_BETA: beta, _T: t})
+        if sp.expand(total - (1 - beta**t)) != 0:
             continue  # not the weights of a running average that starts at 0: nothing to justify
         out.append(Step(STAGE, "bias_correction",
                         f"a running average with decay {beta} starts at 0, so after {t} steps it weighs the gradients "
                         f"by (1 - {beta})*{beta}**({t} - k), k = 1..{t}, which sum to the right side (SymPy), not 1: "
                         f"dividing by 1 - {beta}**{t} makes them sum to 1 (an unbiased average)",
-                        before, sp.Eq(weights.subs(n, t), total, evaluate=False)))
+                        before, sp.Eq(weights, total, evaluate=False)))
         before = out[-1].after
     return out
