@@ -226,6 +226,9 @@ class Output:
     indices: tuple[sp.Symbol, ...]
     expr: sp.Expr
     dims: tuple[Dim, ...]
+    # An update rule's output is the new value of one of its inputs (``p_new`` of ``p``): the
+    # generated update writes it over that input, in place (see :func:`update`).
+    updates: str | None = field(default=None, compare=False)
 
     def at(self, indices) -> sp.Expr:
         if not indices:
@@ -290,6 +293,26 @@ class Op:
     def differentiable(self) -> tuple[Tensor, ...]:
         return tuple(t for t in self.inputs if t.role is Role.DIFF)
 
+    @property
+    def updates(self) -> dict[str, str]:
+        """Output name -> the input it is the new value of; empty for an ordinary op."""
+        return {q.name: q.updates for q in self.outputs if q.updates is not None}
+
+    @property
+    def kind(self) -> str:
+        """``"op"``: a differentiable tensor op (forward, backward, vjp); ``"update"``: an update
+        rule (an optimizer step): every output is the new value of an input, written over it in
+        place by one multi-tensor launch, and nothing is differentiated."""
+        return "update" if self.updates else "op"
+
+
+def update(tensor: Tensor, indices, expr) -> Output:
+    """The output ``<tensor>_new[indices] = expr`` of an update rule: the new value of the input
+    ``tensor`` (a parameter or an optimizer state), which the generated update writes over it."""
+    if not isinstance(indices, tuple):
+        indices = (indices,)
+    return Output(f"{tensor.name}_new", tuple(indices), sp.sympify(expr), tensor.dims, updates=tensor.name)
+
 
 def output(name: str, indices, expr, dims) -> Output:
     if not isinstance(indices, tuple):
@@ -332,6 +355,14 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._ops)
 
+    def of_kind(self, kind: str) -> list[Op]:
+        """The ops of one kind (:attr:`Op.kind`): ``"op"``, differentiable ops whose modules have
+        forward, backward and vjp; ``"update"``, update rules whose modules have ``update``. A test
+        of one module contract iterates the kind it applies to."""
+        if kind not in ("op", "update"):
+            raise ValueError(f"kind must be 'op' or 'update', got {kind!r}")
+        return [op for op in self._ops.values() if op.kind == kind]
+
 
 def _check(op: Op) -> None:
     """Reject declarations whose outputs read undeclared tensors or symbols, leave indices unbound,
@@ -369,6 +400,50 @@ def _check(op: Op) -> None:
         known.add(out.name)
         if not out.indices:
             allowed.add(sp.Symbol(out.name, real=True))
+    if op.updates:
+        _check_update(op)
+
+
+def _check_update(op: Op) -> None:
+    """An update rule: every output replaces an input of its own dims, no input is differentiated,
+    and no statement reads an input's old value after an earlier output has overwritten it (the
+    update runs in place, in declaration order)."""
+    inputs = {t.name: t for t in op.inputs}
+    for t in op.inputs:
+        if t.role is Role.DIFF:
+            raise DeclarationError(f"op {op.name}: update rules are not differentiated; declare input {t.name} "
+                                   "with Role.CONST (a value the update reads) instead of Role.DIFF")
+    written: dict[str, str] = {}
+    for out in op.outputs:
+        if out.updates is None:
+            raise DeclarationError(f"op {op.name}: output {out.name} is not the new value of an input; every output of "
+                                   "an update rule is one (declare it with symgrad.declare.update)")
+        t = inputs.get(out.updates)
+        if t is None or not t.dims:
+            raise DeclarationError(f"op {op.name}: output {out.name} updates {out.updates!r}, which is not a tensor input")
+        if t.dims != out.dims:
+            raise DeclarationError(f"op {op.name}: output {out.name} has dims {[d.name for d in out.dims]} but updates "
+                                   f"{t.name}[{', '.join(d.name for d in t.dims)}]")
+        if out.updates in written.values():
+            raise DeclarationError(f"op {op.name}: input {out.updates} is updated twice")
+        written[out.name] = out.updates
+    defs = {q.name: q.expr for q in op.intermediates}
+    overwritten: set[str] = set()
+    for out in op.outputs:
+        stale = sorted(_reads(out.expr, defs) & overwritten)
+        if stale:
+            raise DeclarationError(f"op {op.name}: output {out.name} reads the old value of {stale[0]}, which an earlier "
+                                   f"output has already overwritten in place; read {stale[0]}_new or reorder the outputs")
+        overwritten.add(out.updates)
+
+
+def _reads(expr: sp.Expr, defs: dict) -> set[str]:
+    """The tensors ``expr`` reads, through intermediates."""
+    names = {str(a.base) for a in expr.atoms(sp.Indexed)} | {str(s) for s in expr.free_symbols}
+    for n in list(names):
+        if n in defs:
+            names |= _reads(defs[n], defs)
+    return names
 
 
 REGISTRY = Registry()

@@ -14,6 +14,7 @@ import sympy as sp
 
 from .declare import Op, Output, Role
 from .rewrite import RewriteError, Trace, run_stages
+from .rules import updates
 from .rules.canonical import canonicalize
 from .rules.context import Context, Pattern
 from .stages import FORWARD_STAGES, GRADIENT_STAGES
@@ -194,6 +195,8 @@ def derive(op: Op, trace: bool = True) -> Derivation:
     for q in (*op.intermediates, *op.outputs):
         stable = run_stages(q.expr, FORWARD_STAGES, ctx, ftrace)
         forward[q.name] = Output(q.name, q.indices, stable, q.dims)
+        if op.kind == "update" and trace:  # an update is not differentiated: its steps say why its form is right
+            ftrace.steps += updates.explain(op, stable)
 
     names = {q.name for q in (*op.intermediates, *op.outputs)}
     read = set()

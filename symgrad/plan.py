@@ -8,8 +8,8 @@ into launches. Targets only print it: none re-plans, re-classifies, re-indexes o
 save. Its data types are small:
 
 ``Statement``  ``target[indices] = expr`` over named buffers, with its kernel class;
-``Launch``     one kernel launch: a kind (``map``, ``rows``, ``gemm``), its statements (in order)
-               and its iteration space;
+``Launch``     one kernel launch: a kind (``map``, ``rows``, ``gemm``, ``multi``), its statements
+               (in order) and its iteration space;
 ``Kernel``     the launches of forward or of backward, and the names that kernel returns;
 ``KernelPlan`` both kernels, the saved set, the buffers (name -> dims) and the lowering trace.
 
@@ -29,6 +29,10 @@ Launch kinds and their spaces:
   coordinate of every row dim), reductions over the column dim are row statistics, sums over all
   row dims are cross-row partials finished by a second kernel;
 - ``gemm``: one contraction or stencil statement, with its epilogue; ``space = ()``.
+- ``multi``: a multi-tensor map, the one launch of an update rule (``Op.kind == "update"``): its
+  statements are maps over the one flat dim of ``space``, run for MANY tensors (the parameters of
+  an optimizer's group, each of its own size) in one launch; each statement's result is written
+  over the input it updates (``KernelPlan.updates``), in place, in statement order.
 
 Adding a kernel class: classify it in :func:`classify`, give it a launch kind in
 :func:`schedule_launches`, and an emitter per target.
@@ -139,6 +143,7 @@ class KernelPlan:
     fused: dict  # gradient -> the buffer forward writes it into per unit cotangent (fused losses)
     buffers: dict  # name -> dims, for every input, forward value, cotangent, gradient, temporary
     labels: frozenset  # integer label inputs
+    updates: dict = field(default_factory=dict)  # update rules: output -> the input it is written over
     trace: Trace = field(default_factory=Trace, compare=False)
 
     @property
@@ -790,6 +795,9 @@ def schedule_launches(s: _State) -> None:
     in one flat map kernel. A statement waits for a later launch only when it reads a value that
     needs every row; levels are assigned as late as possible, so row statistics are computed in
     the launch that consumes them."""
+    if s.op.kind == "update":
+        _schedule_update(s)
+        return
     for side in ("forward", "backward"):
         stmts = getattr(s, side)
         launches = _launches(s, stmts)
@@ -799,11 +807,27 @@ def schedule_launches(s: _State) -> None:
                    list(launch.statements), list(launch.targets))
 
 
+def _schedule_update(s: _State) -> None:
+    """An update rule is one multi-tensor map: every statement a map over the rule's one dim (any
+    reduction would need a whole tensor, which a launch over many tensors' blocks does not see)."""
+    dims = {st.dims for st in s.forward}
+    bad = [st for st in s.forward if st.kind is not KernelClass.MAP]
+    if bad or len(dims) != 1 or len(next(iter(dims))) != 1:
+        what = f"{bad[0].target} is a {bad[0].kind.value}" if bad else "its outputs are not all over one dim"
+        raise LoweringError(f"op {s.op.name}: an update rule lowers to one multi-tensor map over one flat dim; {what}")
+    launch = Launch("multi", tuple(s.forward), next(iter(dims)))
+    s.launches["forward"], s.launches["backward"] = [launch], []
+    s.note("schedule launches", "launch_multi",
+           "one multi-tensor map launch: each block reads p, g and the state of one of many tensors once and writes "
+           "the results over them in place", list(launch.statements),
+           [f"{st.target} -> {s.op.updates.get(st.target, st.target)}" for st in launch.statements])
+
+
 def _space_text(launch: Launch) -> str:
     if launch.kind == "rows":
         rows, col = launch.space
         return f"rows ({', '.join(d.name for d in rows)})" + (f" x columns {col.name}" if col else "")
-    if launch.kind == "map":
+    if launch.kind in ("map", "multi"):
         return f"({', '.join(d.name for d in launch.space)})"
     return "a tiled product"
 
@@ -983,5 +1007,21 @@ def lower(derivation: Derivation) -> KernelPlan:
         fused=dict(state.fused),
         buffers=dict(state.buffers),
         labels=frozenset(t.name for t in op.inputs if t.role is Role.LABEL),
+        updates=op.updates,
         trace=state.trace,
     )
+
+
+def update_traffic(plan: KernelPlan, itemsize: dict) -> dict:
+    """Bytes per entry that an update rule's ``multi`` launch moves, and the least any update can
+    move: ``{"read", "written", "minimum_read", "minimum_written"}``. ``itemsize``: input -> bytes
+    per entry (4 for fp32). The launch reads every tensor input once and writes each updated input
+    once; the minimum reads what the statements read (an entry of a tensor they never read need not
+    be loaded) and writes what they update."""
+    if plan.op.kind != "update":
+        raise ValueError(f"op {plan.op.name} is not an update rule")
+    tensors = [t.name for t in plan.op.inputs if t.dims]
+    needed = set().union(*(st.reads() for st in plan.forward.statements)) & set(tensors)
+    written = sum(itemsize[t] for t in plan.updates.values())
+    return {"read": sum(itemsize[t] for t in tensors), "written": written,
+            "minimum_read": sum(itemsize[t] for t in tensors if t in needed), "minimum_written": written}

@@ -184,6 +184,8 @@ def op_summary(op: Op) -> dict:
         "inputs": [input_dict(t) for t in op.inputs],
         "params": [param_dict(p) for p in op.params],
         "outputs": [{"name": q.name, "dims": [d.name for d in q.dims]} for q in op.outputs],
+        "kind": op.kind,
+        "updates": {t: o for o, t in op.updates.items()},  # update rules: input -> its new value
         "modules": project.modules_for(op.name),
     }
 
@@ -199,9 +201,14 @@ def op_list_text(ops: Iterable[Op]) -> str:
     for op in ops:
         lines.append(f"{op.name.ljust(width)}  {op.doc}")
         pad = " " * (width + 2)
-        ins = ", ".join(f"{_shape(t.name, t.dims)}" + ("" if t.role is Role.DIFF else f" ({t.role.value})") for t in op.inputs)
-        outs = ", ".join(_shape(q.name, q.dims) for q in op.outputs)
-        lines.append(f"{pad}in: {ins}  ->  out: {outs}")
+        if op.kind == "update":  # an update rule: what it reads and what it writes over in place
+            updated = set(op.updates.values())
+            ins = ", ".join(_shape(t.name, t.dims) + (" (updated)" if t.name in updated else "") for t in op.inputs)
+            lines.append(f"{pad}update rule, in place: {ins}")
+        else:
+            ins = ", ".join(f"{_shape(t.name, t.dims)}" + ("" if t.role is Role.DIFF else f" ({t.role.value})") for t in op.inputs)
+            outs = ", ".join(_shape(q.name, q.dims) for q in op.outputs)
+            lines.append(f"{pad}in: {ins}  ->  out: {outs}")
         if op.params:
             lines.append(f"{pad}params: " + ", ".join(f"{p.name}={_number(p.default)} ({p.domain.text(p.integer)})" for p in op.params))
     lines.append("")
@@ -367,7 +374,9 @@ def derivation_text(d, steps: bool = False) -> str:
     plan = plan_of(d)
     cot = ", ".join(f"{c} is the upstream gradient of {o}" for o, c in d.cotangents.items())
     lines = [f"{op.name}: {op.doc}", "", "inputs"]
-    lines += _aligned([(_shape(t.name, t.dims), t.role.value) for t in op.inputs], sep="  ")
+    updated = set(op.updates.values())
+    lines += _aligned([(_shape(t.name, t.dims), "updated in place" if t.name in updated else
+                        ("read" if op.kind == "update" else t.role.value)) for t in op.inputs], sep="  ")
     if op.params:
         lines.append("params")
         lines += _aligned([(f"{p.name} = {_number(p.default)}", p.doc) for p in op.params], sep="  ")
@@ -384,12 +393,16 @@ def derivation_text(d, steps: bool = False) -> str:
         for target, views in _group(gradient_steps(d)).items():
             lines += ["", f"derivation of {target}  ({cot})"]
             lines += _steps_text(views, "=")
-    lines += ["", f"gradients ({cot})" if d.gradients else "gradients: none (no differentiable inputs)"]
-    lines += _aligned([(to_str(g.target), to_str(g.expr)) for g in d.gradients.values()])
+    if op.kind == "update":  # not differentiated: what it writes instead
+        lines += ["", "update (in place, one multi-tensor launch; not differentiated)"]
+        lines += _aligned([(t, o) for o, t in op.updates.items()], sep=" <- ")
+    else:
+        lines += ["", f"gradients ({cot})" if d.gradients else "gradients: none (no differentiable inputs)"]
+        lines += _aligned([(to_str(g.target), to_str(g.expr)) for g in d.gradients.values()])
     if steps:
         lines += ["", "lowering (one kernel plan, printed by every target)"]
         lines += _steps_text(lowering_steps(plan), "->")
-    lines += ["", saved_line(plan)]
+    lines += ["", targets_line(plan) if op.kind == "update" else saved_line(plan)]
     return "\n".join(ln.rstrip() for ln in lines) + "\n"
 
 

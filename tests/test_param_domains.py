@@ -24,8 +24,8 @@ import symgrad.ops  # noqa: F401  (registers the library)
 from symgrad.declare import REGISTRY, DeclarationError, Domain, Param, Role
 from torch_reference import REFERENCES
 
-OPS = REGISTRY.names()
-PARAM_CASES = [(op.name, p.name) for op in REGISTRY for p in op.params]
+OPS = [op.name for op in REGISTRY.of_kind("op")]  # update rules check their params in tests/test_optim*.py
+PARAM_CASES = [(op.name, p.name) for op in REGISTRY.of_kind("op") for p in op.params]
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -94,6 +94,61 @@ DOMAINS = {  # the table the declarations must keep (README and `symgrad list` s
     ("rms_norm", "eps"): "in (0, inf)",
     ("conv2d", "stride"): "an integer >= 1",
     ("conv2d", "pad"): "an integer >= 0",
+    # clipping and schedules (part B's symgrad/ops/clipping.py, schedules.py)
+    ("clip_by_norm", "max_norm"): "in [0, inf)",
+    ("clip_by_value", "clip_value"): "in [0, inf)",
+    ("warmup_cosine", "lr"): "in [0, inf)",
+    ("warmup_cosine", "warmup"): "an integer >= 1",
+    ("warmup_cosine", "cosine_steps"): "an integer >= 1",
+    ("warmup_cosine", "start_factor"): "in (0, 1]",
+    ("warmup_cosine", "eta_min"): "finite",
+    ("step_decay", "lr"): "in [0, inf)",
+    ("step_decay", "step_size"): "an integer >= 1",
+    ("step_decay", "gamma"): "in (0, inf)",
+    ("step_decay", "warmup"): "an integer >= 0",
+    ("step_decay", "start_factor"): "in (0, 1]",
+    # update rules (symgrad/ops/optim.py): torch.optim's ranges
+    ("sgd", "weight_decay"): "in [0, inf)",
+    ("sgd", "l1"): "in [0, inf)",
+    ("sgd_momentum", "momentum"): "in [0, inf)",
+    ("sgd_momentum", "dampening"): "in [0, 1]",
+    ("sgd_momentum", "weight_decay"): "in [0, inf)",
+    ("nesterov", "momentum"): "in [0, inf)",
+    ("nesterov", "dampening"): "in [0, 1]",
+    ("nesterov", "weight_decay"): "in [0, inf)",
+    ("rmsprop", "alpha"): "in [0, 1]",
+    ("rmsprop", "eps"): "in [0, inf)",
+    ("rmsprop", "weight_decay"): "in [0, inf)",
+    ("rmsprop_momentum", "alpha"): "in [0, 1]",
+    ("rmsprop_momentum", "eps"): "in [0, inf)",
+    ("rmsprop_momentum", "momentum"): "in [0, inf)",
+    ("rmsprop_momentum", "weight_decay"): "in [0, inf)",
+    ("rmsprop_centered", "alpha"): "in [0, 1]",
+    ("rmsprop_centered", "eps"): "in [0, inf)",
+    ("rmsprop_centered", "weight_decay"): "in [0, inf)",
+    ("rmsprop_centered_momentum", "alpha"): "in [0, 1]",
+    ("rmsprop_centered_momentum", "eps"): "in [0, inf)",
+    ("rmsprop_centered_momentum", "momentum"): "in [0, inf)",
+    ("rmsprop_centered_momentum", "weight_decay"): "in [0, inf)",
+    ("adam", "beta1"): "in [0, 1)",
+    ("adam", "beta2"): "in [0, 1)",
+    ("adam", "eps"): "in [0, inf)",
+    ("adam", "weight_decay"): "in [0, inf)",
+    ("adam_amsgrad", "beta1"): "in [0, 1)",
+    ("adam_amsgrad", "beta2"): "in [0, 1)",
+    ("adam_amsgrad", "eps"): "in [0, inf)",
+    ("adam_amsgrad", "weight_decay"): "in [0, inf)",
+    ("adamw", "beta1"): "in [0, 1)",
+    ("adamw", "beta2"): "in [0, 1)",
+    ("adamw", "eps"): "in [0, inf)",
+    ("adamw", "weight_decay"): "in [0, inf)",
+    ("adamw_amsgrad", "beta1"): "in [0, 1)",
+    ("adamw_amsgrad", "beta2"): "in [0, 1)",
+    ("adamw_amsgrad", "eps"): "in [0, inf)",
+    ("adamw_amsgrad", "weight_decay"): "in [0, inf)",
+    ("adagrad", "lr_decay"): "in [0, inf)",
+    ("adagrad", "weight_decay"): "in [0, inf)",
+    ("adagrad", "eps"): "in [0, inf)",
 }
 
 
@@ -291,9 +346,10 @@ def _given_dims(op):
     return [d.name for d in op.dims if d.extent is None]
 
 
-EMPTY_CASES = [(op.name, d) for op in REGISTRY for d in _given_dims(op)]
+EMPTY_CASES = [(op.name, d) for op in REGISTRY.of_kind("op") for d in _given_dims(op)]
 TORCH_REFUSES = {("max", "C"), ("conv2d", "Cout"), ("conv2d", "R"), ("conv2d", "S"), ("conv2d", "H"), ("conv2d", "W"),
-                 ("softmax_cross_entropy", "C")}  # with rows, every label is out of bounds
+                 ("softmax_cross_entropy", "C"),  # with rows, every label is out of bounds
+                 ("grad_norm_inf", "N")}  # no max of an empty gradient
 
 
 def _torch_run(op, args, pv):

@@ -38,6 +38,16 @@ REFERENCES = {
     "layer_norm": lambda x, w, bias, eps: F.layer_norm(x, x.shape[-1:], w, bias, eps),
     "rms_norm": lambda x, w, eps: F.rms_norm(x, x.shape[-1:], w, eps),
     "conv2d": lambda X, Wt, stride, pad: F.conv2d(X, Wt, stride=stride, padding=pad),
+    "grad_norm2": lambda g: torch.linalg.vector_norm(g),
+    "grad_norm_inf": lambda g: torch.linalg.vector_norm(g, float("inf"), dim=-1),
+    "clip_by_norm": lambda g, total_norm, max_norm: g * torch.clamp(max_norm / (total_norm + 1e-6), max=1.0),
+    "clip_by_value": lambda g, clip_value: g.clamp(-clip_value, clip_value),
+    "warmup_cosine": lambda t, lr, warmup, cosine_steps, start_factor, eta_min: torch.where(
+        t < warmup, lr * (start_factor + (1 - start_factor) * t / warmup),
+        eta_min + (lr - eta_min) * (1 + torch.cos(torch.pi * (t - warmup) / cosine_steps)) / 2),
+    "step_decay": lambda t, lr, step_size, gamma, warmup, start_factor: torch.where(
+        t < warmup, lr * (start_factor + (1 - start_factor) * t / max(warmup, 1)),
+        lr * gamma ** torch.floor((t - warmup) / step_size)),
 }
 
 # Params to test besides each op's defaults: one dict per extra case.
@@ -47,4 +57,8 @@ PARAM_CASES = {
     "softmax_cross_entropy": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1}),
     "layer_norm": ({"eps": 0.1},),
     "rms_norm": ({"eps": 0.1},),
+    "clip_by_norm": ({"max_norm": 0.5},),
+    "clip_by_value": ({"clip_value": 0.3},),
+    "warmup_cosine": ({"warmup": 1, "cosine_steps": 100, "start_factor": 1.0, "eta_min": 0.01},),
+    "step_decay": ({"step_size": 3, "gamma": 0.5}, {"warmup": 4, "start_factor": 0.25}),
 }

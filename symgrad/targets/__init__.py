@@ -64,6 +64,23 @@ torch's: empty outputs and gradients of the right shapes, sums over nothing 0, m
 NaN. Derived dims (a convolution's output size) must be at least 1.
 
 Inputs are never written, and returned arrays never alias an input or a cotangent.
+
+Update rules (``Op.kind == "update"``: optimizer steps, :mod:`symgrad.ops.optim`) follow their own
+contract instead of forward/backward/vjp, the same on every target:
+
+``OP``, ``KIND = "update"``, ``INPUTS``, ``TENSORS`` (the inputs given as one array or tensor per
+parameter), ``UPDATED`` (input -> the output whose value it takes), ``PARAMS``, ``_PARAM_DOMAINS``.
+
+``update(*inputs, **params)``
+    Inputs positional in ``INPUTS`` order: each tensor input a list with one array (NumPy) or
+    tensor (Triton) per parameter, the i-th of every list with the same number of entries (any
+    shape: a rule is a map over entries); each scalar input (``lr``, the step count ``t``) a number
+    or a one-entry array/tensor (Triton: a device tensor, and ``t`` may hold one count per
+    parameter). Writes the new values over the ``UPDATED`` inputs, in place, in one pass over
+    every tensor (one launch on Triton); writes nothing else and returns None. Updated tensors
+    must be contiguous and writable; NumPy computes in their dtype (float32 or float64), Triton in
+    fp32 with each tensor stored back in its own dtype, and takes ``master=``, fp32 copies of
+    bf16/fp16 parameters that are updated instead of them while the parameters get their rounding.
 Conventions: reading a tensor outside its extent gives 0 (zero padding); Iverson brackets, one-hots
 and weights of zero are strong zeros (``0 * inf == 0``), so a masked entry never turns into NaN.
 Each target documents its dtypes (the NumPy reference computes in float64 when any float input is

@@ -36,7 +36,7 @@ import sympy as sp
 from ..declare import Role
 from ..functions import ReduceMax
 from ..plan import KernelPlan, LoweringError, Statement
-from . import declaration_file
+from . import declaration_file, numpy_update
 from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_row_form_lines, lower_statement_lines, mask_buffers, row_form_applies
 from .statements import common_subexpressions, prepare, row_form
 
@@ -52,7 +52,7 @@ RESERVED = frozenset({
 
 
 @lru_cache(maxsize=None)
-def _template() -> jinja2.Template:
+def _template(name: str = "module.py.j2") -> jinja2.Template:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         undefined=jinja2.StrictUndefined,
@@ -61,13 +61,15 @@ def _template() -> jinja2.Template:
         lstrip_blocks=True,
         autoescape=False,
     )
-    return env.get_template("module.py.j2")
+    return env.get_template(name)
 
 
 def render(plan: KernelPlan, command: str) -> str:
     """The source of ``generated/numpy/<op>.py``."""
     op = plan.op
     _check_names(plan)
+    if op.kind == "update":
+        return _render_update(plan, command)
     env = _env(plan)
     env.masks = mask_buffers(plan.forward.statements + plan.backward.statements, env)
     context = {
@@ -88,6 +90,24 @@ def render(plan: KernelPlan, command: str) -> str:
         "gradients": _gradients(plan),
     }
     return _template().render(**context)
+
+
+def _render_update(plan: KernelPlan, command: str) -> str:
+    """An update rule's module: one in-place, chunked ``update()`` (:mod:`.numpy_update`)."""
+    op = plan.op
+    body, hoisted, rows, _ = numpy_update.chunk_body(plan)
+    tensors = tuple(t.name for t in op.inputs if t.dims)
+    scalars = [t.name for t in op.inputs if not t.dims]
+    updated = {v: k for k, v in plan.updates.items()}
+    return _template("update.py.j2").render(
+        op=op.name, source=declaration_file(op), command=command, doc=_module_doc(plan), repr=repr,
+        inputs=repr(tuple(plan.inputs)), tensors=repr(tensors), updated=repr(updated),
+        params="{" + ", ".join(f"{p.name!r}: {float(p.default)!r}" for p in plan.params) + "}",
+        domains=_domain_table(plan.params) if plan.params else "", chunk=numpy_update.CHUNK, rows=max(rows, 1),
+        args=", ".join(plan.inputs), tensor_args=", ".join(tensors), views=", ".join(f"{n}_" for n in tensors),
+        updated_names=", ".join(updated), scalar_names=" and ".join(scalars), scalar_count=len(scalars), scalar_list=scalars,
+        param_names=[p.name for p in plan.params], hoisted=hoisted, body=body,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,5 +351,8 @@ def _module_doc(plan: KernelPlan) -> str:
     lines.append("Outputs:")
     for o in op.outputs:
         lines.append(f"    {shape(o.name, o.dims)}")
-    lines.append(f"Saved for backward: {', '.join(plan.saved) or 'nothing'} (and every param and dim).")
+    if op.kind == "update":
+        lines.append("Updated in place: " + ", ".join(f"{t} <- {o}" for o, t in plan.updates.items()) + ".")
+    else:
+        lines.append(f"Saved for backward: {', '.join(plan.saved) or 'nothing'} (and every param and dim).")
     return "\n".join(line.rstrip() for line in lines).replace('"""', "'''").replace("\\", "\\\\")

@@ -24,6 +24,7 @@ import sympy as sp
 from ..declare import Role
 from ..plan import KernelPlan, LoweringError
 from .triton_expr import HELPERS, print_expr
+from . import triton_update
 from .triton_gemm import emit_gemm
 from .triton_kernels import Context, emit_map, emit_rows
 
@@ -77,6 +78,8 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
     op = plan.op
     command = command or f"symgrad generate {op.name} --target triton"
     env = _env()
+    if op.kind == "update":
+        return triton_update.render(plan, command, env)
     ctx = Context(plan, env)
     kernels = {"forward": [], "backward": []}
     host = {"forward": [], "backward": []}
