@@ -54,9 +54,9 @@ def load_data(seed: int = 0, test_size: float = 0.2, subset: int | None = None, 
 def init_params(n_in: int, n_hidden: int, n_out: int, seed: int = 0, dtype=np.float32) -> dict:
     rng = np.random.default_rng(seed)
     return {
-        "W1": (rng.standard_normal((n_in, n_hidden)) * np.sqrt(2.0 / n_in)).astype(dtype),
+        "W1": (rng.standard_normal((n_hidden, n_in)) * np.sqrt(2.0 / n_in)).astype(dtype),  # linear: W[out, in], as nn.Linear
         "b1": np.zeros(n_hidden, dtype),
-        "W2": (rng.standard_normal((n_hidden, n_out)) * np.sqrt(1.0 / n_hidden)).astype(dtype),
+        "W2": (rng.standard_normal((n_out, n_hidden)) * np.sqrt(1.0 / n_hidden)).astype(dtype),
         "b2": np.zeros(n_out, dtype),
     }
 

@@ -190,9 +190,11 @@ def test_softmax_cross_entropy_is_p_minus_target():
 
 def test_matmul_and_linear():
     X, W, dY, bias = T("X"), T("W"), T("dY"), T("bias")
-    for op in ("matmul", "linear"):
-        same(grad(op, "X"), sp.Sum(W[k, l] * dY[b, l], (l, 0, N - 1)))
-        same(grad(op, "W"), sp.Sum(X[l, k] * dY[l, j], (l, 0, B - 1)))
+    same(grad("matmul", "X"), sp.Sum(W[k, l] * dY[b, l], (l, 0, N - 1)))
+    same(grad("matmul", "W"), sp.Sum(X[l, k] * dY[l, j], (l, 0, B - 1)))  # dW[k, j]
+    for op in ("linear", "linear_nobias"):  # W[N, K], as F.linear: dX = dY W, dW = dYᵀ X
+        same(grad(op, "X"), sp.Sum(W[l, k] * dY[b, l], (l, 0, N - 1)))
+        same(grad(op, "W"), sp.Sum(X[l, k] * dY[l, j], (l, 0, B - 1)))  # dW[j, k]
     same(grad("linear", "bias"), sp.Sum(dY[l, j], (l, 0, B - 1)))
 
 
