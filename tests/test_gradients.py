@@ -261,7 +261,10 @@ def _torch_twins():
         "linear": lambda X, W, bias: {"Y": X @ W.T + bias},
         "linear_nobias": lambda X, W: {"Y": X @ W.T},
         "layer_norm": lambda x, w, bias, eps: {"y": F.layer_norm(x, (x.shape[1],), w, bias, eps)},
-        "rms_norm": lambda x, w, eps: {"y": x * torch.rsqrt((x * x).mean(1, keepdim=True) + eps) * w},
+        "layer_norm_nobias": lambda x, w, eps: {"y": F.layer_norm(x, (x.shape[1],), w, None, eps)},
+        "layer_norm_noaffine": lambda x, eps: {"y": F.layer_norm(x, (x.shape[1],), None, None, eps)},
+        "rms_norm": lambda x, w, eps, offset: {"y": x * torch.rsqrt((x * x).mean(1, keepdim=True) + eps) * (w + offset)},
+        "rms_norm_noaffine": lambda x, eps: {"y": x * torch.rsqrt((x * x).mean(1, keepdim=True) + eps)},
         "conv2d": lambda X, Wt, stride, pad: {"Y": F.conv2d(X, Wt, stride=stride, padding=pad)},
     }
 

@@ -37,7 +37,10 @@ REFERENCES = {
     "linear": lambda X, W, bias: F.linear(X, W, bias),
     "linear_nobias": lambda X, W: F.linear(X, W),
     "layer_norm": lambda x, w, bias, eps: F.layer_norm(x, x.shape[-1:], w, bias, eps),
-    "rms_norm": lambda x, w, eps: F.rms_norm(x, x.shape[-1:], w, eps),
+    "layer_norm_nobias": lambda x, w, eps: F.layer_norm(x, x.shape[-1:], w, None, eps),
+    "layer_norm_noaffine": lambda x, eps: F.layer_norm(x, x.shape[-1:], None, None, eps),
+    "rms_norm": lambda x, w, eps, offset: F.rms_norm(x, x.shape[-1:], w + offset, eps),
+    "rms_norm_noaffine": lambda x, eps: F.rms_norm(x, x.shape[-1:], None, eps),
     "conv2d": lambda X, Wt, stride, pad: F.conv2d(X, Wt, stride=stride, padding=pad),
 }
 
@@ -47,5 +50,7 @@ PARAM_CASES = {
     "power": ({"k": 2.5},),
     "softmax_cross_entropy": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1}),
     "layer_norm": ({"eps": 0.1},),
-    "rms_norm": ({"eps": 0.1},),
+    "rms_norm": ({"eps": 0.1}, {"offset": 1.0}),
+    "layer_norm_nobias": ({"eps": 0.1},),
+    "rms_norm_noaffine": ({"eps": 0.1},),
 }
