@@ -196,12 +196,15 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-
     _devices(input=input, weight=weight, bias=bias)
     x, d = _normalized(input, normalized_shape, "layer_norm")
     w, b = _param(weight, d, "weight"), _param(bias, d, "bias")
-    # No weight is a weight of ones and no bias a bias of zeros: xhat*1 + 0 is xhat exactly.
-    if w is None:
-        w = torch.ones(d, dtype=x.dtype, device=x.device)
-    if b is None:
-        b = torch.zeros(d, dtype=x.dtype, device=x.device)
-    return kernel("layer_norm").apply(x, w, b, eps=eps).reshape(input.shape)
+    if w is None and b is None:
+        y = kernel("layer_norm_noaffine", "layer_norm without weight and bias").apply(x, eps=eps)
+    elif b is None:
+        y = kernel("layer_norm_nobias", "layer_norm without bias").apply(x, w, eps=eps)
+    else:
+        if w is None:  # a bias alone (F.layer_norm allows it): a weight of ones, xhat*1 is xhat exactly
+            w = torch.ones(d, dtype=x.dtype, device=x.device)
+        y = kernel("layer_norm").apply(x, w, b, eps=eps)
+    return y.reshape(input.shape)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps: float | None = None, *, offset: float = 0.0) -> torch.Tensor:
@@ -215,10 +218,10 @@ def rms_norm(input, normalized_shape, weight=None, eps: float | None = None, *, 
     if w is None:
         if offset:
             raise Unsupported("symgrad.nn rms_norm: offset needs a weight (it scales by weight + offset)")
-        w = torch.ones(d, dtype=x.dtype, device=x.device)
-    elif offset:
-        w = w + offset  # d(w + offset)/dw = 1: the weight's gradient is unchanged
-    return kernel("rms_norm").apply(x, w, eps=eps).reshape(input.shape)
+        y = kernel("rms_norm_noaffine", "rms_norm without weight").apply(x, eps=eps)
+    else:
+        y = kernel("rms_norm").apply(x, w, eps=eps, offset=offset)
+    return y.reshape(input.shape)
 
 
 # ---------------------------------------------------------------------------------------------
