@@ -39,11 +39,12 @@ def kernel(op: str, option: str | None = None):
 
 
 def _interpreted() -> bool:
-    # Triton decides when it is first imported whether @triton.jit kernels are interpreted: ask a
-    # kernel, not the environment (setting TRITON_INTERPRET after that import changes nothing).
-    from ..runtime import triton_support
+    # Triton's own jit functions (tl.cdiv) are made when triton is first imported, interpreted or
+    # not; kernels decorated later follow the environment then. Ask triton's: a TRITON_INTERPRET set
+    # after that import leaves them compiled-only, and a generated kernel calling one fails.
+    import triton.language as tl
 
-    return type(triton_support.sg_sigmoid).__name__ == "InterpretedFunction"
+    return type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
