@@ -63,7 +63,7 @@ def batch(seed=1, n=BATCH):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (n, SEQ), generator=g)
     labels = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-    labels[0, 0] = -100  # one ignored position
+    labels[:, 0] = -100  # the first position of every sequence is ignored (as a prompt token is)
     return tokens, labels
 
 
