@@ -250,18 +250,33 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
                              f"for input of shape {tuple(input.shape)}, got {tuple(target.shape)}")
         # classes last, every other axis a row: [N, C, d1, ...] -> [N*d1*..., C]
         x, y, out_shape = input.movedim(1, -1).reshape(-1, c), target.reshape(-1), tuple(target.shape)
+    if softcap is not None and softcap < 0:
+        raise ValueError(f"cross_entropy: softcap must be positive (or None/0 for off), got {softcap}")
     op = _ce_op(reduction, weight, z_loss, softcap)
-    loss = kernel(op).apply(x, y, eps=label_smoothing, ignore_index=ignore_index)
+    params = dict(eps=label_smoothing, ignore_index=ignore_index)
+    if z_loss:
+        params["z_loss"] = z_loss
+    if softcap:
+        params["softcap"] = softcap
+    inputs = (x, y) if weight is None else (x, y, weight)
+    loss = kernel(op).apply(*inputs, **params)
     return loss.reshape(out_shape) if reduction == "none" else loss
 
 
+_SUFFIX = {"mean": "", "sum": "_sum", "none": "_none"}
+
+
 def _ce_op(reduction: str, weight, z_loss: float, softcap) -> str:
-    missing = [name for name, on in (("reduction=" + repr(reduction), reduction != "mean"),
-                                     ("weight", weight is not None), ("z_loss", bool(z_loss)),
-                                     ("softcap", softcap is not None)) if on]
-    if missing:
-        raise Unsupported(f"symgrad.nn cross_entropy: {', '.join(missing)} not supported by the generated ops yet")
-    return "softmax_cross_entropy"
+    """The generated member of the cross-entropy family serving these options: class weights and
+    softcapping are variants (``softmax_cross_entropy[_weighted][_softcap][_sum|_none]``), z_loss a
+    param of each."""
+    name = "softmax_cross_entropy" + "_weighted" * (weight is not None) + "_softcap" * bool(softcap) + _SUFFIX[reduction]
+    wanted = ", ".join(o for o, on in ((f"reduction={reduction!r}", reduction != "mean"), ("weight", weight is not None),
+                                       ("softcap", bool(softcap))) if on)
+    module = kernel(name, f"cross_entropy with {wanted}" if wanted else "cross_entropy")
+    if z_loss and "z_loss" not in module.PARAMS:
+        raise Unsupported(f"symgrad.nn cross_entropy: z_loss is not a param of the generated op {name!r}")
+    return name
 
 
 def _same_shape(name: str, input, target) -> None:
@@ -281,7 +296,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     _devices(input=input, target=target)
     op = _bce_op(reduction, weight, pos_weight)
     _same_shape("binary_cross_entropy_with_logits", input, target)
-    return kernel(op).apply(_rows(input), _rows(target))
+    loss = kernel(op).apply(_rows(input), _rows(target))
+    return loss.reshape(input.shape) if reduction == "none" else loss
 
 
 def _bce_op(reduction: str, weight, pos_weight) -> str:
@@ -289,9 +305,9 @@ def _bce_op(reduction: str, weight, pos_weight) -> str:
     for name, value in (("weight", weight), ("pos_weight", pos_weight)):
         if value is not None:
             raise Unsupported(f"symgrad.nn binary_cross_entropy_with_logits: {name} is not supported")
-    if reduction != "mean":
-        raise Unsupported(f"symgrad.nn binary_cross_entropy_with_logits: reduction={reduction!r} not supported by the generated ops yet")
-    return "sigmoid_bce"
+    name = "sigmoid_bce" + _SUFFIX[reduction]
+    kernel(name, f"binary_cross_entropy_with_logits with reduction={reduction!r}")
+    return name
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "mean", weight=None) -> torch.Tensor:
@@ -301,13 +317,13 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "me
     op = _mse_op(reduction, weight)
     _same_shape("mse_loss", input, target)
     loss = kernel(op).apply(_rows(input), _rows(target))
-    return 2 * loss if op == "mse" else loss  # mse is sum/2; doubling is exact
+    return loss.reshape(input.shape) if reduction == "none" else loss
 
 
 def _mse_op(reduction: str, weight) -> str:
-    """The generated op serving these options of mse_loss."""
+    """The generated op serving these options of mse_loss (``mse`` is half the sum: not torch's)."""
     if weight is not None:
         raise Unsupported("symgrad.nn mse_loss: weight is not supported")
-    if reduction == "none":
-        raise Unsupported("symgrad.nn mse_loss: reduction='none' not supported by the generated ops yet")
-    return "mse_mean" if reduction == "mean" else "mse"
+    name = "mse_" + reduction
+    kernel(name, f"mse_loss with reduction={reduction!r}")
+    return name
