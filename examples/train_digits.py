@@ -14,6 +14,7 @@ non-zero if the final test accuracy is below 95%.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,13 +62,39 @@ def init_params(n_in: int, n_hidden: int, n_out: int, seed: int = 0, dtype=np.fl
     }
 
 
-def _to_target(a, target: str):
-    """NumPy arrays for the numpy target; torch tensors on the GPU for triton (on the CPU when
-    there is none: then run with TRITON_INTERPRET=1, Triton's slow interpreter)."""
+class NoTritonDevice(RuntimeError):
+    """--target triton cannot run here; the message (one line) says how it could."""
+
+
+def triton_device(verbose: bool = True) -> str:
+    """Where the Triton kernels run: "cuda" when torch sees a GPU; else "cpu" through Triton's
+    interpreter, chosen here (TRITON_INTERPRET=1) before anything imports triton, which fixes the
+    mode at its first import. Refused when triton was already imported compiled-only, or when
+    TRITON_INTERPRET=0 asks for no interpreter."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    flag = os.environ.get("TRITON_INTERPRET", "")
+    if flag == "0":
+        raise NoTritonDevice("--target triton: no CUDA GPU and TRITON_INTERPRET=0; unset it to run Triton's CPU "
+                             "interpreter (slow), or use --target numpy")
+    if flag in ("", "0") and "triton" in sys.modules:
+        raise NoTritonDevice("--target triton: no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 could be "
+                             "set; start Python with TRITON_INTERPRET=1 in the environment")
+    os.environ["TRITON_INTERPRET"] = "1"
+    if verbose:
+        print("--target triton: no CUDA GPU, so the Triton kernels run on the CPU through Triton's interpreter "
+              "(TRITON_INTERPRET=1): slow, about 2 CPU-seconds a step "
+              "and 90 a full epoch; --epochs 1 --subset 400 is a quick look", flush=True)
+    return "cpu"
+
+
+def _to_target(a, target: str, device: str = "cpu"):
+    """NumPy arrays for the numpy target; torch tensors on ``device`` for triton."""
     if target == "triton":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
     return a
 
@@ -88,10 +115,11 @@ def train(
     verbose: bool = True,
 ) -> dict:
     """Mini-batch SGD; returns the per-epoch history and the final test accuracy."""
+    device = triton_device(verbose) if target == "triton" else "cpu"
     Xtr, ytr, Xte, yte = load_data(seed, subset=subset)
     params = init_params(Xtr.shape[1], hidden, 10, seed)
-    Xtr, ytr, Xte, yte = (_to_target(a, target) for a in (Xtr, ytr, Xte, yte))
-    params = {k: _to_target(v, target) for k, v in params.items()}
+    Xtr, ytr, Xte, yte = (_to_target(a, target, device) for a in (Xtr, ytr, Xte, yte))
+    params = {k: _to_target(v, target, device) for k, v in params.items()}
     g = build_graph()
     rng = np.random.default_rng(seed + 1)
     n = len(ytr)
@@ -165,12 +193,16 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target", default="numpy", help="numpy (default) or triton (a CUDA GPU, or TRITON_INTERPRET=1 on CPU: slow)")
+    ap.add_argument("--target", default="numpy", help="numpy (default) or triton (a CUDA GPU; without one, Triton's CPU interpreter, set up here: slow)")
     ap.add_argument("--subset", type=int, default=None, help="use only the first N digits (quick runs)")
     ap.add_argument("--plot", default="examples/digits_loss.png", help="where to save the loss curve PNG")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    h = train(args.epochs, args.batch, args.lr, args.hidden, args.seed, args.target, args.subset)
+    try:
+        h = train(args.epochs, args.batch, args.lr, args.hidden, args.seed, args.target, args.subset)
+    except NoTritonDevice as e:
+        print(f"train_digits: {e}", file=sys.stderr)
+        return 2
     plot(h, args.plot)
     acc = h["final_test_acc"]
     print(f"final test accuracy {acc:.4f} ({h['n_test']} test digits), {time.perf_counter() - t0:.1f} s total; plot: {args.plot}")
