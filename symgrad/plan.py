@@ -907,11 +907,19 @@ def _bound_positions(expr, rank: int) -> set:
     return out
 
 
+def _read_space(s: _State, entry: sp.Indexed) -> tuple:
+    """The dims a read ranges over: its tensor's, except for a gather by labels (``weight[y[b]]``,
+    a class weight per row), which ranges over the labels' dims."""
+    if entry.indices and all(isinstance(ix, sp.Indexed) and str(ix.base) in s.buffers for ix in entry.indices):
+        return tuple(s.buffers[str(entry.indices[0].base)])
+    return tuple(s.buffers[str(entry.base)])
+
+
 def row_layout(s: _State, st: Statement) -> tuple:
     """``(dims of the largest tensor st touches, position of its column or None)``: the column is
     the axis reduced inside a row: the last axis, or the one other axis that the reductions read
     their bound index at while the statement keeps every other axis (softmax over a middle dim)."""
-    shapes = [tuple(s.buffers[str(a.base)]) for a in st.expr.atoms(sp.Indexed) if str(a.base) in s.buffers] + [tuple(st.dims)]
+    shapes = [_read_space(s, a) for a in st.expr.atoms(sp.Indexed) if str(a.base) in s.buffers] + [tuple(st.dims)]
     shapes = [d for d in shapes if d]
     if not shapes:
         return ((), None)

@@ -229,6 +229,8 @@ def _torch_twins():
     import torch
     import torch.nn.functional as F
 
+    from tests.torch_reference import REFERENCES
+
     def ce(x, y, eps, ignore_index):
         return F.cross_entropy(x, y, ignore_index=ignore_index, label_smoothing=eps)
 
@@ -266,7 +268,15 @@ def _torch_twins():
         "rms_norm": lambda x, w, eps, offset: {"y": x * torch.rsqrt((x * x).mean(1, keepdim=True) + eps) * (w + offset)},
         "rms_norm_noaffine": lambda x, eps: {"y": x * torch.rsqrt((x * x).mean(1, keepdim=True) + eps)},
         "conv2d": lambda X, Wt, stride, pad: {"Y": F.conv2d(X, Wt, stride=stride, padding=pad)},
-    }
+        "mse_sum": lambda X, Y: {"loss": ((X - Y) ** 2).sum()},
+        "mse_none": lambda X, Y: {"loss": (X - Y) ** 2},
+        "sigmoid_bce_sum": lambda x, y: {"loss": F.binary_cross_entropy_with_logits(x, y, reduction="sum")},
+        "sigmoid_bce_none": lambda x, y: {"loss": F.binary_cross_entropy_with_logits(x, y, reduction="none")},
+    } | {name: _loss(REFERENCES[name]) for name in REFERENCES if name.startswith("softmax_cross_entropy")}
+
+
+def _loss(ref):
+    return lambda *args, **kw: {"loss": ref(*args, **kw)}
 
 
 TORCH_CASES = [
