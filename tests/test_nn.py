@@ -16,6 +16,8 @@ import symgrad.nn as snn
 import symgrad.nn.functional as SF
 from symgrad.runtime import triton_support
 
+# compiled on a CUDA GPU where there is one, else through the interpreter (conftest.py decides)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP64 = torch.float64 in triton_support.FLOAT_DTYPES  # float64 on the Triton modules (issue 8, part A)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-10), torch.bfloat16: (3e-2, 3e-2)}
@@ -41,10 +43,10 @@ def rand(shape, dtype, strided=False, seed=0, scale=1.0):
     """A random tensor; ``strided`` gives a non-contiguous view (every other entry of the last axis)."""
     g = torch.Generator().manual_seed(seed)
     if strided and len(shape):
-        t = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64) * scale).to(dtype)[..., ::2]
+        t = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)[..., ::2]
         assert not t.is_contiguous() or shape[-1] <= 1
     else:
-        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
     return t
 
 
@@ -69,8 +71,8 @@ def compare(sg_fn, ref_fn, inputs: dict, dtype, cot_seed=7):
     assert ya.dtype == dtype and ya.shape == yb.shape, (ya.dtype, ya.shape, yb.shape)
     torch.testing.assert_close(ya.double(), yb.double(), rtol=rtol, atol=atol)
     cot = torch.randn(yb.shape, generator=torch.Generator().manual_seed(cot_seed), dtype=torch.float64)
-    (ya * cot.to(ya.dtype)).sum().backward()
-    (yb * cot.to(yb.dtype)).sum().backward()
+    (ya * cot.to(ya.device, ya.dtype)).sum().backward()
+    (yb * cot.to(yb.device, yb.dtype)).sum().backward()
     for k in a:
         if isinstance(a[k], torch.Tensor) and a[k].requires_grad:
             assert a[k].grad is not None, f"no gradient for {k}"
@@ -141,8 +143,8 @@ def test_softmax_implicit_dim_warns_as_torch():
                                      strided=(False, True)))
 def test_linear(c):
     torch.manual_seed(0)
-    ref = torch.nn.Linear(5, 4, bias=c["bias"]).to(c["dtype"])
-    mod = snn.Linear(5, 4, bias=c["bias"]).to(c["dtype"])
+    ref = torch.nn.Linear(5, 4, bias=c["bias"]).to(DEVICE, c["dtype"])
+    mod = snn.Linear(5, 4, bias=c["bias"]).to(DEVICE, c["dtype"])
     mod.load_state_dict(ref.state_dict())
     x = rand(c["lead"] + (5,), c["dtype"], c["strided"])
     params = {"weight": ref.weight.detach(), "bias": None if ref.bias is None else ref.bias.detach()}
@@ -165,8 +167,8 @@ def test_conv2d(c):
             snn.Conv2d(2, 3, 3, stride=c["stride"], padding="same")
         return
     torch.manual_seed(0)
-    ref = torch.nn.Conv2d(2, 3, 3, stride=c["stride"], padding=c["padding"], bias=c["bias"]).to(c["dtype"])
-    mod = snn.Conv2d(2, 3, 3, stride=c["stride"], padding=c["padding"], bias=c["bias"]).to(c["dtype"])
+    ref = torch.nn.Conv2d(2, 3, 3, stride=c["stride"], padding=c["padding"], bias=c["bias"]).to(DEVICE, c["dtype"])
+    mod = snn.Conv2d(2, 3, 3, stride=c["stride"], padding=c["padding"], bias=c["bias"]).to(DEVICE, c["dtype"])
     mod.load_state_dict(ref.state_dict())
     x = rand((2, 5, 6) if c["unbatched"] else (2, 2, 5, 6), c["dtype"])
     p = {"weight": ref.weight.detach(), "bias": None if ref.bias is None else ref.bias.detach()}
@@ -186,11 +188,11 @@ def test_conv2d(c):
                                      lead=((4,), (2, 3)), dtype=DTYPES))
 def test_layer_norm(c):
     torch.manual_seed(0)
-    ref = torch.nn.LayerNorm(c["shape"], eps=1e-5, elementwise_affine=c["affine"], bias=c["bias"]).to(c["dtype"])
+    ref = torch.nn.LayerNorm(c["shape"], eps=1e-5, elementwise_affine=c["affine"], bias=c["bias"]).to(DEVICE, c["dtype"])
     with torch.no_grad():  # not torch's init of ones and zeros, so a swapped weight and bias would show
         for p in ref.parameters():
             p.copy_(torch.randn_like(p))
-    mod = snn.LayerNorm(c["shape"], eps=1e-5, elementwise_affine=c["affine"], bias=c["bias"]).to(c["dtype"])
+    mod = snn.LayerNorm(c["shape"], eps=1e-5, elementwise_affine=c["affine"], bias=c["bias"]).to(DEVICE, c["dtype"])
     mod.load_state_dict(ref.state_dict())
     x = rand(c["lead"] + c["shape"], c["dtype"], scale=2.0)
     p = {"weight": None if ref.weight is None else ref.weight.detach(),
@@ -216,11 +218,11 @@ def test_rms_norm(c):
             snn.RMSNorm(c["shape"], eps=c["eps"], elementwise_affine=False, offset=c["offset"])
         return
     torch.manual_seed(0)
-    ref = torch.nn.RMSNorm(c["shape"], eps=c["eps"], elementwise_affine=c["affine"]).to(c["dtype"])
+    ref = torch.nn.RMSNorm(c["shape"], eps=c["eps"], elementwise_affine=c["affine"]).to(DEVICE, c["dtype"])
     if ref.weight is not None:
         with torch.no_grad():
             ref.weight.copy_(torch.randn_like(ref.weight))
-    mod = snn.RMSNorm(c["shape"], eps=c["eps"], elementwise_affine=c["affine"], offset=c["offset"]).to(c["dtype"])
+    mod = snn.RMSNorm(c["shape"], eps=c["eps"], elementwise_affine=c["affine"], offset=c["offset"]).to(DEVICE, c["dtype"])
     mod.load_state_dict(ref.state_dict())
     x = rand((2,) + c["shape"], c["dtype"], scale=2.0)
     p = {"weight": None if ref.weight is None else ref.weight.detach()}
@@ -260,9 +262,9 @@ def test_cross_entropy(c):
     shape = (n, classes, 3) if c["spatial"] else (n, classes)
     x = rand(shape, c["dtype"], scale=3.0)
     g = torch.Generator().manual_seed(3)
-    y = torch.randint(0, classes, (n, 3) if c["spatial"] else (n,), generator=g)
+    y = torch.randint(0, classes, (n, 3) if c["spatial"] else (n,), generator=g).to(DEVICE)
     y.view(-1)[1] = c["ignore_index"]  # one ignored row; with ignore_index=2 a valid label 2 may also be ignored
-    w = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(c["dtype"]) if c["weight"] else None
+    w = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(DEVICE, c["dtype"]) if c["weight"] else None
     opts = dict(ignore_index=c["ignore_index"], reduction=c["reduction"], label_smoothing=c["label_smoothing"])
     extra = dict(z_loss=c["z_loss"], softcap=c["softcap"])
     mod = snn.CrossEntropyLoss(w, **opts, **extra)
@@ -279,7 +281,7 @@ def test_cross_entropy(c):
                                      dtype=(torch.float32, torch.float64)))
 def test_bce_with_logits(c):
     x = rand(c["shape"], c["dtype"], scale=3.0)
-    t = torch.rand(c["shape"], generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(c["dtype"])
+    t = torch.rand(c["shape"], generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE, c["dtype"])
     mod = snn.BCEWithLogitsLoss(reduction=c["reduction"])
     run = lambda: compare(lambda x: mod(x, t), lambda x: TF.binary_cross_entropy_with_logits(x, t, reduction=c["reduction"]),
                           {"x": x}, c["dtype"])
@@ -300,9 +302,9 @@ def test_mse(c):
 def test_loss_errors_name_the_problem():
     x = rand((4, 5), torch.float32)
     with pytest.raises(snn.Unsupported, match="float\\) targets"):
-        SF.cross_entropy(x, torch.rand(4, 5))
+        SF.cross_entropy(x, torch.rand(4, 5, device=DEVICE))
     with pytest.raises(ValueError, match="target of shape"):
-        SF.cross_entropy(x, torch.zeros(3, dtype=torch.long))
+        SF.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="Target size"):
         SF.mse_loss(x, rand((4, 1), torch.float32))
     with pytest.raises(ValueError, match="not a valid value for reduction"):
@@ -345,12 +347,12 @@ def test_state_dict_round_trip(i):
 
 
 def test_cross_entropy_weight_buffer_round_trip():
-    ref = torch.nn.CrossEntropyLoss(torch.rand(5), label_smoothing=0.1)
-    sg = snn.CrossEntropyLoss(torch.zeros(5), label_smoothing=0.1, z_loss=1e-3)
+    ref = torch.nn.CrossEntropyLoss(torch.rand(5, device=DEVICE), label_smoothing=0.1)
+    sg = snn.CrossEntropyLoss(torch.zeros(5, device=DEVICE), label_smoothing=0.1, z_loss=1e-3)
     assert list(sg.state_dict()) == list(ref.state_dict()) == ["weight"]
     sg.load_state_dict(ref.state_dict())
     assert torch.equal(sg.weight, ref.weight)
-    x, y = rand((4, 5), torch.float32), torch.tensor([0, 4, 2, -100])
+    x, y = rand((4, 5), torch.float32), torch.tensor([0, 4, 2, -100], device=DEVICE)
     sg.z_loss = 0.0
     torch.testing.assert_close(sg(x, y), ref(x, y))
 
@@ -365,7 +367,7 @@ def test_patch_swaps_in_place_sharing_parameters():
     shared = torch.nn.Linear(6, 6)
     model = torch.nn.Sequential(
         torch.nn.Linear(5, 6), torch.nn.GELU(approximate="tanh"), shared, torch.nn.LayerNorm(6),
-        torch.nn.Sequential(shared, torch.nn.Tanh(), torch.nn.SiLU(inplace=True)), _MyLinear(6, 6), torch.nn.LogSoftmax(dim=-1))
+        torch.nn.Sequential(shared, torch.nn.Tanh(), torch.nn.SiLU(inplace=True)), _MyLinear(6, 6), torch.nn.LogSoftmax(dim=-1)).to(DEVICE)
     params = {n: p for n, p in model.named_parameters()}
     x = rand((3, 5), torch.float32)
     before = model(x.clone())

@@ -13,6 +13,8 @@ import torch.nn.functional as TF
 import symgrad.nn as snn
 
 # tiny: the interpreter runs each row of a row kernel as Python, so time grows with BATCH*SEQ
+# compiled on a CUDA GPU where there is one, else through the interpreter (conftest.py decides)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB, DIM, HIDDEN, BATCH, SEQ = 11, 8, 12, 2, 3
 STEPS, LR = 20, 0.2
 
@@ -53,8 +55,8 @@ class Block(torch.nn.Module):
 def make_blocks(dtype=torch.float32, seed=0):
     """(torch block, symgrad block) with identical weights (loaded through state_dict)."""
     torch.manual_seed(seed)
-    ref = Block(torch.nn, TorchSwiGLU).to(dtype)
-    sg = Block(snn, snn.SwiGLU).to(dtype)
+    ref = Block(torch.nn, TorchSwiGLU).to(DEVICE, dtype)
+    sg = Block(snn, snn.SwiGLU).to(DEVICE, dtype)
     sg.load_state_dict(ref.state_dict())  # strict: every key of torch's block is a key of symgrad's
     return ref, sg
 
@@ -64,7 +66,7 @@ def batch(seed=1, n=BATCH):
     tokens = torch.randint(0, VOCAB, (n, SEQ), generator=g)
     labels = torch.randint(0, VOCAB, (n, SEQ), generator=g)
     labels[:, 0] = -100  # the first position of every sequence is ignored (as a prompt token is)
-    return tokens, labels
+    return tokens.to(DEVICE), labels.to(DEVICE)
 
 
 def train(model, tokens, labels, steps=STEPS):
