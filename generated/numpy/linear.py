@@ -29,19 +29,19 @@ _INTEGER_PARAMS = ()
 _INPUT_DIMS = {'X': ('B', 'K'), 'W': ('N', 'K'), 'bias': ('N',)}  # input -> its dims, in declaration order
 
 
-def forward(X, W, bias, **params):
-    """The output."""
-    return _forward_with_saved(X, W, bias, **params)[0]
+def forward(X, W, bias, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(X, W, bias, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(X, W, bias, **params):
+def forward_with_saved(X, W, bias, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(X, W, bias, **params)
+    _outs, saved = _forward_with_saved(X, W, bias, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (X, W, bias,), _outs)
 
 
@@ -87,7 +87,7 @@ def backward(saved, dY):
     dW = dY.T @ X
 
     # dbias[j] = Sum(dY[l, j], (l, 0, B - 1))  [row_reduction]
-    dbias = np.sum(dY, axis=0)
+    dbias = _m.sum_rows(dY.T, 1)
 
     return (_m.unfold(dX, _lead), dW, dbias)
 

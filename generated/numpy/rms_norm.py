@@ -32,19 +32,19 @@ _PARAM_DOMAINS = {'eps': (0.0, float('inf'), False, False, 'in (0, inf)'), 'offs
 _INPUT_DIMS = {'x': ('B', 'D'), 'w': ('D',)}  # input -> its dims, in declaration order
 
 
-def forward(x, w, **params):
-    """The output."""
-    return _forward_with_saved(x, w, **params)[0]
+def forward(x, w, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(x, w, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(x, w, **params):
+def forward_with_saved(x, w, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(x, w, **params)
+    _outs, saved = _forward_with_saved(x, w, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (x, w,), _outs)
 
 
@@ -94,7 +94,7 @@ def backward(saved, dy):
     dx = (_t0 - (np.einsum("bi,bi->b", _t0, _t1)/_m.divisor(D))[:, None]*_t1)*rstd[:, None]
 
     # dw[i] = Sum(dy[k, i]*rstd[k]*x[k, i], (k, 0, B - 1))  [row_reduction]
-    dw = np.einsum("k,ki,ki->i", rstd, dy, x, optimize=True)
+    dw = _m.sum_rows(np.einsum("k,ki,ki->ki", rstd, dy, x), 0)
 
     return (_m.unfold(dx, _lead), dw)
 

@@ -34,19 +34,19 @@ _PARAM_DOMAINS = {'eps': (0.0, 1.0, True, True, 'in [0, 1]'), 'ignore_index': (-
 _INPUT_DIMS = {'x': ('B', 'C'), 'y': ('B',)}  # input -> its dims, in declaration order
 
 
-def forward(x, y, **params):
-    """The output."""
-    return _forward_with_saved(x, y, **params)[0]
+def forward(x, y, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(x, y, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(x, y, **params):
+def forward_with_saved(x, y, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(x, y, **params)
+    _outs, saved = _forward_with_saved(x, y, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (x, y,), _outs)
 
 
@@ -63,6 +63,7 @@ def _forward_with_saved(x, y, **params):
     dims = _m.bind_dims(OP, {'x': x, 'y': y}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _m.check_sizes(OP, dims, {'C': 1})
+    _m.check_labels(OP, 'y', y, C, ignore_index)
     _dt = _m.float_dtype(x)
     x = x.astype(_dt, copy=False)
 

@@ -34,19 +34,19 @@ _PARAM_DOMAINS = {'eps': (0.0, 1.0, True, True, 'in [0, 1]'), 'ignore_index': (-
 _INPUT_DIMS = {'x': ('B', 'C'), 'y': ('B',), 'weight': ('C',)}  # input -> its dims, in declaration order
 
 
-def forward(x, y, weight, **params):
-    """The output."""
-    return _forward_with_saved(x, y, weight, **params)[0]
+def forward(x, y, weight, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(x, y, weight, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(x, y, weight, **params):
+def forward_with_saved(x, y, weight, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(x, y, weight, **params)
+    _outs, saved = _forward_with_saved(x, y, weight, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (x, y, weight,), _outs)
 
 
@@ -64,6 +64,7 @@ def _forward_with_saved(x, y, weight, **params):
     dims = _m.bind_dims(OP, {'x': x, 'y': y, 'weight': weight}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
     _m.check_sizes(OP, dims, {'C': 1})
+    _m.check_labels(OP, 'y', y, C, ignore_index)
     _dt = _m.float_dtype(x, weight)
     x = x.astype(_dt, copy=False)
     weight = weight.astype(_dt, copy=False)

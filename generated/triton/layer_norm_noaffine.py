@@ -204,13 +204,13 @@ def _forward(t_x, p_eps, write_grad):
     return (_rt.unfold(t_y, _lead), ), saved
 
 
-def forward(x, *, eps=1e-05, ):
+def forward(x, eps=1e-05, ):
     """(x - mean)/sqrt(var + eps) along each row (torch's elementwise_affine=False); returns y."""
     outs, _ = _forward(x, *_params(eps, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, *, eps=1e-05, ):
+def forward_with_saved(x, eps=1e-05, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, *_params(eps, ), True)
@@ -359,7 +359,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, *, eps=1e-05, ):
+def apply(x, eps=1e-05, ):
     """(x - mean)/sqrt(var + eps) along each row (torch's elementwise_affine=False), differentiable by torch.autograd and traceable by torch.compile."""
     # leading axes fold with reshape, which autograd and torch.compile see through
     _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})

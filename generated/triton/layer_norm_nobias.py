@@ -251,13 +251,13 @@ def _forward(t_x, t_w, p_eps, write_grad):
     return (_rt.unfold(t_y, _lead), ), saved
 
 
-def forward(x, w, *, eps=1e-05, ):
+def forward(x, w, eps=1e-05, ):
     """(x - mean)/sqrt(var + eps)*w along each row (torch's LayerNorm(bias=False)); returns y."""
     outs, _ = _forward(x, w, *_params(eps, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, w, *, eps=1e-05, ):
+def forward_with_saved(x, w, eps=1e-05, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, w, *_params(eps, ), True)
@@ -413,7 +413,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, w, *, eps=1e-05, ):
+def apply(x, w, eps=1e-05, ):
     """(x - mean)/sqrt(var + eps)*w along each row (torch's LayerNorm(bias=False)), differentiable by torch.autograd and traceable by torch.compile."""
     # leading axes fold with reshape, which autograd and torch.compile see through
     _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})

@@ -265,6 +265,7 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, write_grad):
     n_B = dims['B']
     n_C = dims['C']
     _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
+    _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: n_valid (rows)
     t_n_valid = torch.empty((), dtype=torch.float32, device=device)
     blk = 16
@@ -299,13 +300,13 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, write_grad):
     return (t_loss, ), saved
 
 
-def forward(x, y, *, eps=0.0, ignore_index=-100, z_loss=0.0, ):
+def forward(x, y, eps=0.0, ignore_index=-100, z_loss=0.0, ):
     """mean over counted rows of -sum(t*log_softmax(x)), plus z_loss*lse**2; t the label-smoothed one-hot of y; returns loss."""
     outs, _ = _forward(x, y, *_params(eps, ignore_index, z_loss, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, y, *, eps=0.0, ignore_index=-100, z_loss=0.0, ):
+def forward_with_saved(x, y, eps=0.0, ignore_index=-100, z_loss=0.0, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, y, *_params(eps, ignore_index, z_loss, ), True)
@@ -450,7 +451,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, y, *, eps=0.0, ignore_index=-100, z_loss=0.0, ):
+def apply(x, y, eps=0.0, ignore_index=-100, z_loss=0.0, ):
     """mean over counted rows of -sum(t*log_softmax(x)), plus z_loss*lse**2; t the label-smoothed one-hot of y, differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(x, y, *_params(eps, ignore_index, z_loss, ))
     return res[0]

@@ -275,6 +275,7 @@ def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, p_softcap, wri
     n_B = dims['B']
     n_C = dims['C']
     _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
+    _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: weight_total (rows)
     t_weight_total = torch.empty((), dtype=torch.float32, device=device)
     blk = 16
@@ -310,13 +311,13 @@ def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, p_softcap, wri
     return (t_loss, ), saved
 
 
-def forward(x, y, weight, *, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
+def forward(x, y, weight, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
     """sum over rows of -sum(t*log_softmax(x)), class-weighted as torch, of softcapped logits softcap*tanh(x/softcap), plus z_loss*lse**2; t the label-smoothed one-hot of y; returns loss."""
     outs, _ = _forward(x, y, weight, *_params(eps, ignore_index, z_loss, softcap, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, y, weight, *, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
+def forward_with_saved(x, y, weight, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, y, weight, *_params(eps, ignore_index, z_loss, softcap, ), True)
@@ -463,7 +464,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, y, weight, *, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
+def apply(x, y, weight, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
     """sum over rows of -sum(t*log_softmax(x)), class-weighted as torch, of softcapped logits softcap*tanh(x/softcap), plus z_loss*lse**2; t the label-smoothed one-hot of y, differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(x, y, weight, *_params(eps, ignore_index, z_loss, softcap, ))
     return res[0]

@@ -101,7 +101,7 @@ def _cross_entropy(name, weighted, capped, reduction):
     register(Op(
         name, doc, inputs, intermediates=mids, outputs=(out,),
         params=(eps, ignore, z_loss) + ((softcap,) if capped else ()),
-        facts=(LabelRange("y", C),), test_sizes=SIZES, tolerances=TOL,
+        facts=(LabelRange("y", C, ignore="ignore_index"),), test_sizes=SIZES, tolerances=TOL,
     ))
 
 
