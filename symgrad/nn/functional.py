@@ -8,8 +8,8 @@ cannot serve raises :class:`Unsupported` naming it, never a silently different r
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Sequence
 
 import torch
 from torch.nn import _reduction as _torch_reduction
@@ -67,7 +67,7 @@ def conv_padding(padding, kernel_size, stride: int) -> int:
     if padding == "valid":
         return 0
     if padding == "same":
-        k = _pair(kernel_size, "kernel_size")
+        k = _pair(kernel_size, "kernel_size")  # a non-square kernel is refused here
         if stride != 1:
             raise ValueError("padding='same' is not supported for strided convolutions")  # torch's wording
         if (k - 1) % 2:
@@ -85,9 +85,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
     if groups != 1:
         raise Unsupported(f"symgrad.nn conv2d: groups={groups!r} is not supported (only 1)")
     s = _pair(stride, "stride")
-    p = conv_padding(padding, weight.shape[-1] if weight.dim() == 4 else 1, s)
-    if weight.dim() == 4 and weight.shape[-1] != weight.shape[-2] and padding == "same":
-        raise Unsupported("symgrad.nn conv2d: padding='same' needs a square kernel")
+    p = conv_padding(padding, tuple(weight.shape[-2:]) if weight.dim() == 4 else 1, s)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     y = kernel("conv2d").apply(x, weight, stride=s, pad=p)
@@ -286,7 +284,7 @@ def _same_shape(name: str, input, target) -> None:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """Any shape as the [B, C] the elementwise losses take (the last axis as columns)."""
-    return t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1])
+    return t.reshape(1, 1) if t.dim() == 0 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,

@@ -70,10 +70,7 @@ def _conv_unsupported(m) -> str | None:
             return f"dilation={m.dilation!r} is not supported (only 1)"
         if m.groups != 1:
             return f"groups={m.groups!r} is not supported (only 1)"
-        stride = F._pair(m.stride, "stride")
-        if m.padding == "same" and m.kernel_size[0] != m.kernel_size[1]:
-            return f"padding='same' with the non-square kernel {m.kernel_size} is not supported"
-        F.conv_padding(m.padding, m.kernel_size, stride)
+        F.conv_padding(m.padding, m.kernel_size, F._pair(m.stride, "stride"))
     except Unsupported as e:
         return str(e).split(": ", 1)[-1]
     return None
