@@ -314,6 +314,17 @@ def test_cross_entropy_all_ignored_and_empty_as_torch(reduction):
         assert torch.equal(a.grad, b.grad) and not a.grad.isnan().any()
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the label check is a device-side assert, fatal to the process")
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_cross_entropy_label_out_of_range_is_an_error(reduction):
+    """torch raises `Target 9 is out of bounds`; symgrad never returns a loss for such a label."""
+    x = rand((3, 8), torch.float32)
+    with pytest.raises(ValueError, match="9 is out of bounds"):
+        SF.cross_entropy(x, torch.tensor([1, 9, -100], device=DEVICE), reduction=reduction)
+    with pytest.raises(ValueError, match="out of bounds"):  # -100 is no longer ignored
+        snn.CrossEntropyLoss(ignore_index=0)(x, torch.tensor([1, 0, -100], device=DEVICE))
+
+
 def test_loss_errors_name_the_problem():
     x = rand((4, 5), torch.float32)
     with pytest.raises(snn.Unsupported, match="float\\) targets"):
