@@ -407,6 +407,27 @@ def test_patch_swaps_in_place_sharing_parameters():
     assert "skipped, inplace=True" in str(report)
 
 
+def test_patch_a_torch_transformer_layer():
+    """torch's own TransformerEncoderLayer, patched: its Linear and LayerNorm modules run symgrad's
+    kernels (its attention calls F.multi_head_attention_forward, which patch cannot reach)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True,
+                                             activation="gelu").to(DEVICE)
+    ref = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True,
+                                           activation="gelu").to(DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    report = snn.patch(layer)
+    assert set(report.swapped) == {"linear1", "linear2", "norm1", "norm2"} and not report.skipped
+    x = rand((2, 3, 8), torch.float32)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = layer(a), ref(b)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.linear1.weight.grad, ref.linear1.weight.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_patch_skips_unservable_configurations():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, dilation=2), torch.nn.Conv2d(1, 2, 3, groups=1, padding=(1, 2)),
                                 torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), torch.nn.Conv2d(1, 2, 3))
