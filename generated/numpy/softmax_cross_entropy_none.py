@@ -11,7 +11,7 @@ Params:
     z_loss = 0.0, finite  (z-loss scale: z_loss*lse**2 added per counted row (Liger's lse_square_scale))
 Outputs:
     loss[B]
-Saved for backward: x, y, lse (and every param and dim).
+Saved for backward: dx_fused (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -66,44 +66,50 @@ def _forward_with_saved(x, y, **params):
     _dt = _m.float_dtype(x)
     x = x.astype(_dt, copy=False)
 
-    # lse[b] = log(Sum(exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, k]), (k, 0, C - 1))) +
-    #     ReduceMax(x[b, k], k, 0, C - 1)  [row_reduction]
-    _t0 = np.max(x, axis=1, initial=-math.inf)
-    lse = _t0 + np.log(np.sum(np.exp(x - _t0[:, None]), axis=1))
+    # row_max0[b] = ReduceMax(x[b, k_f1], k_f1, 0, C - 1)  [row_reduction]
+    row_max0 = np.max(x, axis=1, initial=-math.inf)
 
-    # loss[b] = z_loss*Iverson(Ne(y[b], ignore_index))*lse[b]**2 + (1 - eps)*(lse[b] - x[b,
-    #     y[b]])*Iverson(Ne(y[b], ignore_index)) + eps*(C*lse[b] - Sum(x[b, i], (i, 0, C -
-    #     1)))*Iverson(Ne(y[b], ignore_index))/C  [row_reduction]
+    # row_sum0[b] = Sum(exp(-row_max0[b] + x[b, k_f3]), (k_f3, 0, C - 1))  [row_reduction]
+    row_sum0 = np.sum(np.exp(x - row_max0[:, None]), axis=1)
+
+    # loss[b] = z_loss*(log(row_sum0[b]) + row_max0[b])**2*Iverson(Ne(y[b], ignore_index)) + (1 -
+    #     eps)*(log(row_sum0[b]) + row_max0[b] - x[b, y[b]])*Iverson(Ne(y[b], ignore_index)) +
+    #     eps*(C*(log(row_sum0[b]) + row_max0[b]) - Sum(x[b, i], (i, 0, C - 1)))*Iverson(Ne(y[b],
+    #     ignore_index))/C  [row_reduction]
     _b = np.arange(B)
-    loss = np.where((y != ignore_index), ((z_loss*lse**2 if z_loss != 0 else np.zeros((B,), dtype=_dt)) + ((1 - eps)*(lse - _m.gather(x, _b, y)) if 1 - eps != 0 else np.zeros((B,), dtype=_dt)) + (eps/_m.divisor(C)*(C*lse - np.sum(x, axis=1)) if eps != 0 else np.zeros((B,), dtype=_dt))), 0)
+    loss = np.where((y != ignore_index), ((z_loss*(np.log(row_sum0) + row_max0)**2 if z_loss != 0 else np.zeros((B,), dtype=_dt)) + ((1 - eps)*(-_m.gather(x, _b, y) + row_max0 + np.log(row_sum0)) if 1 - eps != 0 else np.zeros((B,), dtype=_dt)) + (eps/_m.divisor(C)*(C*(np.log(row_sum0) + row_max0) - np.sum(x, axis=1)) if eps != 0 else np.zeros((B,), dtype=_dt))), 0)
 
-    saved = {'x': x, 'y': y, 'lse': lse, 'eps': eps, 'ignore_index': ignore_index, 'z_loss': z_loss, 'B': B, 'C': C}
+    # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + 2*z_loss*(log(row_sum0[b]) +
+    #     row_max0[b])*exp(-row_max0[b] + x[b, i])/row_sum0[b] + exp(-row_max0[b] + x[b, i])/row_sum0[b] -
+    #     KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))  [map]
+    _t0 = np.exp(x - row_max0[:, None])/row_sum0[:, None]
+    _scale = np.asarray((y != ignore_index), dtype=_dt)
+    dx_fused = np.array(_t0, dtype=_dt)
+    if eps != 0:
+        dx_fused -= eps/_m.divisor(C)
+    if z_loss != 0:
+        dx_fused += (2*z_loss*(np.log(row_sum0) + row_max0))[:, None]*_t0
+    np.multiply(dx_fused, _scale[:, None], out=dx_fused)
+    if eps - 1 != 0:
+        _m.add_onehot(dx_fused, 1, y, _scale*(eps - 1))
+    _m.zero_unless(dx_fused, (y != ignore_index)[:, None])
+
+    saved = {'dx_fused': dx_fused, 'eps': eps, 'ignore_index': ignore_index, 'z_loss': z_loss, 'B': B, 'C': C}
     return loss, saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dloss):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    x, y, lse = saved['x'], saved['y'], saved['lse']
+    dx_fused = saved['dx_fused']
     eps, ignore_index, z_loss = saved['eps'], saved['ignore_index'], saved['z_loss']
     B, C = saved['B'], saved['C']
     dloss = _m.float_array(OP, 'cotangent dloss', dloss, weak=True)
-    _dt = _m.float_dtype(x, lse, dloss)
+    _dt = _m.float_dtype(dx_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, ('B',), (B,), _dt)
 
-    # dx[b, i] = (eps*KroneckerDelta(i, y[b]) + 2*z_loss*exp(-lse[b] + x[b, i])*lse[b] + exp(-lse[b] +
-    #     x[b, i]) - KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))*dloss[b]  [map]
-    _t0 = np.exp(-lse[:, None] + x)
-    _scale = np.where((y != ignore_index), dloss, 0)
-    dx = np.array(_t0, dtype=_dt)
-    if eps != 0:
-        dx -= eps/_m.divisor(C)
-    if z_loss != 0:
-        dx += (2*z_loss*lse)[:, None]*_t0
-    np.multiply(dx, _scale[:, None], out=dx)
-    if eps - 1 != 0:
-        _m.add_onehot(dx, 1, y, _scale*(eps - 1))
-    _m.zero_unless(dx, (y != ignore_index)[:, None])
+    # dx[b, i] = dloss[b]*dx_fused[b, i]  [map]
+    dx = dloss[:, None]*dx_fused
 
     return (dx, None)
 

@@ -12,7 +12,7 @@ Params:
     softcap = 30.0, in (0, inf)  (logit softcapping: x becomes softcap*tanh(x/softcap))
 Outputs:
     loss[B]
-Saved for backward: x, y, lse (and every param and dim).
+Saved for backward: dx_fused (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -67,52 +67,57 @@ def _forward_with_saved(x, y, **params):
     _dt = _m.float_dtype(x)
     x = x.astype(_dt, copy=False)
 
-    # lse[b] = log(Sum(exp(softcap*tanh(x[b, k]/softcap) - ReduceMax(softcap*tanh(x[b, k]/softcap), k,
-    #     0, C - 1)), (k, 0, C - 1))) + ReduceMax(softcap*tanh(x[b, k]/softcap), k, 0, C - 1)
+    # row_max0[b] = ReduceMax(softcap*tanh(x[b, k_f1]/softcap), k_f1, 0, C - 1)  [row_reduction]
+    row_max0 = np.max((softcap*np.tanh((x/softcap if 1/softcap != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)), axis=1, initial=-math.inf)
+
+    # row_sum0[b] = Sum(exp(softcap*tanh(x[b, k_f3]/softcap) - row_max0[b]), (k_f3, 0, C - 1))
     #     [row_reduction]
-    _t0 = (softcap*np.tanh((x/softcap if 1/softcap != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt))
-    _t1 = np.max(_t0, axis=1, initial=-math.inf)
-    lse = _t1 + np.log(np.sum(np.exp(_t0 - _t1[:, None]), axis=1))
+    row_sum0 = np.sum(np.exp((softcap*np.tanh((x/softcap if 1/softcap != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)) - row_max0[:, None]), axis=1)
 
-    # loss[b] = z_loss*Iverson(Ne(y[b], ignore_index))*lse[b]**2 + (1 - eps)*(-softcap*tanh(x[b,
-    #     y[b]]/softcap) + lse[b])*Iverson(Ne(y[b], ignore_index)) + eps*(C*lse[b] - Sum(softcap*tanh(x[b,
-    #     i]/softcap), (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index))/C  [row_reduction]
-    _t0 = 1/softcap
+    # loss[b] = z_loss*(log(row_sum0[b]) + row_max0[b])**2*Iverson(Ne(y[b], ignore_index)) + (1 -
+    #     eps)*(-softcap*tanh(x[b, y[b]]/softcap) + log(row_sum0[b]) + row_max0[b])*Iverson(Ne(y[b],
+    #     ignore_index)) + eps*(C*(log(row_sum0[b]) + row_max0[b]) - Sum(softcap*tanh(x[b, i]/softcap),
+    #     (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index))/C  [row_reduction]
+    _t1 = 1/softcap
     _b = np.arange(B)
-    loss = np.where((y != ignore_index), ((z_loss*lse**2 if z_loss != 0 else np.zeros((B,), dtype=_dt)) + ((1 - eps)*(-(softcap*np.tanh((_t0*_m.gather(x, _b, y) if _t0 != 0 else np.zeros((B,), dtype=_dt))) if softcap != 0 else np.zeros((B,), dtype=_dt)) + lse) if 1 - eps != 0 else np.zeros((B,), dtype=_dt)) + (eps/_m.divisor(C)*(C*lse - np.sum((softcap*np.tanh((_t0*x if _t0 != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)), axis=1)) if eps != 0 else np.zeros((B,), dtype=_dt))), 0)
+    loss = np.where((y != ignore_index), ((z_loss*(np.log(row_sum0) + row_max0)**2 if z_loss != 0 else np.zeros((B,), dtype=_dt)) + ((1 - eps)*(-(softcap*np.tanh((_t1*_m.gather(x, _b, y) if _t1 != 0 else np.zeros((B,), dtype=_dt))) if softcap != 0 else np.zeros((B,), dtype=_dt)) + np.log(row_sum0) + row_max0) if 1 - eps != 0 else np.zeros((B,), dtype=_dt)) + (eps/_m.divisor(C)*(C*(np.log(row_sum0) + row_max0) - np.sum((softcap*np.tanh((_t1*x if _t1 != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)), axis=1)) if eps != 0 else np.zeros((B,), dtype=_dt))), 0)
 
-    saved = {'x': x, 'y': y, 'lse': lse, 'eps': eps, 'ignore_index': ignore_index, 'z_loss': z_loss, 'softcap': softcap, 'B': B, 'C': C}
+    # dx_fused[b, i] = (1 - tanh(x[b, i]/softcap)**2)*(eps*KroneckerDelta(i, y[b]) +
+    #     2*z_loss*(log(row_sum0[b]) + row_max0[b])*exp(softcap*tanh(x[b, i]/softcap) -
+    #     row_max0[b])/row_sum0[b] + exp(softcap*tanh(x[b, i]/softcap) - row_max0[b])/row_sum0[b] -
+    #     KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))  [map]
+    _t0 = 1/softcap
+    _t1 = np.tanh((_t0*x if _t0 != 0 else np.zeros((B, C,), dtype=_dt)))
+    _t2 = 1 - _t1**2
+    _t3 = (1/row_sum0)[:, None]*_t2*np.exp((_t1*softcap if softcap != 0 else np.zeros((B, C,), dtype=_dt)) - row_max0[:, None])
+    _scale = np.asarray((y != ignore_index), dtype=_dt)
+    dx_fused = np.array(_t3, dtype=_dt)
+    if eps != 0:
+        dx_fused -= eps/_m.divisor(C)*_t2
+    if z_loss != 0:
+        dx_fused += (2*z_loss*(np.log(row_sum0) + row_max0))[:, None]*_t3
+    np.multiply(dx_fused, _scale[:, None], out=dx_fused)
+    _b = np.arange(B)
+    if eps - 1 != 0:
+        _m.add_onehot(dx_fused, 1, y, (eps - 1)*_scale*(1 - np.tanh((_t0*_m.gather(x, _b, y) if _t0 != 0 else np.zeros((B,), dtype=_dt)))**2))
+    _m.zero_unless(dx_fused, (y != ignore_index)[:, None])
+
+    saved = {'dx_fused': dx_fused, 'eps': eps, 'ignore_index': ignore_index, 'z_loss': z_loss, 'softcap': softcap, 'B': B, 'C': C}
     return loss, saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dloss):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    x, y, lse = saved['x'], saved['y'], saved['lse']
+    dx_fused = saved['dx_fused']
     eps, ignore_index, z_loss, softcap = saved['eps'], saved['ignore_index'], saved['z_loss'], saved['softcap']
     B, C = saved['B'], saved['C']
     dloss = _m.float_array(OP, 'cotangent dloss', dloss, weak=True)
-    _dt = _m.float_dtype(x, lse, dloss)
+    _dt = _m.float_dtype(dx_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, ('B',), (B,), _dt)
 
-    # dx[b, i] = (1 - tanh(x[b, i]/softcap)**2)*(eps*KroneckerDelta(i, y[b]) +
-    #     2*z_loss*exp(softcap*tanh(x[b, i]/softcap) - lse[b])*lse[b] + exp(softcap*tanh(x[b, i]/softcap)
-    #     - lse[b]) - KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))*dloss[b]  [map]
-    _t0 = 1/softcap
-    _t1 = np.tanh((_t0*x if _t0 != 0 else np.zeros((B, C,), dtype=_dt)))
-    _t2 = 1 - _t1**2
-    _t3 = _t2*np.exp((_t1*softcap if softcap != 0 else np.zeros((B, C,), dtype=_dt)) - lse[:, None])
-    _scale = np.where((y != ignore_index), dloss, 0)
-    dx = np.array(_t3, dtype=_dt)
-    if eps != 0:
-        dx -= eps/_m.divisor(C)*_t2
-    if z_loss != 0:
-        dx += (2*z_loss*lse)[:, None]*_t3
-    np.multiply(dx, _scale[:, None], out=dx)
-    _b = np.arange(B)
-    if eps - 1 != 0:
-        _m.add_onehot(dx, 1, y, (eps - 1)*_scale*(1 - np.tanh((_t0*_m.gather(x, _b, y) if _t0 != 0 else np.zeros((B,), dtype=_dt)))**2))
-    _m.zero_unless(dx, (y != ignore_index)[:, None])
+    # dx[b, i] = dloss[b]*dx_fused[b, i]  [map]
+    dx = dloss[:, None]*dx_fused
 
     return (dx, None)
 

@@ -12,7 +12,7 @@ Params:
     z_loss = 0.0, finite  (z-loss scale: z_loss*lse**2 added per counted row (Liger's lse_square_scale))
 Outputs:
     loss[B]
-Saved for backward: x, y, weight, lse, weight_total (and every param and dim).
+Saved for backward: dx_fused (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -72,48 +72,54 @@ def _forward_with_saved(x, y, weight, **params):
     # weight_total = Sum(weight[k], (k, 0, C - 1))  [row_reduction]
     weight_total = np.array(np.sum(weight, axis=0), dtype=_dt)
 
-    # lse[b] = log(Sum(exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, k]), (k, 0, C - 1))) +
-    #     ReduceMax(x[b, k], k, 0, C - 1)  [row_reduction]
-    _t0 = np.max(x, axis=1, initial=-math.inf)
-    lse = _t0 + np.log(np.sum(np.exp(x - _t0[:, None]), axis=1))
+    # row_max0[b] = ReduceMax(x[b, k_f1], k_f1, 0, C - 1)  [row_reduction]
+    row_max0 = np.max(x, axis=1, initial=-math.inf)
 
-    # loss[b] = z_loss*Iverson(Ne(y[b], ignore_index))*lse[b]**2 + (1 - eps)*(lse[b] - x[b,
-    #     y[b]])*Iverson(Ne(y[b], ignore_index))*weight[y[b]] + eps*Iverson(Ne(y[b],
-    #     ignore_index))*Sum((lse[b] - x[b, i])*weight[i], (i, 0, C - 1))/C  [row_reduction]
+    # row_sum0[b] = Sum(exp(-row_max0[b] + x[b, k_f3]), (k_f3, 0, C - 1))  [row_reduction]
+    row_sum0 = np.sum(np.exp(x - row_max0[:, None]), axis=1)
+
+    # loss[b] = z_loss*(log(row_sum0[b]) + row_max0[b])**2*Iverson(Ne(y[b], ignore_index)) + (1 -
+    #     eps)*(log(row_sum0[b]) + row_max0[b] - x[b, y[b]])*Iverson(Ne(y[b], ignore_index))*weight[y[b]]
+    #     + eps*Iverson(Ne(y[b], ignore_index))*Sum((log(row_sum0[b]) + row_max0[b] - x[b, i])*weight[i],
+    #     (i, 0, C - 1))/C  [row_reduction]
     _b = np.arange(B)
-    loss = np.where((y != ignore_index), ((z_loss*lse**2 if z_loss != 0 else np.zeros((B,), dtype=_dt)) + ((1 - eps)*(lse - _m.gather(x, _b, y))*_m.gather(weight, y) if 1 - eps != 0 else np.zeros((B,), dtype=_dt)) + (eps/_m.divisor(C)*np.einsum("bi,i->b", lse[:, None] - x, weight, optimize=True) if eps != 0 else np.zeros((B,), dtype=_dt))), 0)
+    loss = np.where((y != ignore_index), ((z_loss*(np.log(row_sum0) + row_max0)**2 if z_loss != 0 else np.zeros((B,), dtype=_dt)) + ((1 - eps)*(-_m.gather(x, _b, y) + row_max0 + np.log(row_sum0))*_m.gather(weight, y) if 1 - eps != 0 else np.zeros((B,), dtype=_dt)) + (eps/_m.divisor(C)*np.einsum("bi,i->b", -x + row_max0[:, None] + np.log(row_sum0)[:, None], weight, optimize=True) if eps != 0 else np.zeros((B,), dtype=_dt))), 0)
 
-    saved = {'x': x, 'y': y, 'weight': weight, 'lse': lse, 'weight_total': weight_total, 'eps': eps, 'ignore_index': ignore_index, 'z_loss': z_loss, 'B': B, 'C': C}
+    # dx_fused[b, i] = (2*z_loss*(log(row_sum0[b]) + row_max0[b])*exp(-row_max0[b] + x[b,
+    #     i])/row_sum0[b] + (1 - eps)*exp(-row_max0[b] + x[b, i])*weight[y[b]]/row_sum0[b] - (1 -
+    #     eps)*KroneckerDelta(i, y[b])*weight[i] + eps*weight_total*exp(-row_max0[b] + x[b,
+    #     i])/(C*row_sum0[b]) - eps*weight[i]/C)*Iverson(Ne(y[b], ignore_index))  [map]
+    _t0 = eps/_m.divisor(C)
+    _t1 = ((1 - eps)*_m.gather(weight, y) if 1 - eps != 0 else np.zeros((B,), dtype=_dt))
+    _t2 = np.exp(x - row_max0[:, None])/row_sum0[:, None]
+    _scale = np.asarray((y != ignore_index), dtype=_dt)
+    dx_fused = _t1[:, None]*_t2
+    if _t0 != 0:
+        dx_fused -= (_t0*weight)[None, :]
+    if z_loss != 0:
+        dx_fused += (2*z_loss*(np.log(row_sum0) + row_max0))[:, None]*_t2
+    if _t0 != 0:
+        dx_fused += _t0*weight_total*_t2
+    np.multiply(dx_fused, _scale[:, None], out=dx_fused)
+    _m.add_onehot(dx_fused, 1, y, -_scale*_t1)
+    _m.zero_unless(dx_fused, (y != ignore_index)[:, None])
+
+    saved = {'dx_fused': dx_fused, 'eps': eps, 'ignore_index': ignore_index, 'z_loss': z_loss, 'B': B, 'C': C}
     return loss, saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dloss):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    x, y, weight, lse, weight_total = saved['x'], saved['y'], saved['weight'], saved['lse'], saved['weight_total']
+    dx_fused = saved['dx_fused']
     eps, ignore_index, z_loss = saved['eps'], saved['ignore_index'], saved['z_loss']
     B, C = saved['B'], saved['C']
     dloss = _m.float_array(OP, 'cotangent dloss', dloss, weak=True)
-    _dt = _m.float_dtype(x, weight, lse, weight_total, dloss)
+    _dt = _m.float_dtype(dx_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, ('B',), (B,), _dt)
 
-    # dx[b, i] = (2*z_loss*exp(-lse[b] + x[b, i])*lse[b] + (1 - eps)*exp(-lse[b] + x[b,
-    #     i])*weight[y[b]] - (1 - eps)*KroneckerDelta(i, y[b])*weight[i] + eps*weight_total*exp(-lse[b] +
-    #     x[b, i])/C - eps*weight[i]/C)*Iverson(Ne(y[b], ignore_index))*dloss[b]  [map]
-    _t0 = np.exp(-lse[:, None] + x)
-    _t1 = ((1 - eps)*_m.gather(weight, y) if 1 - eps != 0 else np.zeros((B,), dtype=_dt))
-    _t2 = eps/_m.divisor(C)
-    _scale = np.where((y != ignore_index), dloss, 0)
-    dx = _t0*_t1[:, None]
-    if _t2 != 0:
-        dx -= (_t2*weight)[None, :]
-    if z_loss != 0:
-        dx += (2*z_loss*lse)[:, None]*_t0
-    if _t2 != 0:
-        dx += _t2*weight_total*_t0
-    np.multiply(dx, _scale[:, None], out=dx)
-    _m.add_onehot(dx, 1, y, -_scale*_t1)
-    _m.zero_unless(dx, (y != ignore_index)[:, None])
+    # dx[b, i] = dloss[b]*dx_fused[b, i]  [map]
+    dx = dloss[:, None]*dx_fused
 
     return (dx, None, None)
 

@@ -13,7 +13,7 @@ Params:
     softcap = 30.0, in (0, inf)  (logit softcapping: x becomes softcap*tanh(x/softcap))
 Outputs:
     loss[B]
-Saved for backward: x, y, weight, lse, weight_total (and every param and dim).
+Saved for backward: dx_fused (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -73,57 +73,58 @@ def _forward_with_saved(x, y, weight, **params):
     # weight_total = Sum(weight[k], (k, 0, C - 1))  [row_reduction]
     weight_total = np.array(np.sum(weight, axis=0), dtype=_dt)
 
-    # lse[b] = log(Sum(exp(softcap*tanh(x[b, k]/softcap) - ReduceMax(softcap*tanh(x[b, k]/softcap), k,
-    #     0, C - 1)), (k, 0, C - 1))) + ReduceMax(softcap*tanh(x[b, k]/softcap), k, 0, C - 1)
-    #     [row_reduction]
-    _t0 = (softcap*np.tanh((x/softcap if 1/softcap != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt))
-    _t1 = np.max(_t0, axis=1, initial=-math.inf)
-    lse = _t1 + np.log(np.sum(np.exp(_t0 - _t1[:, None]), axis=1))
+    # row_max0[b] = ReduceMax(softcap*tanh(x[b, k_f1]/softcap), k_f1, 0, C - 1)  [row_reduction]
+    row_max0 = np.max((softcap*np.tanh((x/softcap if 1/softcap != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)), axis=1, initial=-math.inf)
 
-    # loss[b] = z_loss*Iverson(Ne(y[b], ignore_index))*lse[b]**2 + (1 - eps)*(-softcap*tanh(x[b,
-    #     y[b]]/softcap) + lse[b])*Iverson(Ne(y[b], ignore_index))*weight[y[b]] + eps*Iverson(Ne(y[b],
-    #     ignore_index))*Sum((-softcap*tanh(x[b, i]/softcap) + lse[b])*weight[i], (i, 0, C - 1))/C
+    # row_sum0[b] = Sum(exp(softcap*tanh(x[b, k_f3]/softcap) - row_max0[b]), (k_f3, 0, C - 1))
     #     [row_reduction]
-    _t0 = 1/softcap
+    row_sum0 = np.sum(np.exp((softcap*np.tanh((x/softcap if 1/softcap != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)) - row_max0[:, None]), axis=1)
+
+    # loss[b] = z_loss*(log(row_sum0[b]) + row_max0[b])**2*Iverson(Ne(y[b], ignore_index)) + (1 -
+    #     eps)*(-softcap*tanh(x[b, y[b]]/softcap) + log(row_sum0[b]) + row_max0[b])*Iverson(Ne(y[b],
+    #     ignore_index))*weight[y[b]] + eps*Iverson(Ne(y[b], ignore_index))*Sum((-softcap*tanh(x[b,
+    #     i]/softcap) + log(row_sum0[b]) + row_max0[b])*weight[i], (i, 0, C - 1))/C  [row_reduction]
+    _t1 = 1/softcap
     _b = np.arange(B)
-    loss = np.where((y != ignore_index), ((z_loss*lse**2 if z_loss != 0 else np.zeros((B,), dtype=_dt)) + ((1 - eps)*(-(softcap*np.tanh((_t0*_m.gather(x, _b, y) if _t0 != 0 else np.zeros((B,), dtype=_dt))) if softcap != 0 else np.zeros((B,), dtype=_dt)) + lse)*_m.gather(weight, y) if 1 - eps != 0 else np.zeros((B,), dtype=_dt)) + (eps/_m.divisor(C)*np.einsum("bi,i->b", -(softcap*np.tanh((_t0*x if _t0 != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)) + lse[:, None], weight, optimize=True) if eps != 0 else np.zeros((B,), dtype=_dt))), 0)
+    loss = np.where((y != ignore_index), ((z_loss*(np.log(row_sum0) + row_max0)**2 if z_loss != 0 else np.zeros((B,), dtype=_dt)) + ((1 - eps)*(-(softcap*np.tanh((_t1*_m.gather(x, _b, y) if _t1 != 0 else np.zeros((B,), dtype=_dt))) if softcap != 0 else np.zeros((B,), dtype=_dt)) + np.log(row_sum0) + row_max0)*_m.gather(weight, y) if 1 - eps != 0 else np.zeros((B,), dtype=_dt)) + (eps/_m.divisor(C)*np.einsum("bi,i->b", -(softcap*np.tanh((_t1*x if _t1 != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)) + (np.log(row_sum0) + row_max0)[:, None], weight, optimize=True) if eps != 0 else np.zeros((B,), dtype=_dt))), 0)
 
-    saved = {'x': x, 'y': y, 'weight': weight, 'lse': lse, 'weight_total': weight_total, 'eps': eps, 'ignore_index': ignore_index, 'z_loss': z_loss, 'softcap': softcap, 'B': B, 'C': C}
+    # dx_fused[b, i] = (1 - tanh(x[b, i]/softcap)**2)*(2*z_loss*(log(row_sum0[b]) +
+    #     row_max0[b])*exp(softcap*tanh(x[b, i]/softcap) - row_max0[b])/row_sum0[b] + (1 -
+    #     eps)*exp(softcap*tanh(x[b, i]/softcap) - row_max0[b])*weight[y[b]]/row_sum0[b] - (1 -
+    #     eps)*KroneckerDelta(i, y[b])*weight[i] + eps*weight_total*exp(softcap*tanh(x[b, i]/softcap) -
+    #     row_max0[b])/(C*row_sum0[b]) - eps*weight[i]/C)*Iverson(Ne(y[b], ignore_index))  [map]
+    _t0 = 1/softcap
+    _t1 = np.tanh((_t0*x if _t0 != 0 else np.zeros((B, C,), dtype=_dt)))
+    _t2 = 1 - _t1**2
+    _t3 = (eps/_m.divisor(C)*_t2 if eps != 0 else np.zeros((B, C,), dtype=_dt))
+    _t4 = ((1 - eps)*_m.gather(weight, y) if 1 - eps != 0 else np.zeros((B,), dtype=_dt))
+    _t5 = np.exp((_t1*softcap if softcap != 0 else np.zeros((B, C,), dtype=_dt)) - row_max0[:, None])/row_sum0[:, None]
+    _t6 = _t2*_t5
+    _scale = np.asarray((y != ignore_index), dtype=_dt)
+    dx_fused = weight_total*_t3*_t5 - _t3*weight[None, :] + _t4[:, None]*_t6
+    if z_loss != 0:
+        dx_fused += (2*z_loss*(np.log(row_sum0) + row_max0))[:, None]*_t6
+    np.multiply(dx_fused, _scale[:, None], out=dx_fused)
+    _b = np.arange(B)
+    _m.add_onehot(dx_fused, 1, y, -_scale*_t4*(1 - np.tanh((_t0*_m.gather(x, _b, y) if _t0 != 0 else np.zeros((B,), dtype=_dt)))**2))
+    _m.zero_unless(dx_fused, (y != ignore_index)[:, None])
+
+    saved = {'dx_fused': dx_fused, 'eps': eps, 'ignore_index': ignore_index, 'z_loss': z_loss, 'softcap': softcap, 'B': B, 'C': C}
     return loss, saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dloss):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    x, y, weight, lse, weight_total = saved['x'], saved['y'], saved['weight'], saved['lse'], saved['weight_total']
+    dx_fused = saved['dx_fused']
     eps, ignore_index, z_loss, softcap = saved['eps'], saved['ignore_index'], saved['z_loss'], saved['softcap']
     B, C = saved['B'], saved['C']
     dloss = _m.float_array(OP, 'cotangent dloss', dloss, weak=True)
-    _dt = _m.float_dtype(x, weight, lse, weight_total, dloss)
+    _dt = _m.float_dtype(dx_fused, dloss)
     dloss = _m.check_shape(OP, 'dloss', dloss, ('B',), (B,), _dt)
 
-    # dx[b, i] = (1 - tanh(x[b, i]/softcap)**2)*(2*z_loss*exp(softcap*tanh(x[b, i]/softcap) -
-    #     lse[b])*lse[b] + (1 - eps)*exp(softcap*tanh(x[b, i]/softcap) - lse[b])*weight[y[b]] - (1 -
-    #     eps)*KroneckerDelta(i, y[b])*weight[i] + eps*weight_total*exp(softcap*tanh(x[b, i]/softcap) -
-    #     lse[b])/C - eps*weight[i]/C)*Iverson(Ne(y[b], ignore_index))*dloss[b]  [map]
-    _t0 = ((1 - eps)*_m.gather(weight, y) if 1 - eps != 0 else np.zeros((B,), dtype=_dt))
-    _t1 = 1/softcap
-    _t2 = np.tanh((_t1*x if _t1 != 0 else np.zeros((B, C,), dtype=_dt)))
-    _t3 = 1 - _t2**2
-    _t4 = _t3*np.exp((_t2*softcap if softcap != 0 else np.zeros((B, C,), dtype=_dt)) - lse[:, None])
-    _t5 = eps/_m.divisor(C)
-    _scale = np.where((y != ignore_index), dloss, 0)
-    dx = _t0[:, None]*_t4
-    if _t5 != 0:
-        dx -= (_t5*weight)[None, :]*_t3
-    if z_loss != 0:
-        dx += (2*z_loss*lse)[:, None]*_t4
-    if _t5 != 0:
-        dx += _t5*weight_total*_t4
-    np.multiply(dx, _scale[:, None], out=dx)
-    _b = np.arange(B)
-    _m.add_onehot(dx, 1, y, -_scale*_t0*(1 - np.tanh((_t1*_m.gather(x, _b, y) if _t1 != 0 else np.zeros((B,), dtype=_dt)))**2))
-    _m.zero_unless(dx, (y != ignore_index)[:, None])
+    # dx[b, i] = dloss[b]*dx_fused[b, i]  [map]
+    dx = dloss[:, None]*dx_fused
 
     return (dx, None, None)
 

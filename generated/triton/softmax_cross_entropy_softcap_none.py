@@ -3,11 +3,15 @@
 """Triton kernels for `softmax_cross_entropy_softcap_none`: per row (0 for ignored rows) of -sum(t*log_softmax(x)), of softcapped logits softcap*tanh(x/softcap), plus z_loss*lse**2; t the label-smoothed one-hot of y.
 
 Forward (kernel classes: MAP, ROW_REDUCTION):
-    lse[b] = log(Sum(exp(softcap*tanh(x[b, k]/softcap) - ReduceMax(softcap*tanh(x[b, k]/softcap), k, 0, C - 1)), (k, 0, C - 1))) + ReduceMax(softcap*tanh(x[b, k]/softcap), k, 0, C - 1)
-    loss[b] = z_loss*Iverson(Ne(y[b], ignore_index))*lse[b]**2 + (1 - eps)*(-softcap*tanh(x[b, y[b]]/softcap) + lse[b])*Iverson(Ne(y[b], ignore_index)) + eps*(C*lse[b] - Sum(softcap*tanh(x[b, i]/softcap), (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index))/C
+    row_max0[b] = ReduceMax(softcap*tanh(x[b, k_f1]/softcap), k_f1, 0, C - 1)
+    row_sum0[b] = Sum(exp(softcap*tanh(x[b, k_f3]/softcap) - row_max0[b]), (k_f3, 0, C - 1))
+    loss[b] = z_loss*(log(row_sum0[b]) + row_max0[b])**2*Iverson(Ne(y[b], ignore_index)) + (1 - eps)*(-softcap*tanh(x[b, y[b]]/softcap) + log(row_sum0[b]) + row_max0[b])*Iverson(Ne(y[b], ignore_index)) + eps*(C*(log(row_sum0[b]) + row_max0[b]) - Sum(softcap*tanh(x[b, i]/softcap), (i, 0, C - 1)))*Iverson(Ne(y[b], ignore_index))/C
 
 Backward:
-    dx[b, i] = (1 - tanh(x[b, i]/softcap)**2)*(eps*KroneckerDelta(i, y[b]) + 2*z_loss*exp(softcap*tanh(x[b, i]/softcap) - lse[b])*lse[b] + exp(softcap*tanh(x[b, i]/softcap) - lse[b]) - KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b], ignore_index))*dloss[b]
+    dx[b, i] = dloss[b]*dx_fused[b, i]
+
+Fused loss: forward also writes dx_fused (the gradient dx per unit dloss)
+in the pass that computes the loss; backward only scales it by the upstream cotangent.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ INPUTS = ('x', 'y', )
 DIFFERENTIABLE = ('x', )
 OUTPUTS = ('loss', )
 PARAMS = {'eps': 0.0, 'ignore_index': -100, 'z_loss': 0.0, 'softcap': 30.0}
-SAVED = ('x', 'y', 'lse', )
+SAVED = ('dx_fused', )
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
@@ -31,10 +35,15 @@ SAVED = ('x', 'y', 'lse', )
 
 @triton.jit
 def _for0_rows(
+    dx_fused_ptr,
+    dx_fused_s0,
+    dx_fused_s1,
     loss_ptr,
     loss_s0,
-    lse_ptr,
-    lse_s0,
+    row_max0_ptr,
+    row_max0_s0,
+    row_sum0_ptr,
+    row_sum0_s0,
     x_ptr,
     x_s0,
     x_s1,
@@ -49,13 +58,19 @@ def _for0_rows(
     p_z_loss,
     RPP,
     BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
-    # lse[b] = log(Sum(exp(softcap*tanh(x[b, k]/softcap) - ReduceMax(softcap*tanh(x[b, k]/softcap), k, 0, C - 1)),
-    #     (k, 0, C - 1))) + ReduceMax(softcap*tanh(x[b, k]/softcap), k, 0, C - 1)
-    # loss[b] = z_loss*Iverson(Ne(y[b], ignore_index))*lse[b]**2 + (1 - eps)*(-softcap*tanh(x[b, y[b]]/softcap) +
-    #     lse[b])*Iverson(Ne(y[b], ignore_index)) + eps*(C*lse[b] - Sum(softcap*tanh(x[b, i]/softcap), (i, 0, C -
+    # row_max0[b] = ReduceMax(softcap*tanh(x[b, k_f1]/softcap), k_f1, 0, C - 1)
+    # row_sum0[b] = Sum(exp(softcap*tanh(x[b, k_f3]/softcap) - row_max0[b]), (k_f3, 0, C - 1))
+    # loss[b] = z_loss*(log(row_sum0[b]) + row_max0[b])**2*Iverson(Ne(y[b], ignore_index)) + (1 -
+    #     eps)*(-softcap*tanh(x[b, y[b]]/softcap) + log(row_sum0[b]) + row_max0[b])*Iverson(Ne(y[b],
+    #     ignore_index)) + eps*(C*(log(row_sum0[b]) + row_max0[b]) - Sum(softcap*tanh(x[b, i]/softcap), (i, 0, C -
     #     1)))*Iverson(Ne(y[b], ignore_index))/C
+    # dx_fused[b, i] = (1 - tanh(x[b, i]/softcap)**2)*(eps*KroneckerDelta(i, y[b]) + 2*z_loss*(log(row_sum0[b]) +
+    #     row_max0[b])*exp(softcap*tanh(x[b, i]/softcap) - row_max0[b])/row_sum0[b] + exp(softcap*tanh(x[b,
+    #     i]/softcap) - row_max0[b])/row_sum0[b] - KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b],
+    #     ignore_index))
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -73,24 +88,30 @@ def _for0_rows(
             st0 = (tl.max(tl.where(cmask, (p_softcap * sg_tanh((cv2 / (p_softcap)))), float('-inf')), 0) + tl.sum(tl.where(cmask & ((p_softcap * sg_tanh((cv2 / (p_softcap)))) != (p_softcap * sg_tanh((cv2 / (p_softcap))))), (p_softcap * sg_tanh((cv2 / (p_softcap)))), 0.0), 0))
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))), 0.0), 0)
             st2 = tl.sum(tl.where(cmask, (p_softcap * sg_tanh((cv2 / (p_softcap)))), 0.0), 0)
+            if WRITE_GRAD:
+                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((1.0 - (sg_tanh((cv2 / (p_softcap))) * sg_tanh((cv2 / (p_softcap))))) * ((tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))) / (st1)) + (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))) / (st1)) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], float("-inf"), tl.float32)
+            st1 = tl.full([], 0.0, tl.float32)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                st0 = tl.maximum(st0, (tl.max(tl.where(cmask, (p_softcap * sg_tanh((cv0 / (p_softcap)))), float('-inf')), 0) + tl.sum(tl.where(cmask & ((p_softcap * sg_tanh((cv0 / (p_softcap)))) != (p_softcap * sg_tanh((cv0 / (p_softcap))))), (p_softcap * sg_tanh((cv0 / (p_softcap)))), 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
+                m_new = tl.maximum(st0, (tl.max(tl.where(cmask, (p_softcap * sg_tanh((cv0 / (p_softcap)))), float('-inf')), 0) + tl.sum(tl.where(cmask & ((p_softcap * sg_tanh((cv0 / (p_softcap)))) != (p_softcap * sg_tanh((cv0 / (p_softcap))))), (p_softcap * sg_tanh((cv0 / (p_softcap)))), 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
+                st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + (p_softcap * sg_tanh((cv0 / (p_softcap)))))), 0.0), 0)
+                st0 = m_new
             # final pass: outputs, statistics only row results need
-            st1 = tl.full([], 0.0, tl.float32)
             st2 = tl.full([], 0.0, tl.float32)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                st1 += tl.sum(tl.where(cmask, tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap)))))), 0.0), 0)
                 st2 += tl.sum(tl.where(cmask, (p_softcap * sg_tanh((cv1 / (p_softcap)))), 0.0), 0)
-        tl.store(lse_ptr + row * lse_s0, ((st0 + tl.log(st1))).to(lse_ptr.dtype.element_ty))
+                if WRITE_GRAD:
+                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((1.0 - (sg_tanh((cv1 / (p_softcap))) * sg_tanh((cv1 / (p_softcap))))) * ((tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap)))))) / (st1)) + (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap)))))) / (st1)) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+        tl.store(row_max0_ptr + row * row_max0_s0, (st0).to(row_max0_ptr.dtype.element_ty))
+        tl.store(row_sum0_ptr + row * row_sum0_s0, (st1).to(row_sum0_ptr.dtype.element_ty))
         tl.store(loss_ptr + row * loss_s0, ((tl.where((rv0 != p_ignore_index), ((1.0 - p_eps) * ((-(p_softcap * sg_tanh((rv1 / (p_softcap))))) + (st0 + tl.log(st1)))), 0.0) + (tl.where((rv0 != p_ignore_index), (p_z_loss * ((st0 + tl.log(st1)) * (st0 + tl.log(st1)))), 0.0) + tl.where((rv0 != p_ignore_index), (p_eps * ((-st2) + (f_C * (st0 + tl.log(st1)))) / (f_C)), 0.0)))).to(loss_ptr.dtype.element_ty))
 
 
@@ -106,27 +127,16 @@ def _bac0_map(
     dx_ptr,
     dx_s0,
     dx_s1,
-    lse_ptr,
-    lse_s0,
-    x_ptr,
-    x_s0,
-    x_s1,
-    y_ptr,
-    y_s0,
+    dx_fused_ptr,
+    dx_fused_s0,
+    dx_fused_s1,
     n_B,
     n_C,
-    f_C,
-    p_eps,
-    p_ignore_index,
-    p_softcap,
-    p_z_loss,
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
 ):
-    # dx[b, i] = (1 - tanh(x[b, i]/softcap)**2)*(eps*KroneckerDelta(i, y[b]) + 2*z_loss*exp(softcap*tanh(x[b,
-    #     i]/softcap) - lse[b])*lse[b] + exp(softcap*tanh(x[b, i]/softcap) - lse[b]) - KroneckerDelta(i, y[b]) -
-    #     eps/C)*Iverson(Ne(y[b], ignore_index))*dloss[b]
+    # dx[b, i] = dloss[b]*dx_fused[b, i]
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -140,10 +150,8 @@ def _bac0_map(
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
     ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(lse_ptr + i0 * lse_s0, mask=mask, other=0).to(tl.float32)
-    ld2 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    ld3 = tl.load(y_ptr + i0 * y_s0, mask=mask, other=0)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, (tl.where((ld3 != p_ignore_index), ((1.0 - (sg_tanh((ld2 / (p_softcap))) * sg_tanh((ld2 / (p_softcap))))) * ((2.0 * p_z_loss * ld1 * tl.exp(((-ld1) + (p_softcap * sg_tanh((ld2 / (p_softcap))))))) + tl.exp(((-ld1) + (p_softcap * sg_tanh((ld2 / (p_softcap)))))) - ((p_eps / (f_C)) - tl.where((i1 == ld3), p_eps, 0.0) + tl.where(i1 == ld3, 1.0, 0.0))) * ld0), 0.0)).to(dx_ptr.dtype.element_ty), mask=mask)
+    ld1 = tl.load(dx_fused_ptr + i0 * dx_fused_s0 + i1 * dx_fused_s1, mask=mask, other=0).to(tl.float32)
+    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -170,16 +178,16 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad):
     n_C = dims['C']
     _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
-    # _for0_rows: lse, loss (rows)
-    t_lse = torch.empty((n_B, ), dtype=torch.float32, device=device)
+    # _for0_rows: row_max0, row_sum0, loss, dx_fused (rows)
+    t_row_max0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
+    t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_loss = torch.empty((n_B, ), dtype=dtype, device=device)
+    t_dx_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = n_B, 1
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_loss, t_loss.stride(0), t_lse, t_lse.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
-        'x': t_x,
-        'y': t_y,
-        'lse': t_lse,
+        'dx_fused': t_dx_fused,
         'eps': p_eps,
         'ignore_index': p_ignore_index,
         'z_loss': p_z_loss,
@@ -220,9 +228,7 @@ def backward(saved, dloss, ):
     p_ignore_index = saved['ignore_index']
     p_z_loss = saved['z_loss']
     p_softcap = saved['softcap']
-    t_x = saved['x']
-    t_y = saved['y']
-    t_lse = saved['lse']
+    t_dx_fused = saved['dx_fused']
     if dloss is None:
         dloss = torch.zeros((n_B, ), dtype=dtype, device=device)
     _rt.check_cotangent(OP, 'dloss', dloss, (n_B, ), device)
@@ -231,7 +237,7 @@ def backward(saved, dloss, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dloss.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_lse, t_lse.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dloss.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
     return (t_dx, None, )
 
 
@@ -244,7 +250,7 @@ def vjp(x, y, dloss, *, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
 # ---------------------------------------------------------------------------------------------
 # Autograd: custom ops (opaque to torch.compile, with fake implementations) and a Function
 
-_EXTRA_SAVED = ('lse', )
+_EXTRA_SAVED = ('dx_fused', )
 
 
 def _sizes(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, ):
@@ -271,17 +277,15 @@ def _(x, y, eps, ignore_index, z_loss, softcap, ):
     n_B, n_C, = _sizes(x, y, eps, ignore_index, z_loss, softcap, )
     res = (
         x.new_empty((n_B, ), dtype=dtype),
-        x.new_empty((n_B, ), dtype=torch.float32),
+        x.new_empty((n_B, n_C, ), dtype=dtype),
     )
     return res
 
 
 @torch.library.custom_op("symgrad_triton::softmax_cross_entropy_softcap_none_backward", mutates_args=())
-def _backward_op(s_x: torch.Tensor, s_y: torch.Tensor, s_lse: torch.Tensor, c_dloss: torch.Tensor, n_B: int, n_C: int, p_eps: float, p_ignore_index: int, p_z_loss: float, p_softcap: float, dtype: torch.dtype) -> torch.Tensor:
+def _backward_op(s_dx_fused: torch.Tensor, c_dloss: torch.Tensor, n_B: int, n_C: int, p_eps: float, p_ignore_index: int, p_z_loss: float, p_softcap: float, dtype: torch.dtype) -> torch.Tensor:
     saved = {
-        'x': s_x,
-        'y': s_y,
-        'lse': s_lse,
+        'dx_fused': s_dx_fused,
         'eps': p_eps,
         'ignore_index': p_ignore_index,
         'z_loss': p_z_loss,
@@ -297,7 +301,7 @@ def _backward_op(s_x: torch.Tensor, s_y: torch.Tensor, s_lse: torch.Tensor, c_dl
 
 
 @_backward_op.register_fake
-def _(s_x, s_y, s_lse, c_dloss, n_B, n_C, p_eps, p_ignore_index, p_z_loss, p_softcap, dtype):
+def _(s_dx_fused, c_dloss, n_B, n_C, p_eps, p_ignore_index, p_z_loss, p_softcap, dtype):
     res = (
         c_dloss.new_empty((n_B, n_C, ), dtype=dtype),
     )
