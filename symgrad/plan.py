@@ -446,6 +446,8 @@ def fuse_losses(s: _State) -> None:
         g = sp.diff(st.expr, csym)
         if g.has(csym) or st.expr.subs(csym, 0) != 0 or sp.expand(st.expr - csym * g) != 0:
             return
+        if row_scaled and not g.atoms(sp.Indexed):
+            return  # a gradient that reads no tensor (a row mean's 1/C) is cheaper than a buffer of it
         units[st.target], scales[st.target] = g, csym
     if not units:
         return
