@@ -100,13 +100,13 @@ def ln_backward(saved, dy):
     return dx, dw, db
 
 
-def linear_forward(X, W, b):
-    return X @ W + b, (X, W)
+def linear_forward(X, W, b):  # W[N, K], as F.linear
+    return X @ W.T + b, (X, W)
 
 
 def linear_backward(saved, dY):
     X, W = saved
-    return dY @ W.T, X.T @ dY, dY.sum(axis=0)
+    return dY @ W, dY.T @ X, dY.sum(axis=0)
 
 
 # --------------------------------------------------------------------------- torch (eager autograd)
@@ -126,7 +126,7 @@ def torch_fns(op, arrays):
         cot = torch.from_numpy(arrays["dy"])
     elif op == "linear":
         X = torch.from_numpy(arrays["X"]).requires_grad_(True)
-        Wt = torch.from_numpy(np.ascontiguousarray(arrays["W"].T)).requires_grad_(True)  # nn.Linear layout [N, K]
+        Wt = torch.from_numpy(arrays["W"]).requires_grad_(True)  # nn.Linear layout [N, K], as symgrad's linear
         b = torch.from_numpy(arrays["bias"]).requires_grad_(True)
         leaves, fwd, cot = [X, Wt, b], (lambda: F.linear(X, Wt, b)), torch.from_numpy(arrays["dY"])
     else:
@@ -161,7 +161,7 @@ def make_case(op, small=False, seed=0):
         return f"{B}x{D}", a, ("x", "w", "bias"), "dy", (ln_forward, ln_backward)
     if op == "linear":
         B, K, N = (256, 128, 64) if small else (4096, 1024, 1024)
-        a = {"X": randn(B, K), "W": randn(K, N) / float(np.sqrt(K)), "bias": randn(N), "dY": randn(B, N)}
+        a = {"X": randn(B, K), "W": randn(N, K) / float(np.sqrt(K)), "bias": randn(N), "dY": randn(B, N)}
         return f"{B}x{K}x{N}", a, ("X", "W", "bias"), "dY", (linear_forward, linear_backward)
     raise KeyError(op)
 

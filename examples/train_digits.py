@@ -19,6 +19,7 @@ non-zero if the final test accuracy is below 95%.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,20 +67,46 @@ def load_data(seed: int = 0, test_size: float = 0.2, subset: int | None = None, 
 def init_params(n_in: int, n_hidden: int, n_out: int, seed: int = 0, dtype=np.float32) -> dict:
     rng = np.random.default_rng(seed)
     return {
-        "W1": (rng.standard_normal((n_in, n_hidden)) * np.sqrt(2.0 / n_in)).astype(dtype),
+        "W1": (rng.standard_normal((n_hidden, n_in)) * np.sqrt(2.0 / n_in)).astype(dtype),  # linear: W[out, in], as nn.Linear
         "b1": np.zeros(n_hidden, dtype),
-        "W2": (rng.standard_normal((n_hidden, n_out)) * np.sqrt(1.0 / n_hidden)).astype(dtype),
+        "W2": (rng.standard_normal((n_out, n_hidden)) * np.sqrt(1.0 / n_hidden)).astype(dtype),
         "b2": np.zeros(n_out, dtype),
     }
 
 
-def _to_target(a, target: str):
-    """NumPy arrays for the numpy target; torch tensors on the GPU for triton (on the CPU when
-    there is none: then run with TRITON_INTERPRET=1, Triton's slow interpreter)."""
+class NoTritonDevice(RuntimeError):
+    """--target triton cannot run here; the message (one line) says how it could."""
+
+
+def triton_device(verbose: bool = True) -> str:
+    """Where the Triton kernels run: "cuda" when torch sees a GPU; else "cpu" through Triton's
+    interpreter, chosen here (TRITON_INTERPRET=1) before anything imports triton, which fixes the
+    mode at its first import. Refused when triton was already imported compiled-only, or when
+    TRITON_INTERPRET=0 asks for no interpreter."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    flag = os.environ.get("TRITON_INTERPRET", "")
+    if flag == "0":
+        raise NoTritonDevice("--target triton: no CUDA GPU and TRITON_INTERPRET=0; unset it to run Triton's CPU "
+                             "interpreter (slow), or use --target numpy")
+    if flag in ("", "0") and "triton" in sys.modules:
+        raise NoTritonDevice("--target triton: no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 could be "
+                             "set; start Python with TRITON_INTERPRET=1 in the environment")
+    os.environ["TRITON_INTERPRET"] = "1"
+    if verbose:
+        print("--target triton: no CUDA GPU, so the Triton kernels run on the CPU through Triton's interpreter "
+              "(TRITON_INTERPRET=1): slow, about 2 CPU-seconds a step "
+              "and 90 a full epoch; --epochs 1 --subset 400 is a quick look", flush=True)
+    return "cpu"
+
+
+def _to_target(a, target: str, device: str = "cpu"):
+    """NumPy arrays for the numpy target; torch tensors on ``device`` for triton."""
     if target == "triton":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
     return a
 
@@ -146,10 +173,11 @@ def train(
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
     lr = OPTIMIZERS[optimizer][2] if lr is None else lr
+    device = triton_device(verbose) if target == "triton" else "cpu"
     Xtr, ytr, Xte, yte = load_data(seed, subset=subset)
     params = init_params(Xtr.shape[1], hidden, 10, seed)
-    Xtr, ytr, Xte, yte = (_to_target(a, target) for a in (Xtr, ytr, Xte, yte))
-    params = {k: _to_target(v, target) for k, v in params.items()}
+    Xtr, ytr, Xte, yte = (_to_target(a, target, device) for a in (Xtr, ytr, Xte, yte))
+    params = {k: _to_target(v, target, device) for k, v in params.items()}
     g = build_graph()
     rng = np.random.default_rng(seed + 1)
     n = len(ytr)
@@ -275,29 +303,33 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-plot", default="examples/digits_optimizers.png")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target", default="numpy", help="numpy (default) or triton (a CUDA GPU, or TRITON_INTERPRET=1 on CPU: slow)")
+    ap.add_argument("--target", default="numpy", help="numpy (default) or triton (a CUDA GPU; without one, Triton's CPU interpreter, set up here: slow)")
     ap.add_argument("--subset", type=int, default=None, help="use only the first N digits (quick runs)")
     ap.add_argument("--plot", default="examples/digits_loss.png", help="where to save the loss curve PNG")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    if args.compare:
-        runs = []
-        for name in OPTIMIZERS:
-            print(f"--- {name} ---", flush=True)
-            runs.append(train(args.epochs, args.batch, args.lr, args.hidden, args.seed, args.target, args.subset,
-                              optimizer=name, schedule=args.schedule, clip_norm=args.clip_norm))
-        plot_compare(runs, args.compare_plot)
-        for h in runs:
-            print(f"{h['optimizer']:9s} lr {h['lr0']:<6g} final test accuracy {h['final_test_acc']:.4f}  "
-                  f"final train loss {h['train_loss'][-1]:.4f}  {h['seconds']:.1f} s")
-        print(f"{time.perf_counter() - t0:.1f} s total; plot: {args.compare_plot}")
-        worst = min(h["final_test_acc"] for h in runs)
-    else:
-        h = train(args.epochs, args.batch, args.lr, args.hidden, args.seed, args.target, args.subset,
-                  optimizer=args.optimizer, schedule=args.schedule, clip_norm=args.clip_norm)
-        plot(h, args.plot)
-        worst = h["final_test_acc"]
-        print(f"final test accuracy {worst:.4f} ({h['n_test']} test digits), {time.perf_counter() - t0:.1f} s total; plot: {args.plot}")
+    try:
+        if args.compare:
+            runs = []
+            for name in OPTIMIZERS:
+                print(f"--- {name} ---", flush=True)
+                runs.append(train(args.epochs, args.batch, args.lr, args.hidden, args.seed, args.target, args.subset,
+                                  optimizer=name, schedule=args.schedule, clip_norm=args.clip_norm))
+            plot_compare(runs, args.compare_plot)
+            for h in runs:
+                print(f"{h['optimizer']:9s} lr {h['lr0']:<6g} final test accuracy {h['final_test_acc']:.4f}  "
+                      f"final train loss {h['train_loss'][-1]:.4f}  {h['seconds']:.1f} s")
+            print(f"{time.perf_counter() - t0:.1f} s total; plot: {args.compare_plot}")
+            worst = min(h["final_test_acc"] for h in runs)
+        else:
+            h = train(args.epochs, args.batch, args.lr, args.hidden, args.seed, args.target, args.subset,
+                      optimizer=args.optimizer, schedule=args.schedule, clip_norm=args.clip_norm)
+            plot(h, args.plot)
+            worst = h["final_test_acc"]
+            print(f"final test accuracy {worst:.4f} ({h['n_test']} test digits), {time.perf_counter() - t0:.1f} s total; plot: {args.plot}")
+    except NoTritonDevice as e:
+        print(f"train_digits: {e}", file=sys.stderr)
+        return 2
     if worst < 0.95:
         print(f"FAILED: test accuracy {worst:.4f} < 0.95", file=sys.stderr)
         return 1

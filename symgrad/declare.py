@@ -241,10 +241,14 @@ class LabelRange:
     """Fact: ``label`` entries lie in [0, dim), so ``Sum(onehot(label, i), i) == 1``.
 
     Rows whose label is ``ignore`` are allowed outside the range: the op must weight them by 0.
+    ``ignore`` names that param (``"ignore_index"``). The generated modules check the fact on their
+    inputs, as torch does (``Target 9 is out of bounds``): a label outside ``[0, dim)`` that is not
+    the ignored one is an error, never a loss (:func:`symgrad.runtime.domains.label_error`).
     """
 
     label: str
     dim: Dim
+    ignore: str | None = None
 
 
 @dataclass(frozen=True)

@@ -429,19 +429,31 @@ def _inline(s: _State, stmts: list, keep: set) -> list:
 def fuse_losses(s: _State) -> None:
     """When the op's one output is a scalar loss and each gradient is ``dloss * G`` with ``G`` a
     map of forward values, forward writes ``G`` in the pass that computes the loss (Liger-style)
-    and backward only scales it: the logits are read once for loss and gradient."""
-    if len(s.outputs) != 1 or s.buffers[s.outputs[0]]:
+    and backward only scales it: the logits are read once for loss and gradient. A per-row loss
+    (``loss[b]``, reduction='none') fuses the same way, backward scaling row b by ``dloss[b]``."""
+    if len(s.outputs) != 1:
         return
     cot = s.derivation.cotangents[s.outputs[0]]
-    csym = sp.Symbol(cot, real=True)
-    units = {}
+    row_scaled = bool(s.buffers[s.outputs[0]])  # a per-row loss (reduction='none'): dx[b, i] = dloss[b]*G[b, i]
+    units, scales = {}, {}
     for st in s.backward:
         if st.kind is not KernelClass.MAP or st.expr.has(sp.Sum, ReduceMax):
             return
+        if row_scaled:
+            entries = {a for a in st.expr.atoms(sp.Indexed) if str(a.base) == cot}
+            # only a cotangent over fewer axes than the gradient: an elementwise op's own
+            # cotangent (relu's dout[b, i]) gains nothing from a buffer written in forward
+            if len(entries) != 1 or not set(next(iter(entries)).indices) < set(st.indices):
+                return
+            csym = next(iter(entries))
+        else:
+            csym = sp.Symbol(cot, real=True)
         g = sp.diff(st.expr, csym)
         if g.has(csym) or st.expr.subs(csym, 0) != 0 or sp.expand(st.expr - csym * g) != 0:
             return
-        units[st.target] = g
+        if row_scaled and not g.atoms(sp.Indexed):
+            return  # a gradient that reads no tensor (a row mean's 1/C) is cheaper than a buffer of it
+        units[st.target], scales[st.target] = g, csym
     if not units:
         return
     new_fwd = list(s.forward)
@@ -452,7 +464,7 @@ def fuse_losses(s: _State) -> None:
         new_fwd.append(Statement(name, st.indices, st.dims, units[st.target], KernelClass.MAP, fused=True))
         s.buffers[name] = st.dims
         unit = sp.IndexedBase(name, real=True)[st.indices] if st.indices else sp.Symbol(name, real=True)
-        new_bwd.append(Statement(st.target, st.indices, st.dims, csym * unit, KernelClass.MAP))
+        new_bwd.append(Statement(st.target, st.indices, st.dims, scales[st.target] * unit, KernelClass.MAP))
         s.note("fuse losses", "fuse_loss", "forward writes the gradient per unit cotangent; backward scales it", st, new_bwd[-1])
     # The fused gradients replace what backward read: forward recomputes its temporaries.
     fwd_defs = {st.target: st for st in s.declared}
@@ -931,11 +943,19 @@ def _bound_positions(expr, rank: int) -> set:
     return out
 
 
+def _read_space(s: _State, entry: sp.Indexed) -> tuple:
+    """The dims a read ranges over: its tensor's, except for a gather by labels (``weight[y[b]]``,
+    a class weight per row), which ranges over the labels' dims."""
+    if entry.indices and all(isinstance(ix, sp.Indexed) and str(ix.base) in s.buffers for ix in entry.indices):
+        return tuple(s.buffers[str(entry.indices[0].base)])
+    return tuple(s.buffers[str(entry.base)])
+
+
 def row_layout(s: _State, st: Statement) -> tuple:
     """``(dims of the largest tensor st touches, position of its column or None)``: the column is
     the axis reduced inside a row: the last axis, or the one other axis that the reductions read
     their bound index at while the statement keeps every other axis (softmax over a middle dim)."""
-    shapes = [tuple(s.buffers[str(a.base)]) for a in st.expr.atoms(sp.Indexed) if str(a.base) in s.buffers] + [tuple(st.dims)]
+    shapes = [_read_space(s, a) for a in st.expr.atoms(sp.Indexed) if str(a.base) in s.buffers] + [tuple(st.dims)]
     shapes = [d for d in shapes if d]
     if not shapes:
         return ((), None)

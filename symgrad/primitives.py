@@ -233,6 +233,22 @@ def shift_first(terms, maxes=None):
     return [], terms
 
 
+def _brackets_free(t):
+    return t.replace(lambda n: isinstance(n, (Iverson, sp.KroneckerDelta)), lambda n: sp.Integer(1))
+
+
+def exact_group(terms):
+    """``(data, exact)``: a sum's terms split into those that read tensor data and those built of
+    params, dims and brackets alone (a smoothed one-hot target ``-(1 - eps)*[i == y] - eps/C``),
+    which a target adds together first. The gradient ``p - t`` is then exactly 0 where p == t
+    (one class: p = 1, t = 1), where ``(-1 + eps) + p - eps/C`` leaves a rounding error."""
+    terms = list(terms)
+    exact = [t for t in terms if not _brackets_free(t).atoms(sp.Indexed)]
+    if len(exact) < 2 or len(exact) == len(terms):
+        return terms, []
+    return [t for t in terms if t not in exact], exact
+
+
 IVERSON = define(Primitive(
     "Iverson", Iverson,
     "[cond]: 1 where cond holds, else 0; a strong zero in every target ([c]*inf is 0 where c is false),"

@@ -41,9 +41,9 @@ def mlp_values(B=7, K=6, H=5, C=4, seed=0):
     return {
         "X": rng.standard_normal((B, K)),
         "y": rng.integers(0, C, B).astype(np.int64),
-        "W1": rng.standard_normal((K, H)) / np.sqrt(K),
+        "W1": rng.standard_normal((H, K)) / np.sqrt(K),
         "b1": 0.1 * rng.standard_normal(H),
-        "W2": rng.standard_normal((H, C)) / np.sqrt(H),
+        "W2": rng.standard_normal((C, H)) / np.sqrt(H),
         "b2": 0.1 * rng.standard_normal(C),
     }
 
@@ -66,7 +66,7 @@ def test_mlp_matches_torch_autograd():
     loss, grads = g.value_and_grad(v, wrt=wrt)
 
     t = torch_leaves(v, wrt)
-    z2 = F.linear(F.relu(F.linear(t["X"], t["W1"].T, t["b1"])), t["W2"].T, t["b2"])
+    z2 = F.linear(F.relu(F.linear(t["X"], t["W1"], t["b1"])), t["W2"], t["b2"])
     tloss = F.cross_entropy(z2, t["y"])
     close(loss, tloss)
     for name, expected in torch_grads(tloss, t, wrt).items():
@@ -78,7 +78,7 @@ def test_mlp_forward_returns_every_value():
     g, v = mlp(), mlp_values()
     out = g.forward(v)
     assert set(out) == {"X", "y", "W1", "b1", "W2", "b2", "Z1", "A1", "Z2", "loss"}
-    close(out["Z1"], v["X"] @ v["W1"] + v["b1"])
+    close(out["Z1"], v["X"] @ v["W1"].T + v["b1"])  # linear: W[out, in]
     close(out["A1"], np.maximum(out["Z1"], 0))
     # default wrt: every param
     loss, grads = g.value_and_grad(v)
@@ -91,11 +91,11 @@ def test_mlp_label_smoothing_and_ignored_rows_match_torch():
     X, y, W, b = g.input("X"), g.input("y"), g.param("W"), g.param("b")
     g.op("softmax_cross_entropy", g.op("relu", g.op("linear", X, W, b)), y, eps=0.1, ignore_index=-1)
     rng = np.random.default_rng(1)
-    v = {"X": rng.standard_normal((6, 5)), "y": np.array([0, 2, -1, 3, 1, -1]), "W": rng.standard_normal((5, 4)), "b": rng.standard_normal(4)}
+    v = {"X": rng.standard_normal((6, 5)), "y": np.array([0, 2, -1, 3, 1, -1]), "W": rng.standard_normal((4, 5)), "b": rng.standard_normal(4)}
     loss, grads = g.value_and_grad(v, wrt=["W", "b", "X"])
 
     t = torch_leaves(v, ["W", "b", "X"])
-    tloss = F.cross_entropy(F.relu(F.linear(t["X"], t["W"].T, t["b"])), t["y"], ignore_index=-1, label_smoothing=0.1)
+    tloss = F.cross_entropy(F.relu(F.linear(t["X"], t["W"], t["b"])), t["y"], ignore_index=-1, label_smoothing=0.1)
     close(loss, tloss)
     for name, expected in torch_grads(tloss, t, ["W", "b", "X"]).items():
         close(grads[name], expected)
@@ -137,7 +137,7 @@ def test_weight_tying_and_residual_accumulate_vs_torch():
     loss, grads = g.value_and_grad(v, wrt=wrt)
 
     t = torch_leaves(v, wrt)
-    tz = F.linear(F.relu(F.linear(t["X"], t["W"].T, t["b1"])) + t["X"], t["W"].T, t["b2"])
+    tz = F.linear(F.relu(F.linear(t["X"], t["W"], t["b1"])) + t["X"], t["W"], t["b2"])
     tloss = F.cross_entropy(tz * tz, t["y"])
     close(loss, tloss)
     for name, expected in torch_grads(tloss, t, wrt).items():
@@ -172,7 +172,7 @@ def test_mlp_on_the_triton_target_matches_torch():
     assert isinstance(grads["W"], torch.Tensor) and grads["W"].device.type == device
 
     t = torch_leaves(v, wrt)
-    tz = F.linear(F.relu(F.linear(t["X"], t["W"].T, t["b1"])) + t["X"], t["W"].T, t["b2"])
+    tz = F.linear(F.relu(F.linear(t["X"], t["W"], t["b1"])) + t["X"], t["W"], t["b2"])
     tloss = F.cross_entropy(tz, t["y"], label_smoothing=0.1)
     close(float(loss), tloss, rtol=1e-5, atol=1e-6)
     for name, expected in torch_grads(tloss, t, wrt).items():

@@ -229,6 +229,8 @@ def _torch_twins():
     import torch
     import torch.nn.functional as F
 
+    from tests.torch_reference import REFERENCES
+
     def ce(x, y, eps, ignore_index):
         return F.cross_entropy(x, y, ignore_index=ignore_index, label_smoothing=eps)
 
@@ -258,11 +260,23 @@ def _torch_twins():
         "sigmoid_bce": lambda x, y: {"loss": F.binary_cross_entropy_with_logits(x, y)},
         "softmax_cross_entropy": lambda x, y, eps, ignore_index: {"loss": ce(x, y, eps, ignore_index)},
         "matmul": lambda X, W: {"Y": X @ W},
-        "linear": lambda X, W, bias: {"Y": X @ W + bias},
+        "linear": lambda X, W, bias: {"Y": X @ W.T + bias},
+        "linear_nobias": lambda X, W: {"Y": X @ W.T},
         "layer_norm": lambda x, w, bias, eps: {"y": F.layer_norm(x, (x.shape[1],), w, bias, eps)},
-        "rms_norm": lambda x, w, eps: {"y": x * torch.rsqrt((x * x).mean(1, keepdim=True) + eps) * w},
+        "layer_norm_nobias": lambda x, w, eps: {"y": F.layer_norm(x, (x.shape[1],), w, None, eps)},
+        "layer_norm_noaffine": lambda x, eps: {"y": F.layer_norm(x, (x.shape[1],), None, None, eps)},
+        "rms_norm": lambda x, w, eps, offset: {"y": x * torch.rsqrt((x * x).mean(1, keepdim=True) + eps) * (w + offset)},
+        "rms_norm_noaffine": lambda x, eps: {"y": x * torch.rsqrt((x * x).mean(1, keepdim=True) + eps)},
         "conv2d": lambda X, Wt, stride, pad: {"Y": F.conv2d(X, Wt, stride=stride, padding=pad)},
-    }
+        "mse_sum": lambda X, Y: {"loss": ((X - Y) ** 2).sum()},
+        "mse_none": lambda X, Y: {"loss": (X - Y) ** 2},
+        "sigmoid_bce_sum": lambda x, y: {"loss": F.binary_cross_entropy_with_logits(x, y, reduction="sum")},
+        "sigmoid_bce_none": lambda x, y: {"loss": F.binary_cross_entropy_with_logits(x, y, reduction="none")},
+    } | {name: _loss(REFERENCES[name]) for name in REFERENCES if name.startswith("softmax_cross_entropy")}
+
+
+def _loss(ref):
+    return lambda *args, **kw: {"loss": ref(*args, **kw)}
 
 
 TORCH_CASES = [

@@ -173,15 +173,31 @@ def test_softmax_cross_entropy_is_p_minus_target():
     onehot = sp.KroneckerDelta(i, y[b])
     # no exp, no log, no max: everything comes from the saved p, w and n_valid
     assert not g.has(sp.exp, sp.log, ReduceMax, sp.Sum)
-    assert reads(g) == {"p", "y", "w", "n_valid", "eps", "C", "dloss"}
+    assert reads(g) == {"p", "y", "w", "n_valid", "eps", "C", "dloss", "z_loss", "lse"}
     assert onehot in g.atoms(sp.KroneckerDelta)
     # zero for ignored rows: the row weight w[b] is a factor of the whole gradient
     assert isinstance(g, sp.Mul) and w[b] in g.args
-    # with eps: (p - (1 - eps)*onehot - eps/C)*w/n_valid*dloss; the engine writes (1 - eps)*onehot expanded
-    want = (p[b, i] - (1 - eps) * onehot - eps / C) * w[b] / n_valid * dloss
+    # with eps: (p - (1 - eps)*onehot - eps/C)*w/n_valid*dloss; the engine writes (1 - eps)*onehot expanded;
+    # z-loss adds d(z_loss*lse**2)/dx = 2*z_loss*lse*p
+    lse, z_loss = T("lse"), R("z_loss")
+    want = (p[b, i] - (1 - eps) * onehot - eps / C + 2 * z_loss * lse[b] * p[b, i]) * w[b] / n_valid * dloss
     assert sp.expand(g - want) == 0, f"\n  derived: {g}\n  by hand: {want}"
-    # without label smoothing it is exactly the textbook p - onehot
-    same(g.subs(eps, 0), dloss * (p[b, i] - onehot) * w[b] / n_valid)
+    # without label smoothing and z-loss it is exactly the textbook p - onehot
+    same(g.subs({eps: 0, z_loss: 0}), dloss * (p[b, i] - onehot) * w[b] / n_valid)
+
+
+def test_weighted_cross_entropy_is_weighted_p_minus_target():
+    """torch's weighted mean: the row's gradient is w_y*p - weight*onehot (and, smoothed, the
+    target's total weight), over the summed weights of the counted rows' labels."""
+    g = grad("softmax_cross_entropy_weighted", "x")
+    p, w, y, weight = T("p"), T("w"), T("y", integer=True), T("weight")
+    eps, w_sum, total, z_loss, n_valid, lse = R("eps"), R("w_sum"), R("weight_total"), R("z_loss"), R("n_valid"), T("lse")
+    onehot = sp.KroneckerDelta(i, y[b])
+    assert not g.has(sp.exp, sp.log, ReduceMax, sp.Sum)
+    t_weight = (1 - eps) * weight[y[b]] + eps * total / C  # sum_i weight[i]*t[b, i]
+    want = (t_weight * p[b, i] - weight[i] * ((1 - eps) * onehot + eps / C)) / w_sum * w[b] * dloss
+    want += 2 * z_loss * lse[b] * p[b, i] * w[b] / n_valid * dloss
+    assert sp.expand(g - want) == 0, f"\n  derived: {g}\n  by hand: {want}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,9 +206,11 @@ def test_softmax_cross_entropy_is_p_minus_target():
 
 def test_matmul_and_linear():
     X, W, dY, bias = T("X"), T("W"), T("dY"), T("bias")
-    for op in ("matmul", "linear"):
-        same(grad(op, "X"), sp.Sum(W[k, l] * dY[b, l], (l, 0, N - 1)))
-        same(grad(op, "W"), sp.Sum(X[l, k] * dY[l, j], (l, 0, B - 1)))
+    same(grad("matmul", "X"), sp.Sum(W[k, l] * dY[b, l], (l, 0, N - 1)))
+    same(grad("matmul", "W"), sp.Sum(X[l, k] * dY[l, j], (l, 0, B - 1)))  # dW[k, j]
+    for op in ("linear", "linear_nobias"):  # W[N, K], as F.linear: dX = dY W, dW = dYᵀ X
+        same(grad(op, "X"), sp.Sum(W[l, k] * dY[b, l], (l, 0, N - 1)))
+        same(grad(op, "W"), sp.Sum(X[l, k] * dY[l, j], (l, 0, B - 1)))  # dW[j, k]
     same(grad("linear", "bias"), sp.Sum(dY[l, j], (l, 0, B - 1)))
 
 
@@ -215,12 +233,14 @@ def test_layer_norm():
 
 def test_rms_norm():
     dy, w, rstd, xhat, y = T("dy"), T("w"), T("rstd"), T("xhat"), T("y")
+    offset = R("offset")  # Gemma's: y = xhat*(w + offset)
     dx = grad("rms_norm", "x")
-    assert reads(dx) <= {"rstd", "xhat", "w", "dy", "y", "D"}, f"rms_norm dx reads {reads(dx)}: {dx}"
+    assert reads(dx) <= {"rstd", "xhat", "w", "dy", "y", "D", "offset"}, f"rms_norm dx reads {reads(dx)}: {dx}"
     assert not has_sqrt(dx) and not dx.has(x)
-    # the engine may read the saved y = w*xhat; written out, it is the hand form
-    written_out = dx.replace(lambda e: isinstance(e, sp.Indexed) and e.base == y, lambda e: w[e.indices[1]] * xhat[e.indices])
-    same(written_out, rstd[b] * (dy[b, i] * w[i] - xhat[b, i] * sp.Sum(dy[b, k] * w[k] * xhat[b, k], (k, 0, D - 1)) / D))
+    # the engine may read the saved y = (w + offset)*xhat; written out, it is the hand form
+    written_out = dx.replace(lambda e: isinstance(e, sp.Indexed) and e.base == y, lambda e: (w[e.indices[1]] + offset) * xhat[e.indices])
+    wo = lambda j: w[j] + offset  # noqa: E731
+    same(written_out, rstd[b] * (dy[b, i] * wo(i) - xhat[b, i] * sp.Sum(dy[b, k] * wo(k) * xhat[b, k], (k, 0, D - 1)) / D))
     same(grad("rms_norm", "w"), sp.Sum(dy[k, i] * xhat[k, i], (k, 0, B - 1)))
 
 

@@ -23,7 +23,7 @@ CASES = {
     "log_softmax": (lambda x: torch.log_softmax(x, -1), lambda lead: (torch.randn(*lead, D),)),
     "gelu": (F.gelu, lambda lead: (torch.randn(*lead, D),)),
     "silu": (F.silu, lambda lead: (torch.randn(*lead, D),)),
-    "linear": (lambda x, w, b: x @ w + b, lambda lead: (torch.randn(*lead, 5), torch.randn(5, D), torch.randn(D))),
+    "linear": (lambda x, w, b: x @ w.T + b, lambda lead: (torch.randn(*lead, 5), torch.randn(D, 5), torch.randn(D))),
     "sum": (lambda x: x.sum(-1), lambda lead: (torch.randn(*lead, D),)),
 }
 LEADS = [(), (3,), (2, 3), (2, 1, 3)]

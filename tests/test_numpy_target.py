@@ -494,7 +494,9 @@ def test_softmax_cross_entropy_backward_has_no_dense_onehot():
     x = rng.normal(size=(B, C)) * 3
     x[2] = np.inf  # an ignored row whose softmax is nan: its gradient must still be exactly 0
     x[5, 1] = -np.inf
-    y = np.array([0, 5, -100, 3, 9, 2, -7, 1, 5])  # ignored, above C and below 0 (but not ignored)
+    y = np.array([0, 5, -100, 3, 4, 2, 0, 1, 5])  # one ignored row
+    with pytest.raises(ValueError, match=r"label y\[4\] = 9 is out of bounds"):  # as torch: never a loss
+        mod.vjp(x, np.array([0, 5, -100, 3, 9, 2, -7, 1, 5]), 1.0)
     for eps in (0.0, 0.1, 1.0):
         for dloss in (1.0, -2.5):
             (dx, dy) = mod.vjp(x, y, dloss, eps=eps)

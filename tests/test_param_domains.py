@@ -88,10 +88,16 @@ def at_edges(p: Param) -> list:
 DOMAINS = {  # the table the declarations must keep (README and `symgrad list` show it)
     ("leaky_relu", "alpha"): "finite",
     ("power", "k"): "finite",
-    ("softmax_cross_entropy", "eps"): "in [0, 1]",
-    ("softmax_cross_entropy", "ignore_index"): "an integer",
+    **{(ce, p): d for w in ("", "_weighted") for c in ("", "_softcap") for r in ("", "_sum", "_none")
+       for ce in [f"softmax_cross_entropy{w}{c}{r}"]
+       for p, d in {"eps": "in [0, 1]", "ignore_index": "an integer", "z_loss": "finite",
+                    **({"softcap": "in (0, inf)"} if c else {})}.items()},
     ("layer_norm", "eps"): "in (0, inf)",
+    ("layer_norm_nobias", "eps"): "in (0, inf)",
+    ("layer_norm_noaffine", "eps"): "in (0, inf)",
     ("rms_norm", "eps"): "in (0, inf)",
+    ("rms_norm", "offset"): "finite",
+    ("rms_norm_noaffine", "eps"): "in (0, inf)",
     ("conv2d", "stride"): "an integer >= 1",
     ("conv2d", "pad"): "an integer >= 0",
     # clipping and schedules (part B's symgrad/ops/clipping.py, schedules.py)
@@ -348,7 +354,7 @@ def _given_dims(op):
 
 EMPTY_CASES = [(op.name, d) for op in REGISTRY.of_kind("op") for d in _given_dims(op)]
 TORCH_REFUSES = {("max", "C"), ("conv2d", "Cout"), ("conv2d", "R"), ("conv2d", "S"), ("conv2d", "H"), ("conv2d", "W"),
-                 ("softmax_cross_entropy", "C"),  # with rows, every label is out of bounds
+                 *((op.name, "C") for op in REGISTRY if op.name.startswith("softmax_cross_entropy")),  # with rows, every label is out of bounds
                  ("grad_norm_inf", "N")}  # no max of an empty gradient
 
 

@@ -63,7 +63,8 @@ REFERENCE = {  # fallback when tests/torch_reference.py (REFERENCES) is absent
     "sigmoid_bce": F.binary_cross_entropy_with_logits,
     "softmax_cross_entropy": lambda x, y, eps, ignore_index: F.cross_entropy(x, y, ignore_index=ignore_index, label_smoothing=eps),
     "matmul": lambda X, W: X @ W,
-    "linear": lambda X, W, bias: X @ W + bias,
+    "linear": lambda X, W, bias: X @ W.T + bias,
+    "linear_nobias": lambda X, W: X @ W.T,
     "layer_norm": lambda x, w, bias, eps: F.layer_norm(x, (x.shape[-1],), w, bias, eps),
     "rms_norm": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps),
     "conv2d": lambda X, Wt, stride, pad: F.conv2d(X, Wt, stride=stride, padding=pad),
@@ -404,9 +405,9 @@ def test_clear_errors():
 
 def _mlp_params(seed=0, d_in=6, d_h=16, n_cls=4):
     g = torch.Generator().manual_seed(seed)
-    W1 = (torch.randn(d_in, d_h, generator=g) / d_in**0.5).to(DEVICE).requires_grad_()
+    W1 = (torch.randn(d_h, d_in, generator=g) / d_in**0.5).to(DEVICE).requires_grad_()
     b1 = torch.zeros(d_h, device=DEVICE, requires_grad=True)
-    W2 = (torch.randn(d_h, n_cls, generator=g) / d_h**0.5).to(DEVICE).requires_grad_()
+    W2 = (torch.randn(n_cls, d_h, generator=g) / d_h**0.5).to(DEVICE).requires_grad_()
     b2 = torch.zeros(n_cls, device=DEVICE, requires_grad=True)
     return [W1, b1, W2, b2]
 

@@ -32,11 +32,18 @@ REFERENCES = {
     "mse": lambda X, Y: ((X - Y) ** 2).sum() / 2,
     "mse_mean": lambda X, Y: F.mse_loss(X, Y),
     "sigmoid_bce": lambda x, y: F.binary_cross_entropy_with_logits(x, y),
-    "softmax_cross_entropy": lambda x, y, eps, ignore_index: F.cross_entropy(x, y, ignore_index=ignore_index, label_smoothing=eps),
+    "mse_sum": lambda X, Y: F.mse_loss(X, Y, reduction="sum"),
+    "mse_none": lambda X, Y: F.mse_loss(X, Y, reduction="none"),
+    "sigmoid_bce_sum": lambda x, y: F.binary_cross_entropy_with_logits(x, y, reduction="sum"),
+    "sigmoid_bce_none": lambda x, y: F.binary_cross_entropy_with_logits(x, y, reduction="none"),
     "matmul": lambda X, W: X @ W,
-    "linear": lambda X, W, bias: F.linear(X, W.T, bias),
+    "linear": lambda X, W, bias: F.linear(X, W, bias),
+    "linear_nobias": lambda X, W: F.linear(X, W),
     "layer_norm": lambda x, w, bias, eps: F.layer_norm(x, x.shape[-1:], w, bias, eps),
-    "rms_norm": lambda x, w, eps: F.rms_norm(x, x.shape[-1:], w, eps),
+    "layer_norm_nobias": lambda x, w, eps: F.layer_norm(x, x.shape[-1:], w, None, eps),
+    "layer_norm_noaffine": lambda x, eps: F.layer_norm(x, x.shape[-1:], None, None, eps),
+    "rms_norm": lambda x, w, eps, offset: F.rms_norm(x, x.shape[-1:], w + offset, eps),
+    "rms_norm_noaffine": lambda x, eps: F.rms_norm(x, x.shape[-1:], None, eps),
     "conv2d": lambda X, Wt, stride, pad: F.conv2d(X, Wt, stride=stride, padding=pad),
     "grad_norm2": lambda g: torch.linalg.vector_norm(g),
     "grad_norm_inf": lambda g: torch.linalg.vector_norm(g, float("inf"), dim=-1),
@@ -50,15 +57,51 @@ REFERENCES = {
         lr * gamma ** torch.floor((t - warmup) / step_size)),
 }
 
+
+def cross_entropy(reduction):
+    """F.cross_entropy with the options symgrad's cross-entropy family declares: class weights,
+    label smoothing, ignore_index, softcapping of the logits (softcap*tanh(x/softcap): Gemma 2's,
+    applied before the loss) and z-loss (Liger's lse_square_scale: z_loss*lse**2 per counted row,
+    averaged over the counted rows for 'mean'), which torch has not."""
+
+    def ref(x, y, weight=None, *, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=None):
+        z = softcap * torch.tanh(x / softcap) if softcap else x
+        loss = F.cross_entropy(z, y, weight=weight, ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
+        counted = y != ignore_index
+        lse2 = torch.where(counted, torch.logsumexp(z, dim=1) ** 2, 0.0)
+        zl = {"none": lse2, "sum": lse2.sum(), "mean": lse2.sum() / counted.sum()}[reduction]
+        return loss + z_loss * zl
+
+    return ref
+
+
+for _w in ("", "_weighted"):
+    for _c in ("", "_softcap"):
+        for _r in ("mean", "sum", "none"):
+            REFERENCES[f"softmax_cross_entropy{_w}{_c}" + ("" if _r == "mean" else f"_{_r}")] = cross_entropy(_r)
+
 # Params to test besides each op's defaults: one dict per extra case.
 PARAM_CASES = {
     "leaky_relu": ({"alpha": 0.2},),
     "power": ({"k": 2.5},),
-    "softmax_cross_entropy": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1}),
+    "softmax_cross_entropy": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3}),
+    "softmax_cross_entropy_sum": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3}),
+    "softmax_cross_entropy_none": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3}),
+    "softmax_cross_entropy_softcap": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
+    "softmax_cross_entropy_softcap_sum": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
+    "softmax_cross_entropy_softcap_none": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
+    "softmax_cross_entropy_weighted": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3}),
+    "softmax_cross_entropy_weighted_sum": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3}),
+    "softmax_cross_entropy_weighted_none": ({"eps": 0.1}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3}),
+    "softmax_cross_entropy_weighted_softcap": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
+    "softmax_cross_entropy_weighted_softcap_sum": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
+    "softmax_cross_entropy_weighted_softcap_none": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
     "layer_norm": ({"eps": 0.1},),
-    "rms_norm": ({"eps": 0.1},),
     "clip_by_norm": ({"max_norm": 0.5},),
     "clip_by_value": ({"clip_value": 0.3},),
     "warmup_cosine": ({"warmup": 1, "cosine_steps": 100, "start_factor": 1.0, "eta_min": 0.01},),
     "step_decay": ({"step_size": 3, "gamma": 0.5}, {"warmup": 4, "start_factor": 0.25}),
+    "rms_norm": ({"eps": 0.1}, {"offset": 1.0}),
+    "layer_norm_nobias": ({"eps": 0.1},),
+    "rms_norm_noaffine": ({"eps": 0.1},),
 }

@@ -28,19 +28,19 @@ _INTEGER_PARAMS = ()
 _INPUT_DIMS = {'x': ('B', 'C'), 'bias': ('C',)}  # input -> its dims, in declaration order
 
 
-def forward(x, bias, **params):
-    """The output."""
-    return _forward_with_saved(x, bias, **params)[0]
+def forward(x, bias, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(x, bias, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(x, bias, **params):
+def forward_with_saved(x, bias, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(x, bias, **params)
+    _outs, saved = _forward_with_saved(x, bias, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (x, bias,), _outs)
 
 
@@ -80,7 +80,7 @@ def backward(saved, dout):
     dx = np.array(dout, dtype=_dt)
 
     # dbias[i] = Sum(dout[k, i], (k, 0, B - 1))  [row_reduction]
-    dbias = np.sum(dout, axis=0)
+    dbias = _m.sum_rows(dout.T, 1)
 
     return (_m.unfold(dx, _lead), dbias)
 

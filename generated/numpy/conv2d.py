@@ -32,19 +32,19 @@ _PARAM_DOMAINS = {'stride': (1.0, float('inf'), True, False, 'an integer >= 1'),
 _INPUT_DIMS = {'X': ('N', 'Cin', 'H', 'W'), 'Wt': ('Cout', 'Cin', 'R', 'S')}  # input -> its dims, in declaration order
 
 
-def forward(X, Wt, **params):
-    """The output."""
-    return _forward_with_saved(X, Wt, **params)[0]
+def forward(X, Wt, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(X, Wt, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(X, Wt, **params):
+def forward_with_saved(X, Wt, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(X, Wt, **params)
+    _outs, saved = _forward_with_saved(X, Wt, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (X, Wt,), _outs)
 
 

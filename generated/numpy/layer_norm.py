@@ -32,19 +32,19 @@ _PARAM_DOMAINS = {'eps': (0.0, float('inf'), False, False, 'in (0, inf)')}  # pa
 _INPUT_DIMS = {'x': ('B', 'D'), 'w': ('D',), 'bias': ('D',)}  # input -> its dims, in declaration order
 
 
-def forward(x, w, bias, **params):
-    """The output."""
-    return _forward_with_saved(x, w, bias, **params)[0]
+def forward(x, w, bias, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(x, w, bias, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(x, w, bias, **params):
+def forward_with_saved(x, w, bias, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(x, w, bias, **params)
+    _outs, saved = _forward_with_saved(x, w, bias, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (x, w, bias,), _outs)
 
 
@@ -101,10 +101,10 @@ def backward(saved, dy):
     dx = (-(_t0*np.einsum("bi,bi->b", _t1, _t2))[:, None]*_t2 - (_t0*np.sum(_t1, axis=1))[:, None] + _t1)*rstd[:, None]
 
     # dw[i] = Sum((-mean[k] + x[k, i])*dy[k, i]*rstd[k], (k, 0, B - 1))  [row_reduction]
-    dw = np.einsum("ik,k,ki->i", -mean[None, :] + x.T, rstd, dy, optimize=True)
+    dw = _m.sum_rows(np.einsum("ik,k,ki->ki", -mean[None, :] + x.T, rstd, dy), 0)
 
     # dbias[i] = Sum(dy[k, i], (k, 0, B - 1))  [row_reduction]
-    dbias = np.sum(dy, axis=0)
+    dbias = _m.sum_rows(dy.T, 1)
 
     return (_m.unfold(dx, _lead), dw, dbias)
 

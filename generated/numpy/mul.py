@@ -28,19 +28,19 @@ _INTEGER_PARAMS = ()
 _INPUT_DIMS = {'p': ('B', 'C'), 'q': ('B', 'C')}  # input -> its dims, in declaration order
 
 
-def forward(p, q, **params):
-    """The output."""
-    return _forward_with_saved(p, q, **params)[0]
+def forward(p, q, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(p, q, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(p, q, **params):
+def forward_with_saved(p, q, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(p, q, **params)
+    _outs, saved = _forward_with_saved(p, q, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (p, q,), _outs)
 
 

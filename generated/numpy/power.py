@@ -30,19 +30,19 @@ _PARAM_DOMAINS = {'k': (-float('inf'), float('inf'), False, False, 'finite')}  #
 _INPUT_DIMS = {'x': ('B', 'C')}  # input -> its dims, in declaration order
 
 
-def forward(x, **params):
-    """The output."""
-    return _forward_with_saved(x, **params)[0]
+def forward(x, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(x, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(x, **params):
+def forward_with_saved(x, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(x, **params)
+    _outs, saved = _forward_with_saved(x, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (x,), _outs)
 
 

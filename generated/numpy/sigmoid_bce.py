@@ -28,19 +28,19 @@ _INTEGER_PARAMS = ()
 _INPUT_DIMS = {'x': ('B', 'C'), 'y': ('B', 'C')}  # input -> its dims, in declaration order
 
 
-def forward(x, y, **params):
-    """The output."""
-    return _forward_with_saved(x, y, **params)[0]
+def forward(x, y, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(x, y, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(x, y, **params):
+def forward_with_saved(x, y, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(x, y, **params)
+    _outs, saved = _forward_with_saved(x, y, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (x, y,), _outs)
 
 
@@ -58,9 +58,9 @@ def _forward_with_saved(x, y, **params):
     x = x.astype(_dt, copy=False)
     y = y.astype(_dt, copy=False)
 
-    # loss = -(Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) +
+    # loss = (-Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) -
     #     Sum(-softplus(-x[b, i])*y[b, i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)  [row_reduction]
-    loss = np.array(-(-np.einsum("bi,bi->", 1 - y, np.logaddexp(0, x), optimize=True) - np.einsum("bi,bi->", y, np.logaddexp(0, -x), optimize=True))/_m.divisor(B*C), dtype=_dt)
+    loss = np.array((-(-np.einsum("bi,bi->", 1 - y, np.logaddexp(0, x), optimize=True)) - (-np.einsum("bi,bi->", y, np.logaddexp(0, -x), optimize=True)))/_m.divisor(B*C), dtype=_dt)
 
     # dx_fused[b, i] = (sigmoid(x[b, i]) - y[b, i])/(B*C)  [map]
     dx_fused = 1/_m.divisor(B*C)*(_m.sigmoid(x) - y)

@@ -325,13 +325,13 @@ def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
     return (t_Y, ), saved
 
 
-def forward(X, Wt, *, stride=1, pad=0, ):
+def forward(X, Wt, stride=1, pad=0, ):
     """2-D cross-correlation of X with filters Wt, with stride and zero padding; returns Y."""
     outs, _ = _forward(X, Wt, *_params(stride, pad, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(X, Wt, *, stride=1, pad=0, ):
+def forward_with_saved(X, Wt, stride=1, pad=0, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(X, Wt, *_params(stride, pad, ), True)
@@ -508,7 +508,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(X, Wt, *, stride=1, pad=0, ):
+def apply(X, Wt, stride=1, pad=0, ):
     """2-D cross-correlation of X with filters Wt, with stride and zero padding, differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(X, Wt, *_params(stride, pad, ))
     return res

@@ -272,13 +272,13 @@ def _forward(t_x, t_w, t_bias, p_eps, write_grad):
     return (_rt.unfold(t_y, _lead), ), saved
 
 
-def forward(x, w, bias, *, eps=1e-05, ):
+def forward(x, w, bias, eps=1e-05, ):
     """(x - mean)/sqrt(var + eps)*w + bias along each row; returns y."""
     outs, _ = _forward(x, w, bias, *_params(eps, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, w, bias, *, eps=1e-05, ):
+def forward_with_saved(x, w, bias, eps=1e-05, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, w, bias, *_params(eps, ), True)
@@ -437,7 +437,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, w, bias, *, eps=1e-05, ):
+def apply(x, w, bias, eps=1e-05, ):
     """(x - mean)/sqrt(var + eps)*w + bias along each row, differentiable by torch.autograd and traceable by torch.compile."""
     # leading axes fold with reshape, which autograd and torch.compile see through
     _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})

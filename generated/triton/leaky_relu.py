@@ -141,13 +141,13 @@ def _forward(t_x, p_alpha, write_grad):
     return (_rt.unfold(t_out, _lead), ), saved
 
 
-def forward(x, *, alpha=0.01, ):
+def forward(x, alpha=0.01, ):
     """x if x > 0 else alpha*x; returns out."""
     outs, _ = _forward(x, *_params(alpha, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, *, alpha=0.01, ):
+def forward_with_saved(x, alpha=0.01, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, *_params(alpha, ), True)
@@ -290,7 +290,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, *, alpha=0.01, ):
+def apply(x, alpha=0.01, ):
     """x if x > 0 else alpha*x, differentiable by torch.autograd and traceable by torch.compile."""
     # leading axes fold with reshape, which autograd and torch.compile see through
     _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})

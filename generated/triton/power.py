@@ -141,13 +141,13 @@ def _forward(t_x, p_k, write_grad):
     return (_rt.unfold(t_out, _lead), ), saved
 
 
-def forward(x, *, k=3.0, ):
+def forward(x, k=3.0, ):
     """x**k, for x > 0; returns out."""
     outs, _ = _forward(x, *_params(k, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, *, k=3.0, ):
+def forward_with_saved(x, k=3.0, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(x, *_params(k, ), True)
@@ -290,7 +290,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, *, k=3.0, ):
+def apply(x, k=3.0, ):
     """x**k, for x > 0, differentiable by torch.autograd and traceable by torch.compile."""
     # leading axes fold with reshape, which autograd and torch.compile see through
     _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})

@@ -3,7 +3,7 @@
 """Triton kernels for `sigmoid_bce`: binary cross-entropy of sigmoid(x) against targets y in [0, 1], averaged over all N = B*C entries.
 
 Forward (kernel classes: MAP, ROW_REDUCTION):
-    loss = -(Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) + Sum(-softplus(-x[b, i])*y[b, i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)
+    loss = (-Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) - Sum(-softplus(-x[b, i])*y[b, i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)
 
 Backward:
     dx[b, i] = dloss*dx_fused[b, i]
@@ -53,7 +53,7 @@ def _for0_rows(
     WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
-    # loss = -(Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) + Sum(-softplus(-x[b, i])*y[b,
+    # loss = (-Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) - Sum(-softplus(-x[b, i])*y[b,
     #     i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)
     # dx_fused[b, i] = (sigmoid(x[b, i]) - y[b, i])/(B*C)
     pid = tl.program_id(0)
@@ -105,7 +105,7 @@ def _for0_rows_finish(
     P,
     BLOCK: tl.constexpr,
 ):
-    # finish: loss = -(Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) + Sum(-softplus(-x[b, i])
+    # finish: loss = (-Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) - Sum(-softplus(-x[b, i])
     pid = tl.program_id(0)
     acc0 = tl.zeros([BLOCK], tl.float32)
     for p0 in range(0, P, BLOCK):
@@ -118,7 +118,7 @@ def _for0_rows_finish(
         acc1 += tl.load(part1_ptr + po, mask=po < P, other=0.0)
     tot1 = tl.sum(acc1, 0)
     if pid == 0:
-        tl.store(loss_ptr, ((-((tot0 + tot1) / (f_B * f_C)))).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr, ((((-tot0) - tot1) / (f_B * f_C))).to(loss_ptr.dtype.element_ty))
 
 
 

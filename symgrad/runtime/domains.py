@@ -17,6 +17,13 @@ def check_params(op: str, values: dict, domains: dict) -> None:
             raise ValueError(f"{op}: param {name} must be {text}, got {v!r}")
 
 
+def label_error(op: str, name: str, row, value, n: int, ignore) -> ValueError:
+    """The error for the first label outside ``[0, n)`` that is not ``ignore`` (torch: ``Target 9 is
+    out of bounds``), on both targets."""
+    also = "" if ignore is None else f" or equal ignore_index ({ignore})"
+    return ValueError(f"{op}: label {name}[{row}] = {value} is out of bounds: labels must lie in [0, {n}){also}")
+
+
 def check_sizes(op: str, dims: dict, minimum: dict) -> None:
     """Dims may be empty (0) unless the op declares a least size (``Dim(min_size=1)``, e.g. a max
     over an empty row, which torch refuses too): a ``ValueError`` naming the dim and its size."""

@@ -10,11 +10,11 @@ import operator
 import numpy as np
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the Triton modules)
-from .domains import check_params, check_sizes  # noqa: F401  (param domains and least sizes, shared with the Triton modules)
+from .domains import check_params, check_sizes, label_error  # noqa: F401  (param domains and least sizes, shared with the Triton modules)
 
 __all__ = [
     "ALL", "erf", "sigmoid", "gather", "add_onehot", "zero_unless",
-    "bind_params", "bind_dims", "derived_dim", "check_shape", "float_dtype", "float_array", "label_array",
+    "bind_params", "positional_params", "sum_rows", "bind_dims", "derived_dim", "check_shape", "float_dtype", "float_array", "label_array", "check_labels",
 ]
 
 
@@ -187,6 +187,33 @@ def zero_unless(out: np.ndarray, keep) -> np.ndarray:
 # argument checks shared by every generated module
 
 
+_ROW_BLOCK = 64
+
+
+def sum_rows(a: np.ndarray, axis: int) -> np.ndarray:
+    """``a.sum(axis)`` for an axis NumPy would add one row at a time (not the last, contiguous
+    one, which it sums pairwise): sums of blocks of 64 rows, then the blocks' sums added in
+    float64. The error no longer grows with the number of rows (layer_norm's dw over 4231 rows)."""
+    a = np.asarray(a)
+    n = a.shape[axis]
+    if n <= _ROW_BLOCK:
+        return np.sum(a, axis=axis)
+    parts = np.add.reduceat(a, np.arange(0, n, _ROW_BLOCK), axis=axis)
+    return np.sum(parts, axis=axis, dtype=np.float64).astype(a.dtype, copy=False)
+
+
+def positional_params(op: str, defaults: dict, args: tuple, given: dict) -> dict:
+    """Params passed positionally after the inputs (in ``PARAMS`` order, as torch's functional
+    ops take them) merged with those passed by name."""
+    if len(args) > len(defaults):
+        raise TypeError(f"{op}: {len(args)} positional param(s) given, but it has {len(defaults)}: {', '.join(defaults) or 'none'}")
+    named = dict(zip(defaults, args))
+    twice = sorted(set(named) & set(given))
+    if twice:
+        raise TypeError(f"{op}: param {twice[0]!r} given positionally and by name")
+    return {**named, **given}
+
+
 def bind_params(op: str, defaults: dict, integer: tuple, given: dict) -> dict:
     """The op's params: defaults overridden by ``given``; an unknown name is a TypeError."""
     unknown = sorted(set(given) - set(defaults))
@@ -243,6 +270,16 @@ def float_array(op: str, name: str, value, weak: bool = False) -> np.ndarray:
         raise ValueError(f"{op}: {name} must be a real float array (float16, float32 or float64), got dtype {a.dtype}; "
                         "cast it (complex, boolean, integer and object arrays are not accepted)")
     return a
+
+
+def check_labels(op: str, name: str, labels: np.ndarray, n: int, ignore=None) -> None:
+    """A ValueError naming the first label outside ``[0, n)`` that is not ``ignore``, and its row."""
+    bad = (labels < 0) | (labels >= n)
+    if ignore is not None:
+        bad &= labels != ignore
+    if bad.any():
+        at = np.unravel_index(int(np.argmax(bad)), labels.shape)
+        raise label_error(op, name, ", ".join(map(str, at)), int(labels[at]), n, ignore)
 
 
 def label_array(op: str, name: str, value) -> np.ndarray:

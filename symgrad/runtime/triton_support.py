@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the NumPy modules)
-from .domains import check_params, check_sizes  # noqa: F401  (param domains and least sizes, shared with the NumPy modules)
+from .domains import check_params, check_sizes, label_error  # noqa: F401  (param domains and least sizes, shared with the NumPy modules)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -184,6 +184,25 @@ def check_inputs(op: str, specs) -> tuple[torch.dtype, torch.device]:
             raise ValueError(f"{op}: input {name} is {t.dtype} but other inputs are {dtype}; cast them to one dtype")
     check_device(op, device)
     return dtype, device
+
+
+def check_labels(op: str, name: str, labels: torch.Tensor, n: int, ignore=None) -> None:
+    """Labels outside ``[0, n)`` other than ``ignore`` are an error, never a loss, at no host sync
+    on a GPU: there the check is ``torch._assert_async`` (a device-side assert, as torch's own CUDA
+    cross-entropy fails on such a label: the error surfaces at the next synchronizing call and
+    leaves the CUDA context unusable, as torch's does). On the CPU (the interpreter) the labels are
+    in host memory already, so the check is exact and names the first bad label and its row."""
+    if labels.numel() == 0:
+        return
+    bad = (labels < 0) | (labels >= n)
+    if ignore is not None:
+        bad &= labels != ignore
+    if labels.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"{op}: a label of {name} is out of bounds: labels must lie in [0, {n}) or equal ignore_index ({ignore})")
+        return
+    if bad.any():
+        row = int(bad.to(torch.uint8).argmax())
+        raise label_error(op, name, row, int(labels[row]), n, ignore)
 
 
 def check_device(op: str, device: torch.device) -> None:

@@ -25,13 +25,14 @@ Module constants:
 ``OUTPUTS``        output names, in declaration order.
 ``PARAMS``         ``{param name: default}``.
 
-Functions (inputs are always positional, in ``INPUTS`` order; params are keyword-only). An input
+Functions (inputs are always positional, in ``INPUTS`` order; params follow by name, or positionally in
+``PARAMS`` order as torch's functional ops take them, except in ``vjp``, where they are keyword-only). An input
 whose first dim is declared ``leading`` takes any number of axes there (torch's ``[*, D]``): they
 are folded into that dim, and outputs and gradients that start with it get them back.
 
-``forward(*inputs, **params)``
+``forward(*inputs, *params, **params)``
     The output, or a tuple of outputs if the op has several.
-``forward_with_saved(*inputs, **params) -> (outputs, saved)``
+``forward_with_saved(*inputs, *params, **params) -> (outputs, saved)``
     ``outputs`` as ``forward`` returns them; ``saved`` is a dict holding exactly the values backward
     reads (``KernelPlan.saved``: inputs and forward values), every param, every dim size by name
     and, for an op with a ``leading`` dim, ``_lead``: the leading axes forward folded into it.
@@ -56,7 +57,11 @@ bool, int, object, str), a cotangent of the wrong shape, or params that leave a 
 convolution's output size) below 1 is a ``ValueError`` naming the input and the dims. A param
 outside its declared domain (``Param(domain=...)``: ``PARAMS``' values lie in it) is a
 ``ValueError`` naming the op, the param, its value and the domain; the module holds its domains
-as a table ``_PARAM_DOMAINS`` that ``symgrad.runtime.domains.check_params`` reads.
+as a table ``_PARAM_DOMAINS`` that ``symgrad.runtime.domains.check_params`` reads. A label outside
+the range a ``LabelRange`` fact declares (``[0, C)``) that is not the ignored label is a
+``ValueError`` naming the first such label and its row (torch: ``Target 9 is out of bounds``); on a
+GPU the Triton modules check it with a device-side assert instead, at no host sync
+(``symgrad.runtime.triton_support.check_labels``).
 
 Empty batches: any dim may be 0 unless the op declares a least size (``Dim(min_size=1)``, where
 torch refuses an empty dim too: a max over an empty row, a convolution's kernel); results are then

@@ -252,6 +252,8 @@ def _forward_prologue(plan: KernelPlan) -> str:
     least = {s.dim.name: s.dim.min_size for s in plan.dims if s.formula is None and s.dim.min_size}
     if least:  # dims may be empty unless declared otherwise; derived dims check themselves
         lines.append(f"_m.check_sizes(OP, dims, {least!r})")
+    for fact in op.facts:  # labels in range, as torch checks them: an error, never a loss
+        lines.append(f"_m.check_labels(OP, {fact.label!r}, {fact.label}, {fact.dim.name}, {fact.ignore or 'None'})")
     for s in plan.dims:
         if s.formula is not None:
             code = _size_code(s.formula)

@@ -578,7 +578,10 @@ class NumPyPrinter(Printer):
             code = self._print(body)
         else:
             operands, outside = self._operands(body)
-            if len(operands) >= 2:
+            across = self._across_rows(reduce, self.axes(e), operands)
+            if across:
+                code = across
+            elif len(operands) >= 2:
                 code = self._einsum(operands, self.axes(e))
             elif isinstance(body, sp.Indexed) and self._plain(body):
                 # a plain tensor: sum its own axes, no transposed view needed
@@ -596,6 +599,25 @@ class NumPyPrinter(Printer):
         if counts:
             code = "*".join([wrap(self.size_code(c), {"*", "**"}) for c in counts] + [wrap(code, {"*", "**"})])
         return code
+
+    def _across_rows(self, reduce, out_axes, operands) -> str | None:
+        """A sum over the rows that keeps other axes (layer_norm's dw and dbias): NumPy adds such
+        an axis one row at a time, an error growing with the batch; ``_m.sum_rows`` adds blocks of
+        rows, then the blocks' sums in float64, so the error stays within torch's at any batch.
+        A matrix product (BLAS blocks its sums already) is left as it is."""
+        if len(reduce) != 1 or not out_axes or self._matmul(operands, out_axes):
+            return None
+        (v,) = reduce
+        n = self.extent(v)
+        if not any(len(d) >= 2 and sp.expand(d[0].size - n) == 0 for d in self.env.tensors.values()):
+            return None
+        if len(operands) >= 2:
+            subs = ",".join("".join(self.letters[a] for a in ax) for _, ax in operands)
+            out = "".join(self.letters[a] for a in (v, *out_axes))  # rows first: blocks of rows are contiguous
+            code, ax = f'np.einsum("{subs}->{out}", {", ".join(c for c, _ in operands)})', (v, *out_axes)
+        else:
+            code, ax = operands[0]
+        return f"_m.sum_rows({code}, {ax.index(v)})"
 
     @staticmethod
     def _reduce_sum(operand, reduce) -> str:

@@ -96,6 +96,9 @@ class TritonPrinter(Printer):
     # -- arithmetic ------------------------------------------------------------------------
     def _print_Add(self, expr):
         pair, rest = primitives.shift_first(expr.args, self.maxes)
+        rest, exact = primitives.exact_group(rest)
+        if exact:  # the data-free terms (a smoothed target t) summed first: p - t (primitives.exact_group)
+            rest = rest + [sp.Add(*exact, evaluate=False)]
         terms = pair + rest  # x - max first, exact near the max (primitives.shift_first)
         # Print positive terms first so the line reads naturally; order is deterministic
         # because SymPy's argument order is.

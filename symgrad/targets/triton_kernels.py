@@ -235,8 +235,14 @@ def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: 
     parts = []
     masks = [mask] if mask else []
     for a, ix in enumerate(node.indices):
-        if ix in imap:
-            code = imap[ix]
+        label_here = isinstance(ix, sp.Indexed) and all(j in imap for j in ix.indices)
+        if ix in imap or label_here:
+            if ix in imap:
+                code = imap[ix]
+            else:  # a gather at a label this kernel has not loaded (a class weight per row, weight[y[b]])
+                lname = str(ix.base)
+                loff = " + ".join(f"{imap[j]} * {sig.stride(lname, q)}" for q, j in enumerate(ix.indices))
+                code = f"tl.load({sig.buf(lname)} + {loff}" + (f", mask={mask}, other=0)" if mask else ")")
             if isinstance(ix, sp.Indexed):  # a gather at a label: mask labels outside the axis
                 n = sig.idim(ctx.plan.buffers[name][a].name)
                 code = f"{code}.to(tl.int64)"
