@@ -60,8 +60,10 @@ __all__ = [
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATE_DIR = template_root()
-#: Folders under the package that are not its sources: what a wheel maps in at build time.
-_NOT_SOURCES = ("generated", "templates")
+#: Folders under the package that are not sources of generation: what a wheel maps in at build time,
+#: and the torch-facing layers that only import generated modules (nothing in generation imports
+#: them, so editing them must not re-derive every op).
+_NOT_SOURCES = ("generated", "templates", "nn", "optim")
 MANIFEST_NAME = ".manifest.json"
 MANIFEST_FORMAT = 1
 FINGERPRINT_FORMAT = 1
