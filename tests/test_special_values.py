@@ -158,3 +158,17 @@ def test_conv2d_filter_gradient_meets_only_the_windows(target, value, stride, pa
     _, (_, dW) = run(target, "conv2d", [X, W], dY, stride=stride, pad=pad)
     _, (_, wdW) = reference("conv2d", [X, W], dY, stride=stride, pad=pad)
     same(dW, wdW, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("x, y", [(INF, 0), (INF, 1), (-INF, 0), (-INF, 1), (1, INF), (1, -INF), (INF, 0.5), (-1e30, 1), (NAN, 0)])
+def test_sigmoid_bce_infinities(target, x, y):
+    """torch's (1 - y)*x + softplus(-x): an infinite logit or target gives its +-inf or NaN loss
+    (the two-softplus form gave inf - inf = NaN for y = inf, and inf for x = -inf, y = 1)."""
+    xs, ys = np.array([[x, 0.5]], F32), np.array([[y, 0.25]], F32)
+    out, (dx, _) = run(target, "sigmoid_bce", [xs, ys], F32(1.0))
+    t = [torch.tensor(xs, requires_grad=True), torch.tensor(ys)]
+    want = REFERENCES["sigmoid_bce"](*t)
+    (wdx,) = torch.autograd.grad(want, t[:1])
+    same(out, want.detach().double().numpy())
+    same(dx, wdx.double().numpy())

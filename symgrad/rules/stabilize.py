@@ -164,3 +164,51 @@ def expm1_rule(node, ctx):
             if isinstance(t, sp.exp):
                 return node - t + 1 + expm1(t.args[0])
     return None
+
+
+def _softplus_terms(node):
+    """The terms of an Add as ``(limits, summand)``: a sum's constant factor moves into its summand."""
+    out = []
+    for t in sp.Add.make_args(node):
+        coeff, rest = t.as_independent(sp.Sum, as_Add=False)
+        if isinstance(rest, sp.Sum) and not (coeff.free_symbols & {lim[0] for lim in rest.limits}):
+            out.append((rest.limits, coeff * rest.function))
+        else:
+            out.append((None, t))
+    return out
+
+
+def _softplus_factor(summand):
+    """``summand = a*softplus(z)`` -> (a, z), or None."""
+    sps = [f for f in sp.Mul.make_args(summand) if isinstance(f, softplus)]
+    if len(sps) != 1:
+        return None
+    a = summand / sps[0]
+    return (a, sps[0].args[0]) if not a.has(softplus) else None
+
+
+@rule("one_softplus", "a*softplus(z) + b*softplus(-z) = a*z + (a + b)*softplus(-z) when a + b is simpler: one softplus, "
+      "and the logit's infinities give torch's loss (an infinite target meets z, not inf - inf)")
+def one_softplus(node, ctx):
+    if not isinstance(node, sp.Add):
+        return None
+    terms = _softplus_terms(node)
+    for i, (lim1, s1) in enumerate(terms):
+        f1 = _softplus_factor(s1)
+        if f1 is None or f1[1].could_extract_minus_sign():
+            continue  # the term with softplus(+z), z written without a leading minus, is rewritten
+        a, z = f1
+        for j, (lim2, s2) in enumerate(terms):
+            f2 = _softplus_factor(s2) if j != i and lim2 == lim1 else None
+            if f2 is None or sp.expand(f2[1] + z) != 0:
+                continue
+            b = f2[0]
+            total = sp.expand(a + b)
+            if total.free_symbols & (a.free_symbols | b.free_symbols) - z.free_symbols:
+                continue  # a + b still holds what a and b hold: no simpler
+            joined = a * z + total * softplus(-z)
+            if lim1 is not None:
+                joined = sp.Sum(joined, *lim1)
+            rest = [sp.Sum(s, *lim) if lim is not None else s for n, (lim, s) in enumerate(terms) if n not in (i, j)]
+            return sp.Add(*rest, joined)
+    return None
