@@ -172,3 +172,32 @@ def test_sigmoid_bce_infinities(target, x, y):
     (wdx,) = torch.autograd.grad(want, t[:1])
     same(out, want.detach().double().numpy())
     same(dx, wdx.double().numpy())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("row", [[1e30, 0.3, -0.7, 1.2, 0.1], [1e30, -1e30, 0.5, 0.2, 1.0], [-1e30, -1e30, 1e30, 3.0, 0.0]])
+def test_norms_at_1e30(target, op, row):
+    """The sum of squares is scaled by 1 + max|x - mean| before squaring (stabilize rule
+    scaled_sum_of_squares): at 1e30 in float32 the output and every gradient are torch's float64
+    values to float32 rounding (torch's float32 gives NaN for layer_norm, 0 for rms_norm; ours gave 0)."""
+    rng = np.random.default_rng(1)
+    x = np.array([row, rng.standard_normal(5)], F32)
+    w, b = np.array([0.7, 1.1, 0.9, 1.3, 0.6], F32), np.array([0.1, 0.2, 0.3, 0.4, 0.5], F32)
+    inputs = [x, w, b] if op == "layer_norm" else [x, w]
+    dout = rng.standard_normal(x.shape).astype(F32)
+    eps = {"layer_norm": 1e-5, "rms_norm": 1e-6}[op]
+    out, grads = run(target, op, inputs, dout, eps=eps)
+    want, wgrads = reference(op, inputs, dout, torch.float64, eps=eps)
+    for got, ref in zip([out, *grads], [want, *wgrads]):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rms_norm_row_holding_inf(target):
+    """A row holding inf: torch's rstd is 1/sqrt(inf) = 0, so its other entries are -0 or 0; the
+    scaled sum keeps that (the scale falls back to 1 where max|x| is inf)."""
+    x, w = np.array([[np.inf, -0.5, 2.0]], F32), np.array([1.0, 1.5, 0.5], F32)
+    out, _ = run(target, "rms_norm", [x, w], np.ones_like(x), eps=1e-6)
+    want, _ = reference("rms_norm", [x, w], np.ones_like(x), torch.float32, eps=1e-6)
+    same(out, want)

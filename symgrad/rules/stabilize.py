@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..functions import Iverson, ReduceMax, expm1, log1p, sigmoid, softplus
+from ..functions import Iverson, ReduceMax, expm1, log1p, sigmoid, softplus, sq
 from ..rewrite import rule
 
 
@@ -212,3 +212,28 @@ def one_softplus(node, ctx):
             rest = [sp.Sum(s, *lim) if lim is not None else s for n, (lim, s) in enumerate(terms) if n not in (i, j)]
             return sp.Add(*rest, joined)
     return None
+
+
+@rule("scaled_sum_of_squares", "(a + c*sum(f**2))**(+-1/2) = s**(+-1)*(a/s**2 + c*sum((f/s)**2))**(+-1/2) with "
+      "s = 1 + max|f| (1 where that is inf): no square overflows (a norm of entries near 1e30 in float32)")
+def scaled_sum_of_squares(node, ctx):
+    if not (isinstance(node, sp.Pow) and node.exp in (sp.S.Half, -sp.S.Half) and isinstance(node.base, sp.Add)):
+        return None
+    sums = [t for t in node.base.args if t.has(sp.Sum)]
+    if len(sums) != 1:
+        return None
+    c, total = sums[0].as_independent(sp.Sum, as_Add=False)
+    if not isinstance(total, sp.Sum) or len(total.limits) != 1:
+        return None
+    k, lo, hi = total.limits[0]
+    square = total.function
+    if not (isinstance(square, sp.Pow) and square.exp == 2 and k in square.base.free_symbols):
+        return None
+    f, a = square.base, node.base - sums[0]
+    # s = 1 + the row's largest |f|: s >= 1, so a/s**2 cannot overflow; every (f/s)**2 <= 1; and
+    # where max|f| > 1 a term is >= 1/4, so the root is never of an underflowed 0. An infinite f
+    # leaves s = 1 (a strong zero), so the sum is inf and a power -1/2 is 0, as unscaled (torch's
+    # rms_norm of a row holding inf); a NaN makes s NaN.
+    m = ReduceMax(sp.Abs(f), k, lo, hi)
+    s = 1 + m * Iverson(sp.StrictGreaterThan(1 / m, 0))  # m < inf (which SymPy takes as true)
+    return s ** (2 * node.exp) * (a / s**2 + c * sp.Sum(sq(f / s), (k, lo, hi))) ** node.exp
