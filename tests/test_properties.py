@@ -43,10 +43,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 
 
-# Special values not planted yet: (op, target or None for both, dtype or None for all, values, the
-# issue-11 item that owns the disagreement with torch). Each is a known disagreement another item is
-# fixing: delete the entry when that item lands.
-NARROWED = ()
+# Special values not planted, each a documented deviation (README, Special values) that is not
+# symgrad's: (op, target or None for both, dtype or None for all, values, why). Nothing of ours is
+# narrowed. Under the Triton interpreter only: its bfloat16 -> float32 conversion
+# (triton/runtime/interpreter.py, _convert_float) normalizes a subnormal input as if float32 had a
+# wider exponent range, then clamps the exponent to 0 and drops the leading bit, so 9.2e-41 reads
+# as 0. Compiled for sm_90 the same load is ``cvt.f32.bf16`` (exact) and ``x > 0`` is
+# ``setp.gt.bf16`` on the loaded bits, so relu and log see the subnormal, as torch on a GPU does.
+NARROWED = (
+    (None, "triton", "bfloat16", {"denormal"}, "the Triton interpreter flushes bfloat16 subnormals when it converts them"),
+) if INTERPRET else ()
 
 
 # Documented deviations (README, Special values): the gradient of relu and leaky_relu at a NaN input

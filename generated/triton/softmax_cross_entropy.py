@@ -187,7 +187,7 @@ def _for1_rows_finish(
         acc1 += tl.load(part1_ptr + po, mask=po < P, other=0.0)
     tot1 = tl.sum(acc1, 0)
     if pid == 0:
-        tl.store(loss_ptr, (((tot0 * (1.0 - p_eps) / (v_n_valid)) + (tot1 * p_eps / (v_n_valid * f_C)))).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr, (((tot0 * (1.0 - p_eps) / (v_n_valid)) + tl.where((p_eps != 0.0), (tot1 * p_eps / (v_n_valid * f_C)), 0.0))).to(loss_ptr.dtype.element_ty))
 
 
 
