@@ -269,6 +269,8 @@ PRODUCT_OVERFLOW = {"layer_norm", "rms_norm"}
 def _overflowing_products(op, values, shape):
     """Where ``x*w`` of a norm overflows float32 (PRODUCT_OVERFLOW)."""
     x, w = (np.asarray(v, dtype=np.float64) for _, v, _ in values[:2])
+    if x.size == 0 or w.size == 0:
+        return np.zeros(shape, dtype=bool)
     return (np.abs(x.reshape(-1, w.shape[-1]) * w) > np.finfo(np.float32).max).reshape(shape)
 
 
