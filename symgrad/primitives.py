@@ -63,7 +63,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 __all__ = [
     "Primitive", "Grammar", "TABLE", "STRUCTURAL", "of", "by_name", "canonicalize", "unsupported",
     "triton_helpers", "Iverson", "sigmoid", "softplus", "Floor", "Ceiling", "ReduceMax", "log1p",
-    "expm1", "relu", "onehot",
+    "expm1", "relu", "onehot", "sq",
 ]
 
 class _LazyNumPy:
@@ -412,6 +412,46 @@ COSH = define(Primitive(
     triton="(0.5 * (tl.exp({0}) + tl.exp(-({0}))))",
     reference=lambda z: np.cosh(z), mpmath=lambda mp, z: mp.cosh(z),
     grammar=Grammar("cosh", 1, sp.cosh, exponential=True),
+))
+
+
+# =================================================================================================
+# sq: a square SymPy keeps whole
+
+
+class sq(sp.Function):
+    """``z**2``, kept as one node: SymPy distributes ``(x/s)**2`` into ``x**2/s**2``, which is what
+    a scaled sum of squares must not compute (``x**2`` overflows where ``(x/s)**2`` does not)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return 2 * self.args[0]
+
+    def _eval_rewrite_as_Pow(self, z, **kwargs):
+        return z**2
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_nonnegative(self):
+        return True if self.args[0].is_real else None
+
+
+def _sq_latex(printer, expr, exp=None):
+    tex = r"\left(%s\right)^{2}" % printer._print(expr.args[0])
+    return f"{{{tex}}}^{{{exp}}}" if exp else tex
+
+
+SQ = define(Primitive(
+    "sq", sq, "z**2 as one node (the stabilize stage writes it for a scaled sum of squares)",
+    derivative=lambda z: 2 * z,
+    numpy="np.square({0})", numpy_scalar="({0})**2",
+    # the operand is printed twice; the compiler computes it once
+    triton="(({0}) * ({0}))",
+    reference=lambda z: np.square(z),
+    mpmath=lambda mp, z: z * z,
+    latex=_sq_latex,
 ))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -174,3 +175,20 @@ def test_triton_autograd_path_gets_torchs_own_check(name):
     # the Function, refuses to use the view once it has been changed in place)
     with pytest.raises(RuntimeError, match=f"{INPLACE}|has been modified inplace"):
         sum(o.sum() for o in outs).backward()
+
+
+@pytest.mark.parametrize("name, changed", [("layer_norm", "x"), ("softmax", "p"), ("relu", "x")])
+def test_triton_inplace_error_shows_the_users_shape(name, changed):
+    """The message names the tensor with the shape the user passed or got (leading axes kept), not
+    the folded 2-D shape the kernels ran on."""
+    mod = _tr(name)
+    if changed not in mod.SAVED:
+        pytest.skip(f"{name} does not save {changed}")
+    op, args, pv = _torch_point(name)
+    args[0] = torch.randn(2, 3, *args[0].shape[1:], device=DEVICE)  # leading axes (2, 3)
+    outs, saved = mod.forward_with_saved(*args, **pv)
+    _bump(_caller_tensor(mod, changed, args, outs))
+    shape = list(_caller_tensor(mod, changed, args, outs).shape)
+    assert len(shape) >= 3
+    with pytest.raises(RuntimeError, match=re.escape(f"{changed} [float32 {shape}]")):
+        mod.backward(saved, *[torch.ones_like(o) for o in _tuple(outs)])

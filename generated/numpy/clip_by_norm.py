@@ -31,19 +31,19 @@ _PARAM_DOMAINS = {'max_norm': (0.0, float('inf'), True, False, 'in [0, inf)')}  
 _INPUT_DIMS = {'g': ('N',), 'total_norm': ()}  # input -> its dims, in declaration order
 
 
-def forward(g, total_norm, **params):
-    """The output."""
-    return _forward_with_saved(g, total_norm, **params)[0]
+def forward(g, total_norm, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(g, total_norm, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(g, total_norm, **params):
+def forward_with_saved(g, total_norm, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(g, total_norm, **params)
+    _outs, saved = _forward_with_saved(g, total_norm, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (g, total_norm,), _outs)
 
 

@@ -61,8 +61,14 @@ def _forward_with_saved(x, **params):
     _dt = _m.float_dtype(x)
     x = x.astype(_dt, copy=False)
 
-    # rstd[b] = 1/sqrt(eps + Sum(x[b, k]**2, (k, 0, D - 1))/D)  [row_reduction]
-    rstd = 1/np.sqrt(eps + np.sum(x**2, axis=1)/_m.divisor(D))
+    # rstd[b] = 1/(sqrt(eps/(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b,
+    #     k]), k, 0, D - 1) + 1)**2 + Sum(sq(x[b, k]/(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) >
+    #     0)*ReduceMax(Abs(x[b, k]), k, 0, D - 1) + 1)), (k, 0, D - 1))/D)*(Iverson(1/ReduceMax(Abs(x[b,
+    #     k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b, k]), k, 0, D - 1) + 1))  [row_reduction]
+    _tm0 = np.max(np.abs(x), axis=1, initial=-math.inf)
+    _t0 = np.where((1/_tm0 > 0), _tm0, np.where((1/_tm0 <= 0), _dt.type(0), _dt.type(np.nan))) + 1
+    _t1 = 1/_t0
+    rstd = _t1/np.sqrt((eps/_t0**2 if eps != 0 else np.zeros((B,), dtype=_dt)) + np.sum(np.square(_t1[:, None]*x), axis=1)/_m.divisor(D))
 
     # y[b, i] = rstd[b]*x[b, i]  [map]
     y = rstd[:, None]*x

@@ -58,9 +58,9 @@ def _forward_with_saved(x, y, **params):
     x = x.astype(_dt, copy=False)
     y = y.astype(_dt, copy=False)
 
-    # loss = (-Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) -
-    #     Sum(-softplus(-x[b, i])*y[b, i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)  [row_reduction]
-    loss = np.array((-(-np.einsum("bi,bi->", 1 - y, np.logaddexp(0, x), optimize=True)) - (-np.einsum("bi,bi->", y, np.logaddexp(0, -x), optimize=True)))/_m.divisor(B*C), dtype=_dt)
+    # loss = Sum((1 - y[b, i])*x[b, i] + softplus(-x[b, i]), (b, 0, B - 1), (i, 0, C - 1))/(B*C)
+    #     [row_reduction]
+    loss = np.array(np.sum((1 - y)*x + np.logaddexp(0, -x), axis=(0, 1))/_m.divisor(B*C), dtype=_dt)
 
     # dx_fused[b, i] = (sigmoid(x[b, i]) - y[b, i])/(B*C)  [map]
     dx_fused = 1/_m.divisor(B*C)*(_m.sigmoid(x) - y)

@@ -58,8 +58,8 @@ def _forward_with_saved(x, y, **params):
     x = x.astype(_dt, copy=False)
     y = y.astype(_dt, copy=False)
 
-    # loss[b, i] = (1 - y[b, i])*softplus(x[b, i]) + softplus(-x[b, i])*y[b, i]  [map]
-    loss = (1 - y)*np.logaddexp(0, x) + y*np.logaddexp(0, -x)
+    # loss[b, i] = (1 - y[b, i])*x[b, i] + softplus(-x[b, i])  [map]
+    loss = (1 - y)*x + np.logaddexp(0, -x)
 
     saved = {'x': x, 'y': y, 'B': B, 'C': C}
     return loss, saved

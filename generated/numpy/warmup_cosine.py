@@ -34,19 +34,19 @@ _PARAM_DOMAINS = {'lr': (0.0, float('inf'), True, False, 'in [0, inf)'), 'warmup
 _INPUT_DIMS = {'t': ('S',)}  # input -> its dims, in declaration order
 
 
-def forward(t, **params):
-    """The output."""
-    return _forward_with_saved(t, **params)[0]
+def forward(t, *args, **params):
+    """The output. Params by name, or positionally in PARAMS order."""
+    return _forward_with_saved(t, **_m.positional_params(OP, PARAMS, args, params))[0]
 
 
-def forward_with_saved(t, **params):
+def forward_with_saved(t, *args, **params):
     """``(outputs, saved)``: saved holds what backward reads, every param and every dim.
 
     The saved arrays are read-only, and copies wherever they would share memory with an input
     passed here or an output returned: changing those in place before ``backward`` (``x += 1``)
     leaves the gradient that of the values this forward saw.
     """
-    _outs, saved = _forward_with_saved(t, **params)
+    _outs, saved = _forward_with_saved(t, **_m.positional_params(OP, PARAMS, args, params))
     return _outs, _m.own_saved(saved, (t,), _outs)
 
 

@@ -127,13 +127,13 @@ def _forward(t_g, t_total_norm, p_max_norm, write_grad):
     return (t_out, ), saved
 
 
-def forward(g, total_norm, *, max_norm=1.0, ):
+def forward(g, total_norm, max_norm=1.0, ):
     """g*min(1, max_norm/(total_norm + 1e-6)): the scale of torch.nn.utils.clip_grad_norm_ (NaN where total_norm is NaN, 0 where it is inf); returns out."""
     outs, _ = _forward(g, total_norm, *_params(max_norm, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(g, total_norm, *, max_norm=1.0, ):
+def forward_with_saved(g, total_norm, max_norm=1.0, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(g, total_norm, *_params(max_norm, ), True)
@@ -270,7 +270,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(g, total_norm, *, max_norm=1.0, ):
+def apply(g, total_norm, max_norm=1.0, ):
     """g*min(1, max_norm/(total_norm + 1e-6)): the scale of torch.nn.utils.clip_grad_norm_ (NaN where total_norm is NaN, 0 where it is inf), differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(g, total_norm, *_params(max_norm, ))
     return res

@@ -128,13 +128,13 @@ def _forward(t_g, p_clip_value, write_grad):
     return (t_out, ), saved
 
 
-def forward(g, *, clip_value=1.0, ):
+def forward(g, clip_value=1.0, ):
     """clamp(g, -clip_value, clip_value) (torch.nn.utils.clip_grad_value_); returns out."""
     outs, _ = _forward(g, *_params(clip_value, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(g, *, clip_value=1.0, ):
+def forward_with_saved(g, clip_value=1.0, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(g, *_params(clip_value, ), True)
@@ -271,7 +271,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(g, *, clip_value=1.0, ):
+def apply(g, clip_value=1.0, ):
     """clamp(g, -clip_value, clip_value) (torch.nn.utils.clip_grad_value_), differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(g, *_params(clip_value, ))
     return res

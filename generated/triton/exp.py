@@ -154,7 +154,7 @@ def backward(saved, dout, ):
     Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
     in place since, as torch's autograd does.
     """
-    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS, ('x', 'out', ))
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_C = saved['C']

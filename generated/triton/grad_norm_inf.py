@@ -180,7 +180,7 @@ def backward(saved, dnorm, ):
     Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
     in place since, as torch's autograd does.
     """
-    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS, ('g', 'norm', ))
     dtype, device = saved["_dtype"], saved["_device"]
     n_R = saved['R']
     n_N = saved['N']

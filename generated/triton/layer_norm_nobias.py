@@ -4,7 +4,7 @@
 
 Forward (kernel classes: MAP, ROW_REDUCTION):
     mean[b] = Sum(x[b, k], (k, 0, D - 1))/D
-    rstd[b] = 1/sqrt(eps + Sum((-mean[b] + x[b, k])**2, (k, 0, D - 1))/D)
+    rstd[b] = 1/(sqrt(eps/(Iverson(1/ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) + 1)**2 + Sum(sq((-mean[b] + x[b, k])/(Iverson(1/ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) + 1)), (k, 0, D - 1))/D)*(Iverson(1/ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) + 1))
     y[b, i] = (-mean[b] + x[b, i])*rstd[b]*w[i]
 
 Backward:
@@ -54,7 +54,11 @@ def _for0_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # mean[b] = Sum(x[b, k], (k, 0, D - 1))/D
-    # rstd[b] = 1/sqrt(eps + Sum((-mean[b] + x[b, k])**2, (k, 0, D - 1))/D)
+    # rstd[b] = 1/(sqrt(eps/(Iverson(1/ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(mean[b] -
+    #     x[b, k]), k, 0, D - 1) + 1)**2 + Sum(sq((-mean[b] + x[b, k])/(Iverson(1/ReduceMax(Abs(mean[b] - x[b,
+    #     k]), k, 0, D - 1) > 0)*ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) + 1)), (k, 0, D -
+    #     1))/D)*(Iverson(1/ReduceMax(Abs(mean[b] - x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(mean[b] - x[b, k]),
+    #     k, 0, D - 1) + 1))
     # y[b, i] = (-mean[b] + x[b, i])*rstd[b]*w[i]
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -65,17 +69,18 @@ def _for0_rows(
         # row-invariant operands: loaded once per program
         cols = cols0
         cmask = cols < n_D
-        cv5 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+        cv6 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_D
-            cv4 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 = tl.sum(tl.where(cmask, cv4, 0.0), 0)
-            st1 = tl.sum(tl.where(cmask, (((-(st0 / (f_D))) + cv4) * ((-(st0 / (f_D))) + cv4)), 0.0), 0)
-            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt((p_eps + (st1 / (f_D))))) * ((-(st0 / (f_D))) + cv4) * cv5)).to(y_ptr.dtype.element_ty), mask=cmask)
+            cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = tl.sum(tl.where(cmask, cv5, 0.0), 0)
+            st1 = (tl.max(tl.where(cmask, tl.abs(((-(st0 / (f_D))) + cv5)), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(((-(st0 / (f_D))) + cv5)) != tl.abs(((-(st0 / (f_D))) + cv5))), tl.abs(((-(st0 / (f_D))) + cv5)), 0.0), 0))
+            st2 = tl.sum(tl.where(cmask, (((((-(st0 / (f_D))) + cv5) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) * ((((-(st0 / (f_D))) + cv5) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
+            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) * ((-(st0 / (f_D))) + cv5) * cv6 / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))).to(y_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], 0.0, tl.float32)
@@ -85,21 +90,28 @@ def _for0_rows(
                 cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
                 st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
             # pass 2: row statistics
-            st1 = tl.full([], 0.0, tl.float32)
+            st1 = tl.full([], float("-inf"), tl.float32)
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                st1 += tl.sum(tl.where(cmask, (((-(st0 / (f_D))) + cv1) * ((-(st0 / (f_D))) + cv1)), 0.0), 0)
+                st1 = tl.maximum(st1, (tl.max(tl.where(cmask, tl.abs(((-(st0 / (f_D))) + cv1)), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(((-(st0 / (f_D))) + cv1)) != tl.abs(((-(st0 / (f_D))) + cv1))), tl.abs(((-(st0 / (f_D))) + cv1)), 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
+            # pass 3: row statistics
+            st2 = tl.full([], 0.0, tl.float32)
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                st2 += tl.sum(tl.where(cmask, (((((-(st0 / (f_D))) + cv2) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) * ((((-(st0 / (f_D))) + cv2) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
-                cv2 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
-                cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt((p_eps + (st1 / (f_D))))) * ((-(st0 / (f_D))) + cv3) * cv2)).to(y_ptr.dtype.element_ty), mask=cmask)
+                cv3 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(tl.float32)
+                cv4 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) * ((-(st0 / (f_D))) + cv4) * cv3 / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))).to(y_ptr.dtype.element_ty), mask=cmask)
         tl.store(mean_ptr + row * mean_s0, ((st0 / (f_D))).to(mean_ptr.dtype.element_ty))
-        tl.store(rstd_ptr + row * rstd_s0, ((1.0 / tl.sqrt((p_eps + (st1 / (f_D)))))).to(rstd_ptr.dtype.element_ty))
+        tl.store(rstd_ptr + row * rstd_s0, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))).to(rstd_ptr.dtype.element_ty))
 
 
 
@@ -271,7 +283,7 @@ def backward(saved, dy, ):
     Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
     in place since, as torch's autograd does.
     """
-    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS, ('x', 'y', ))
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_D = saved['D']

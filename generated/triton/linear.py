@@ -322,7 +322,7 @@ def backward(saved, dY, ):
     Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
     in place since, as torch's autograd does.
     """
-    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS, ('X', 'Y', ))
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_K = saved['K']

@@ -3,7 +3,7 @@
 """Triton kernels for `rms_norm_noaffine`: x/sqrt(mean(x**2) + eps) along each row (torch's RMSNorm(elementwise_affine=False)).
 
 Forward (kernel classes: MAP, ROW_REDUCTION):
-    rstd[b] = 1/sqrt(eps + Sum(x[b, k]**2, (k, 0, D - 1))/D)
+    rstd[b] = 1/(sqrt(eps/(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b, k]), k, 0, D - 1) + 1)**2 + Sum(sq(x[b, k]/(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b, k]), k, 0, D - 1) + 1)), (k, 0, D - 1))/D)*(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b, k]), k, 0, D - 1) + 1))
     y[b, i] = rstd[b]*x[b, i]
 
 Backward:
@@ -47,7 +47,10 @@ def _for0_rows(
     BLOCK: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
-    # rstd[b] = 1/sqrt(eps + Sum(x[b, k]**2, (k, 0, D - 1))/D)
+    # rstd[b] = 1/(sqrt(eps/(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b, k]), k, 0, D -
+    #     1) + 1)**2 + Sum(sq(x[b, k]/(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b, k]),
+    #     k, 0, D - 1) + 1)), (k, 0, D - 1))/D)*(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) >
+    #     0)*ReduceMax(Abs(x[b, k]), k, 0, D - 1) + 1))
     # y[b, i] = rstd[b]*x[b, i]
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -60,24 +63,32 @@ def _for0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_D
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            st0 = tl.sum(tl.where(cmask, (cv2 * cv2), 0.0), 0)
-            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt((p_eps + (st0 / (f_D))))) * cv2)).to(y_ptr.dtype.element_ty), mask=cmask)
+            cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            st0 = (tl.max(tl.where(cmask, tl.abs(cv3), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(cv3) != tl.abs(cv3)), tl.abs(cv3), 0.0), 0))
+            st1 = tl.sum(tl.where(cmask, (((cv3 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) * ((cv3 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
+            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) * cv3 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))).to(y_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], float("-inf"), tl.float32)
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
                 cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                st0 += tl.sum(tl.where(cmask, (cv0 * cv0), 0.0), 0)
-            # final pass: outputs
+                st0 = tl.maximum(st0, (tl.max(tl.where(cmask, tl.abs(cv0), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(cv0) != tl.abs(cv0)), tl.abs(cv0), 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
+            # pass 2: row statistics
+            st1 = tl.full([], 0.0, tl.float32)
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt((p_eps + (st0 / (f_D))))) * cv1)).to(y_ptr.dtype.element_ty), mask=cmask)
-        tl.store(rstd_ptr + row * rstd_s0, ((1.0 / tl.sqrt((p_eps + (st0 / (f_D)))))).to(rstd_ptr.dtype.element_ty))
+                st1 += tl.sum(tl.where(cmask, (((cv1 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) * ((cv1 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
+            # final pass: outputs
+            for col0 in range(0, n_D, BLOCK):
+                cols = col0 + cols0
+                cmask = cols < n_D
+                cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) * cv2 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))).to(y_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rstd_ptr + row * rstd_s0, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))).to(rstd_ptr.dtype.element_ty))
 
 
 
@@ -202,7 +213,7 @@ def backward(saved, dy, ):
     Raises RuntimeError if a tensor forward_with_saved saved (an input, an output) has been changed
     in place since, as torch's autograd does.
     """
-    _rt.check_versions(OP, saved, INPUTS, OUTPUTS)
+    _rt.check_versions(OP, saved, INPUTS, OUTPUTS, ('x', 'y', ))
     dtype, device = saved["_dtype"], saved["_device"]
     n_B = saved['B']
     n_D = saved['D']

@@ -3,7 +3,7 @@
 """Triton kernels for `sigmoid_bce`: binary cross-entropy of sigmoid(x) against targets y in [0, 1], averaged over all N = B*C entries.
 
 Forward (kernel classes: MAP, ROW_REDUCTION):
-    loss = (-Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) - Sum(-softplus(-x[b, i])*y[b, i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)
+    loss = Sum((1 - y[b, i])*x[b, i] + softplus(-x[b, i]), (b, 0, B - 1), (i, 0, C - 1))/(B*C)
 
 Backward:
     dx[b, i] = dloss*dx_fused[b, i]
@@ -47,14 +47,12 @@ def _for0_rows(
     f_B,
     f_C,
     part0_ptr,
-    part1_ptr,
     RPP,
     BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
-    # loss = (-Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) - Sum(-softplus(-x[b, i])*y[b,
-    #     i], (b, 0, B - 1), (i, 0, C - 1)))/(B*C)
+    # loss = Sum((1 - y[b, i])*x[b, i] + softplus(-x[b, i]), (b, 0, B - 1), (i, 0, C - 1))/(B*C)
     # dx_fused[b, i] = (sigmoid(x[b, i]) - y[b, i])/(B*C)
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -62,7 +60,6 @@ def _for0_rows(
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     acc0 = tl.full([], 0.0, tl.float32)
-    acc1 = tl.full([], 0.0, tl.float32)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
@@ -71,27 +68,22 @@ def _for0_rows(
             cmask = cols < n_C
             cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
             cv3 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(tl.float32)
-            st0 = tl.sum(tl.where(cmask, (-((1.0 - cv3) * sg_softplus(cv2))), 0.0), 0)
-            st1 = tl.sum(tl.where(cmask, (-(cv3 * sg_softplus((-cv2)))), 0.0), 0)
+            st0 = tl.sum(tl.where(cmask, (((1.0 - cv3) * cv2) + sg_softplus((-cv2))), 0.0), 0)
             if WRITE_GRAD:
                 tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-cv3) + sg_sigmoid(cv2)) / (f_B * f_C))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # final pass: outputs, statistics only row results need
             st0 = tl.full([], 0.0, tl.float32)
-            st1 = tl.full([], 0.0, tl.float32)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
                 cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
                 cv1 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(tl.float32)
-                st0 += tl.sum(tl.where(cmask, (-((1.0 - cv1) * sg_softplus(cv0))), 0.0), 0)
-                st1 += tl.sum(tl.where(cmask, (-(cv1 * sg_softplus((-cv0)))), 0.0), 0)
+                st0 += tl.sum(tl.where(cmask, (((1.0 - cv1) * cv0) + sg_softplus((-cv0))), 0.0), 0)
                 if WRITE_GRAD:
                     tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-cv1) + sg_sigmoid(cv0)) / (f_B * f_C))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         acc0 += st0
-        acc1 += st1
     tl.store(part0_ptr + pid64, acc0)
-    tl.store(part1_ptr + pid64, acc1)
 
 
 
@@ -101,24 +93,18 @@ def _for0_rows_finish(
     f_B,
     f_C,
     part0_ptr,
-    part1_ptr,
     P,
     BLOCK: tl.constexpr,
 ):
-    # finish: loss = (-Sum(-(1 - y[b, i])*softplus(x[b, i]), (b, 0, B - 1), (i, 0, C - 1)) - Sum(-softplus(-x[b, i])
+    # finish: loss = Sum((1 - y[b, i])*x[b, i] + softplus(-x[b, i]), (b, 0, B - 1), (i, 0, C - 1))/(B*C)
     pid = tl.program_id(0)
     acc0 = tl.zeros([BLOCK], tl.float32)
     for p0 in range(0, P, BLOCK):
         po = p0 + tl.arange(0, BLOCK)
         acc0 += tl.load(part0_ptr + po, mask=po < P, other=0.0)
     tot0 = tl.sum(acc0, 0)
-    acc1 = tl.zeros([BLOCK], tl.float32)
-    for p0 in range(0, P, BLOCK):
-        po = p0 + tl.arange(0, BLOCK)
-        acc1 += tl.load(part1_ptr + po, mask=po < P, other=0.0)
-    tot1 = tl.sum(acc1, 0)
     if pid == 0:
-        tl.store(loss_ptr, ((((-tot0) - tot1) / (f_B * f_C))).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr, ((tot0 / (f_B * f_C))).to(loss_ptr.dtype.element_ty))
 
 
 
@@ -183,10 +169,9 @@ def _forward(t_x, t_y, write_grad):
     blk = _rt.row_block(n_C, dtype.itemsize)
     n_prog, rpp = _rt.partial_programs(n_B, device)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    part1 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, part1, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
-    _for0_rows_finish[(1,)](t_loss, float(n_B), float(n_C), part0, part1, n_prog, BLOCK=fblk)
+    _for0_rows_finish[(1,)](t_loss, float(n_B), float(n_C), part0, n_prog, BLOCK=fblk)
     saved = {
         'dx_fused': t_dx_fused,
         'B': n_B,

@@ -3,7 +3,7 @@
 """Triton kernels for `sigmoid_bce_none`: binary cross-entropy of sigmoid(x) against targets y in [0, 1], elementwise.
 
 Forward (kernel classes: MAP):
-    loss[b, i] = (1 - y[b, i])*softplus(x[b, i]) + softplus(-x[b, i])*y[b, i]
+    loss[b, i] = (1 - y[b, i])*x[b, i] + softplus(-x[b, i])
 
 Backward:
     dx[b, i] = (sigmoid(x[b, i]) - y[b, i])*dloss[b, i]
@@ -45,7 +45,7 @@ def _for0_map(
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
 ):
-    # loss[b, i] = (1 - y[b, i])*softplus(x[b, i]) + softplus(-x[b, i])*y[b, i]
+    # loss[b, i] = (1 - y[b, i])*x[b, i] + softplus(-x[b, i])
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -60,7 +60,7 @@ def _for0_map(
     i1 = i1.to(tl.int64)
     ld0 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
     ld1 = tl.load(y_ptr + i0 * y_s0 + i1 * y_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(loss_ptr + i0 * loss_s0 + i1 * loss_s1, ((((1.0 - ld1) * sg_softplus(ld0)) + (ld1 * sg_softplus((-ld0))))).to(loss_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_ptr + i0 * loss_s0 + i1 * loss_s1, ((((1.0 - ld1) * ld0) + sg_softplus((-ld0)))).to(loss_ptr.dtype.element_ty), mask=mask)
 
 
 

@@ -201,7 +201,7 @@ def _for1_rows_finish(
         acc2 += tl.load(part2_ptr + po, mask=po < P, other=0.0)
     tot2 = tl.sum(acc2, 0)
     if pid == 0:
-        tl.store(loss_ptr, (((tot0 * p_z_loss / (v_n_valid)) + (tot1 * (1.0 - p_eps) / (v_n_valid)) + (tot2 * p_eps / (v_n_valid * f_C)))).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr, (((tot1 * (1.0 - p_eps) / (v_n_valid)) + tl.where((p_z_loss != 0.0), (tot0 * p_z_loss / (v_n_valid)), 0.0) + tl.where((p_eps != 0.0), (tot2 * p_eps / (v_n_valid * f_C)), 0.0))).to(loss_ptr.dtype.element_ty))
 
 
 

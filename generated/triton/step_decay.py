@@ -136,13 +136,13 @@ def _forward(t_t, p_lr, p_step_size, p_gamma, p_warmup, p_start_factor, write_gr
     return (t_lr_t, ), saved
 
 
-def forward(t, *, lr=0.1, step_size=10, gamma=0.1, warmup=0, start_factor=0.3333333333333333, ):
+def forward(t, lr=0.1, step_size=10, gamma=0.1, warmup=0, start_factor=0.3333333333333333, ):
     """lr*gamma**floor(t/step_size) (StepLR); with warmup W > 0, a linear warmup first and the decays counted from W (SequentialLR of LinearLR and StepLR, milestone W); returns lr_t."""
     outs, _ = _forward(t, *_params(lr, step_size, gamma, warmup, start_factor, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(t, *, lr=0.1, step_size=10, gamma=0.1, warmup=0, start_factor=0.3333333333333333, ):
+def forward_with_saved(t, lr=0.1, step_size=10, gamma=0.1, warmup=0, start_factor=0.3333333333333333, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(t, *_params(lr, step_size, gamma, warmup, start_factor, ), True)
@@ -287,7 +287,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(t, *, lr=0.1, step_size=10, gamma=0.1, warmup=0, start_factor=0.3333333333333333, ):
+def apply(t, lr=0.1, step_size=10, gamma=0.1, warmup=0, start_factor=0.3333333333333333, ):
     """lr*gamma**floor(t/step_size) (StepLR); with warmup W > 0, a linear warmup first and the decays counted from W (SequentialLR of LinearLR and StepLR, milestone W), differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(t, *_params(lr, step_size, gamma, warmup, start_factor, ))
     return res

@@ -138,13 +138,13 @@ def _forward(t_t, p_lr, p_warmup, p_cosine_steps, p_start_factor, p_eta_min, wri
     return (t_lr_t, ), saved
 
 
-def forward(t, *, lr=0.1, warmup=5, cosine_steps=20, start_factor=0.3333333333333333, eta_min=0.0, ):
+def forward(t, lr=0.1, warmup=5, cosine_steps=20, start_factor=0.3333333333333333, eta_min=0.0, ):
     """linear warmup from lr*start_factor to lr over `warmup` steps, then cosine decay to eta_min over `cosine_steps` (SequentialLR of LinearLR and CosineAnnealingLR, milestone warmup); returns lr_t."""
     outs, _ = _forward(t, *_params(lr, warmup, cosine_steps, start_factor, eta_min, ), False)
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(t, *, lr=0.1, warmup=5, cosine_steps=20, start_factor=0.3333333333333333, eta_min=0.0, ):
+def forward_with_saved(t, lr=0.1, warmup=5, cosine_steps=20, start_factor=0.3333333333333333, eta_min=0.0, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
     saves must not be changed in place before ``backward`` (which raises if they are)."""
     outs, saved = _forward(t, *_params(lr, warmup, cosine_steps, start_factor, eta_min, ), True)
@@ -289,7 +289,7 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(t, *, lr=0.1, warmup=5, cosine_steps=20, start_factor=0.3333333333333333, eta_min=0.0, ):
+def apply(t, lr=0.1, warmup=5, cosine_steps=20, start_factor=0.3333333333333333, eta_min=0.0, ):
     """linear warmup from lr*start_factor to lr over `warmup` steps, then cosine decay to eta_min over `cosine_steps` (SequentialLR of LinearLR and CosineAnnealingLR, milestone warmup), differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(t, *_params(lr, warmup, cosine_steps, start_factor, eta_min, ))
     return res

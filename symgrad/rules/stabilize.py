@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..functions import Iverson, ReduceMax, expm1, log1p, sigmoid, softplus
+from ..functions import Iverson, ReduceMax, expm1, log1p, sigmoid, softplus, sq
 from ..rewrite import rule
 
 
@@ -164,3 +164,76 @@ def expm1_rule(node, ctx):
             if isinstance(t, sp.exp):
                 return node - t + 1 + expm1(t.args[0])
     return None
+
+
+def _softplus_terms(node):
+    """The terms of an Add as ``(limits, summand)``: a sum's constant factor moves into its summand."""
+    out = []
+    for t in sp.Add.make_args(node):
+        coeff, rest = t.as_independent(sp.Sum, as_Add=False)
+        if isinstance(rest, sp.Sum) and not (coeff.free_symbols & {lim[0] for lim in rest.limits}):
+            out.append((rest.limits, coeff * rest.function))
+        else:
+            out.append((None, t))
+    return out
+
+
+def _softplus_factor(summand):
+    """``summand = a*softplus(z)`` -> (a, z), or None."""
+    sps = [f for f in sp.Mul.make_args(summand) if isinstance(f, softplus)]
+    if len(sps) != 1:
+        return None
+    a = summand / sps[0]
+    return (a, sps[0].args[0]) if not a.has(softplus) else None
+
+
+@rule("one_softplus", "a*softplus(z) + b*softplus(-z) = a*z + (a + b)*softplus(-z) when a + b is simpler: one softplus, "
+      "and the logit's infinities give torch's loss (an infinite target meets z, not inf - inf)")
+def one_softplus(node, ctx):
+    if not isinstance(node, sp.Add):
+        return None
+    terms = _softplus_terms(node)
+    for i, (lim1, s1) in enumerate(terms):
+        f1 = _softplus_factor(s1)
+        if f1 is None or f1[1].could_extract_minus_sign():
+            continue  # the term with softplus(+z), z written without a leading minus, is rewritten
+        a, z = f1
+        for j, (lim2, s2) in enumerate(terms):
+            f2 = _softplus_factor(s2) if j != i and lim2 == lim1 else None
+            if f2 is None or sp.expand(f2[1] + z) != 0:
+                continue
+            b = f2[0]
+            total = sp.expand(a + b)
+            if total.free_symbols & (a.free_symbols | b.free_symbols) - z.free_symbols:
+                continue  # a + b still holds what a and b hold: no simpler
+            joined = a * z + total * softplus(-z)
+            if lim1 is not None:
+                joined = sp.Sum(joined, *lim1)
+            rest = [sp.Sum(s, *lim) if lim is not None else s for n, (lim, s) in enumerate(terms) if n not in (i, j)]
+            return sp.Add(*rest, joined)
+    return None
+
+
+@rule("scaled_sum_of_squares", "(a + c*sum(f**2))**(+-1/2) = s**(+-1)*(a/s**2 + c*sum((f/s)**2))**(+-1/2) with "
+      "s = 1 + max|f| (1 where that is inf): no square overflows (a norm of entries near 1e30 in float32)")
+def scaled_sum_of_squares(node, ctx):
+    if not (isinstance(node, sp.Pow) and node.exp in (sp.S.Half, -sp.S.Half) and isinstance(node.base, sp.Add)):
+        return None
+    sums = [t for t in node.base.args if t.has(sp.Sum)]
+    if len(sums) != 1:
+        return None
+    c, total = sums[0].as_independent(sp.Sum, as_Add=False)
+    if not isinstance(total, sp.Sum) or len(total.limits) != 1:
+        return None
+    k, lo, hi = total.limits[0]
+    square = total.function
+    if not (isinstance(square, sp.Pow) and square.exp == 2 and k in square.base.free_symbols):
+        return None
+    f, a = square.base, node.base - sums[0]
+    # s = 1 + the row's largest |f|: s >= 1, so a/s**2 cannot overflow; every (f/s)**2 <= 1; and
+    # where max|f| > 1 a term is >= 1/4, so the root is never of an underflowed 0. An infinite f
+    # leaves s = 1 (a strong zero), so the sum is inf and a power -1/2 is 0, as unscaled (torch's
+    # rms_norm of a row holding inf); a NaN makes s NaN.
+    m = ReduceMax(sp.Abs(f), k, lo, hi)
+    s = 1 + m * Iverson(sp.StrictGreaterThan(1 / m, 0))  # m < inf (which SymPy takes as true)
+    return s ** (2 * node.exp) * (a / s**2 + c * sp.Sum(sq(f / s), (k, lo, hi))) ** node.exp

@@ -104,6 +104,12 @@ def gather(t: np.ndarray, *index) -> np.ndarray:
     in place of the array positions when they are adjacent, else first). Small overhangs (a
     convolution's padding) are served by zero-padding ``t``; large ones (a label of -100) by a mask.
     """
+    empty = [k for k, ix in enumerate(index) if not isinstance(ix, slice) and t.shape[k] == 0]
+    if empty:
+        # every read along an empty axis falls outside it (a conv2d input of height 0, padded):
+        # reads of one zero entry there, in the shape the reads give
+        t = np.zeros([1 if k in empty else n for k, n in enumerate(t.shape)], dtype=t.dtype)
+        index = tuple(np.zeros_like(np.asarray(ix)) if k in empty else ix for k, ix in enumerate(index))
     arrays = [(k, np.asarray(ix)) for k, ix in enumerate(index) if not isinstance(ix, slice)]
     pads = [(0, 0)] * t.ndim
     shifted = list(index)

@@ -280,18 +280,23 @@ def saved_versions(saved: dict, names) -> dict:
     return {n: _version(saved[n]) for n in names}
 
 
-def check_versions(op: str, saved: dict, inputs, outputs) -> None:
+def check_versions(op: str, saved: dict, inputs, outputs, leading=()) -> None:
     """Raise, as torch's autograd does, when a tensor ``forward_with_saved`` saved has been changed in
     place since: backward would otherwise differentiate at values forward never saw. A saved dict
-    without ``_versions`` (the autograd path, where torch checks ``ctx.saved_tensors`` itself) passes."""
+    without ``_versions`` (the autograd path, where torch checks ``ctx.saved_tensors`` itself) passes.
+    ``leading`` names the saved inputs and outputs whose first dim folds the user's leading axes:
+    the message shows the shape the user passed or got, not the folded one."""
     for name, then in (saved.get("_versions") or {}).items():
         now = _version(saved[name])
         if then is None or now == then:
             continue
         t = saved[name]
         role = "input" if name in inputs else "output" if name in outputs else "saved value"
+        shape = list(t.shape)
+        if name in leading and saved.get("_lead") is not None:
+            shape = list(saved["_lead"]) + shape[1:]
         raise RuntimeError(
             f"{op}: one of the tensors backward needs has been modified by an inplace operation: "
-            f"{role} {name} [{str(t.dtype).replace('torch.', '')} {list(t.shape)}] is at version {now}; "
+            f"{role} {name} [{str(t.dtype).replace('torch.', '')} {shape}] is at version {now}; "
             f"expected version {then} instead. Call forward_with_saved again after changing it, or "
             f"change a copy ({name}.clone()) instead.")

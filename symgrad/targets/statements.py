@@ -211,9 +211,17 @@ def common_subexpressions(expr: sp.Expr, prefix: str = "_t", row_maxes=frozenset
             opaque[b] = sp.Symbol(f"_o{next(counter)}", integer=True)
         return opaque[b]
 
+    # a row max a bracket compares (``[m < inf]``) is hoisted first: the bracket is opaque to cse,
+    # and the max would otherwise be computed again inside it
+    hoisted = []
+    in_brackets = set().union(*(b.atoms(ReduceMax) for b in expr.atoms(Iverson))) if expr.has(Iverson) else set()
+    for n, m in enumerate(sorted(in_brackets & _outside_brackets(expr), key=sp.default_sort_key)):
+        sym = sp.Symbol(f"{prefix}m{n}", real=True)
+        hoisted.append((sym, m))
+        expr = expr.xreplace({m: sym})
     hidden = hide(expr)
-    if not opaque and hidden == expr and not expr.args:
-        return [], expr
+    if not opaque and hidden == expr and not expr.args and not hoisted:
+        return hoisted, expr
     back = {v: k for k, v in opaque.items()}
     reps, reduced = sp.cse(hidden, symbols=sp.numbered_symbols(prefix, real=True), optimizations=None, order="canonical")
     reduced = reduced[0]
@@ -222,7 +230,7 @@ def common_subexpressions(expr: sp.Expr, prefix: str = "_t", row_maxes=frozenset
     for k, (sym, e) in enumerate(reps):
         reduced = reduced.xreplace({e: sym})
         reps[k + 1:] = [(s2, e2.xreplace({e: sym})) for s2, e2 in reps[k + 1:]]
-    reps = [(s, e.xreplace(back)) for s, e in reps]
+    reps = hoisted + [(s, e.xreplace(back)) for s, e in reps]
     reduced = reduced.xreplace(back)
     maxes = {sym for sym, e in reps if isinstance(e, ReduceMax)}
 
@@ -232,10 +240,29 @@ def common_subexpressions(expr: sp.Expr, prefix: str = "_t", row_maxes=frozenset
             return isinstance(m, ReduceMax) or m in maxes or (isinstance(m, sp.Indexed) and str(m.base) in row_maxes)
         return e.is_Add and any(is_max(t) for t in e.args)
 
+    # a row max such a sum holds stays one temporary of its own: only the sum is put back
+    for n, (sym, e) in enumerate(list(reps)):
+        for t in e.args if holds_max(e) else ():
+            m = t.as_coeff_Mul()[1]
+            if isinstance(m, ReduceMax):
+                msym = sp.Symbol(f"{prefix}m{len(maxes) + len(hoisted)}", real=True)
+                maxes.add(msym)
+                at = next(i for i, r in enumerate(reps) if r[0] == sym)
+                reps = reps[:at] + [(msym, m)] + [(s2, e2.xreplace({m: msym})) for s2, e2 in reps[at:]]
+                reduced = reduced.xreplace({m: msym})
     for sym, e in [r for r in reps if holds_max(r[1])]:  # put such sums back where they are used
         reps = [(s2, e2.xreplace({sym: e})) for s2, e2 in reps if s2 != sym]
         reduced = reduced.xreplace({sym: e})
     return reps, reduced
+
+
+def _outside_brackets(expr) -> set:
+    """The row maxes ``expr`` uses outside any Iverson bracket."""
+    if isinstance(expr, Iverson):
+        return set()
+    if isinstance(expr, ReduceMax):
+        return {expr}
+    return set().union(*(_outside_brackets(a) for a in expr.args)) if expr.args else set()
 
 
 # ------------------------------------------------------------------------------------------------

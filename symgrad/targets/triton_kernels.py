@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
-from ..functions import ReduceMax
+from ..functions import Iverson, ReduceMax
 from .triton_expr import TritonPrintError, print_expr
 from ..plan import KernelPlan as Plan, Launch, LoweringError, Statement as Stmt, dim_of_extent, fresh_names, row_layout, substitute
 
@@ -147,6 +147,18 @@ def pr(ctx: Context, expr, names, what: str, maxes=None) -> str:
         return print_expr(expr, names, maxes=maxes)
     except TritonPrintError as e:
         raise LoweringError(f"op {ctx.op.name}: cannot print {what}: {e}") from None
+
+
+def _skip_when_param_zero(ctx: Context, e):
+    """A term of a finished total scaled by a bare param (label smoothing's ``eps*tot``) is a strong
+    zero where the param is 0: torch skips that term (``label_smoothing=0`` with a -inf logit gives
+    a finite loss, not ``0*inf``), as the NumPy target's Python ``if`` does."""
+    params = {sp.Symbol(p.name) for p in ctx.op.params} | {sp.Symbol(p.name, real=True) for p in ctx.op.params}
+    out = []
+    for t in sp.Add.make_args(e):
+        zero = [f for f in sp.Mul.make_args(t) if f in params]
+        out.append(sp.Mul(*(Iverson(sp.Ne(f, 0)) for f in zero)) * t if zero and t.has(sp.Symbol) and t != zero[0] else t)
+    return sp.Add(*out)
 
 
 def _formula_lines(stmts) -> list[str]:
@@ -746,6 +758,7 @@ class RowBuilder:
                     loads[node] = f"c{len(loads)}"
                     load_lines.append(_load(ctx, sig, node, {COL: "cols"}, loads[node], "cmask"))
                 names[node] = loads[node]
+            e = _skip_when_param_zero(ctx, e)
             names = sig.names_for(e, names)
             v = pr(ctx, e, names, st.formula, self.maxes())
             ptr = sig.buf(st.target)
