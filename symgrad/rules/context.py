@@ -29,3 +29,6 @@ class Context:
     patterns: list[Pattern] = field(default_factory=list)
     reserved: set[str] = field(default_factory=set)  # names dummies must not take (tensors, dims, params)
     letters: dict[sp.Expr, str] = field(default_factory=dict)  # dim extent -> preferred dummy name
+    # a forward pattern instantiated at an index substitution, canonicalized: the rules try the same
+    # few instances on every node of every pass, and canonicalizing one is most of a derivation's time
+    instances: dict = field(default_factory=dict)

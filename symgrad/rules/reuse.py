@@ -136,9 +136,21 @@ def _unbind(expr):
     return apply_bottom_up(expr, go)
 
 
+def _instance(pattern, sigma, ctx):
+    """The pattern at ``sigma``, canonicalized, memoized per derivation (``ctx.instances``)."""
+    key = (pattern, tuple(sorted(sigma.items(), key=sp.default_sort_key)))
+    inst = ctx.instances.get(key)
+    if inst is None:
+        unbound = ctx.instances.get(pattern)
+        if unbound is None:
+            unbound = ctx.instances[pattern] = _unbind(pattern.expr)
+        inst = ctx.instances[key] = canonicalize(unbound.xreplace(sigma), ctx.reserved, ctx.letters)
+    return inst
+
+
 def match(node, pattern, ctx):
     for sigma in substitutions(pattern, node):
-        inst = canonicalize(_unbind(pattern.expr).xreplace(sigma), ctx.reserved, ctx.letters)
+        inst = _instance(pattern, sigma, ctx)
         repl = pattern.at([sigma[i] for i in pattern.indices])
         if node == inst:
             return repl
@@ -219,7 +231,7 @@ def factor_into_sum(node, ctx):
         bound = {lim[0] for lim in s.limits}
         for pattern in ctx.patterns:
             for sigma in substitutions(pattern, s.function):
-                inst = canonicalize(_unbind(pattern.expr).xreplace(sigma), ctx.reserved, ctx.letters)
+                inst = _instance(pattern, sigma, ctx)
                 miss = _missing(s.function, inst, bound)
                 if miss is None:
                     continue
