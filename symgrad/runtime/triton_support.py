@@ -10,6 +10,7 @@ environment has ``TRITON_INTERPRET=1`` (set it before ``triton`` is first import
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -119,19 +120,55 @@ def row_warps(block: int) -> int:
     return 4 if block <= 2048 else (8 if block <= 4096 else (16 if block <= 8192 else 32))
 
 
+# Set by ``planning_for``: the SM count of a GPU the host code plans launches for without one.
+_PLANNED_SMS: int | None = None
+
+
+@contextlib.contextmanager
+def planning_for(sm_count: int):
+    """Run the host code on ``meta`` tensors as if on a GPU with ``sm_count`` SMs, so that a tool
+    (``bench/compile_report.py``) can record the launches it would make (grid, blocks, warps)
+    without a GPU and without restating any launch choice. Kernels must not be run meanwhile."""
+    global _PLANNED_SMS
+    before, _PLANNED_SMS = _PLANNED_SMS, int(sm_count)
+    try:
+        yield
+    finally:
+        _PLANNED_SMS = before
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int | None:
+    if device.type == "meta" and _PLANNED_SMS is not None:
+        return _PLANNED_SMS
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return None
 
 
 def partial_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows per program) for a row kernel that reduces across rows with partial sums."""
-    if device.type == "cuda":
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(device)
+    if sms is not None:
+        target = 4 * sms
     else:
         target = 4
     rpp = max(1, triton.cdiv(max(int(n_rows), 1), target))
     return max(1, triton.cdiv(max(int(n_rows), 1), rpp)), rpp
+
+
+def scale_geometry(n: int, device: torch.device) -> tuple[int, int, int]:
+    """(block, programs, elements per program) of an in-place scale over ``n`` contiguous
+    elements: a few programs per SM, each walking one contiguous chunk (a multiple of the block)."""
+    blk = map_block(n) if interpreting() else 2048
+    most = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    n_prog = max(1, min(triton.cdiv(max(n, 1), blk), most))
+    chunk = triton.cdiv(triton.cdiv(max(n, 1), n_prog), blk) * blk
+    return blk, triton.cdiv(max(n, 1), chunk), chunk
 
 
 def gemm_blocks(m: int, n: int, k: int) -> dict:
@@ -187,7 +224,7 @@ def check_inputs(op: str, specs) -> tuple[torch.dtype, torch.device]:
 
 
 def check_device(op: str, device: torch.device) -> None:
-    if device.type == "cuda":
+    if device.type == "cuda" or (device.type == "meta" and _PLANNED_SMS is not None):
         return
     if device.type == "cpu" and interpreting():
         return
@@ -242,6 +279,59 @@ def check_float_param(op: str, name: str, value) -> float:
     return float(value)
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# fused-loss gradients: forward's buffer, handed out by backward once
+
+
+def take_fused(op: str, saved: dict, name: str):
+    """The buffer forward wrote a fused loss's gradient into, which backward scales in place and
+    hands out as the gradient: it can serve one backward only, so a second one on the same saved
+    values raises instead of scaling a gradient already handed out."""
+    taken = saved.setdefault("_taken", set())
+    if name in taken:
+        raise RuntimeError(
+            f"{op}: backward already ran on these saved values: the gradient it returned is the buffer "
+            f"forward wrote ({name}), scaled in place. Call forward_with_saved again for another backward.")
+    taken.add(name)
+    t = saved[name]
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: the fused gradient buffer {name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+    return t
+
+
+def check_overwritable(op: str, name: str, t) -> None:
+    """``inplace=True`` writes a fused gradient into input ``name``'s own buffer: one dense block."""
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: inplace=True writes the gradient into {name}, which must then be contiguous "
+                         f"(shape {tuple(t.shape)}, strides {t.stride()}); pass {name}.contiguous() or inplace=False")
+
+
+def check_inplace_apply(op: str, tensors: dict) -> None:
+    """``apply(..., inplace=True)`` overwrites inputs: never a leaf the caller keeps a gradient for,
+    and not under torch.compile, whose graphs assume inputs unchanged (use the default there)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{op}: inplace=True overwrites an input and runs eagerly only; under torch.compile use inplace=False")
+    for name, t in tensors.items():
+        if t.is_leaf and t.requires_grad:
+            raise ValueError(f"{op}: inplace=True would overwrite {name}, a leaf tensor that requires grad; "
+                             f"it is for intermediates nothing else reads (logits), not parameters or inputs")
+
+
+def saved_once(op: str, ctx):
+    """``ctx.saved_tensors`` of an op whose backward scales a saved buffer in place and hands it
+    out: torch refuses a second read once that buffer changed; say why in the op's terms."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if "inplace" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{op}: a saved tensor changed since forward. Backward scales the gradient forward saved in place "
+            f"and hands that buffer out, so it runs once per forward: a second backward through the same call "
+            f"(retain_graph=True) is not supported (with inplace=True, the input also must not change before "
+            f"backward). Call the op again for another backward.") from e
 
 
 # ------------------------------------------------------------------------------------------------
