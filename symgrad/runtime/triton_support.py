@@ -165,7 +165,8 @@ def scale_geometry(n: int, device: torch.device) -> tuple[int, int, int]:
     """(block, programs, elements per program) of an in-place scale over ``n`` contiguous
     elements: a few programs per SM, each walking one contiguous chunk (a multiple of the block)."""
     blk = map_block(n) if interpreting() else 2048
-    most = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    sms = _sm_count(device)
+    most = 4 * sms if sms is not None else 4
     n_prog = max(1, min(triton.cdiv(max(n, 1), blk), most))
     chunk = triton.cdiv(triton.cdiv(max(n, 1), n_prog), blk) * blk
     return blk, triton.cdiv(max(n, 1), chunk), chunk
