@@ -8,7 +8,7 @@ into launches. Targets only print it: none re-plans, re-classifies, re-indexes o
 save. Its data types are small:
 
 ``Statement``  ``target[indices] = expr`` over named buffers, with its kernel class;
-``Launch``     one kernel launch: a kind (``map``, ``rows``, ``gemm``), its statements (in order)
+``Launch``     one kernel launch: a kind (``map``, ``rows``, ``gemm``, ``scale``), its statements (in order)
                and its iteration space;
 ``Kernel``     the launches of forward or of backward, and the names that kernel returns;
 ``KernelPlan`` both kernels, the saved set, the buffers (name -> dims) and the lowering trace.
@@ -28,7 +28,10 @@ Launch kinds and their spaces:
 - ``rows``: row kernels; ``space = (row dims, column dim or None)``: one program per row (a
   coordinate of every row dim), reductions over the column dim are row statistics, sums over all
   row dims are cross-row partials finished by a second kernel;
-- ``gemm``: one contraction or stencil statement, with its epilogue; ``space = ()``.
+- ``gemm``: one contraction or stencil statement, with its epilogue; ``space = ()``;
+- ``scale``: a fused loss's gradient ``d = cotangent*d_fused`` (backward): the buffer forward wrote
+  is the op's own and dead after backward, so backward scales it in place and hands it out as the
+  gradient (no second buffer; nothing to move when the cotangent is 1); ``space`` is its dims.
 
 Adding a kernel class: classify it in :func:`classify`, give it a launch kind in
 :func:`schedule_launches`, and an emitter per target.
@@ -103,7 +106,7 @@ class DimSource:
 
 @dataclass(frozen=True)
 class Launch:
-    kind: str  # "map" | "rows" | "gemm"
+    kind: str  # "map" | "rows" | "gemm" | "scale"
     statements: tuple[Statement, ...]
     space: tuple = ()  # map: target dims; rows: (row dims, column dim or None); gemm: ()
 
@@ -137,6 +140,7 @@ class KernelPlan:
     saved: tuple[str, ...]  # inputs, then forward values, that backward reads (params always kept)
     recomputed: tuple[str, ...]  # forward values backward computes again instead of saving
     fused: dict  # gradient -> the buffer forward writes it into per unit cotangent (fused losses)
+    overwritable: dict  # fused gradient -> the input whose buffer forward may write it into (opt-in)
     buffers: dict  # name -> dims, for every input, forward value, cotangent, gradient, temporary
     labels: frozenset  # integer label inputs
     trace: Trace = field(default_factory=Trace, compare=False)
@@ -322,6 +326,7 @@ class _State:
     outputs: tuple
     returns: tuple
     fused: dict = field(default_factory=dict)
+    overwritable: dict = field(default_factory=dict)
     launches: dict = field(default_factory=dict)  # "forward"/"backward" -> [Launch]
     declared: list = field(default_factory=list)  # the forward values as derived, before any stage
     trace: Trace = field(default_factory=Trace)
@@ -792,7 +797,8 @@ def schedule_launches(s: _State) -> None:
     the launch that consumes them."""
     for side in ("forward", "backward"):
         stmts = getattr(s, side)
-        launches = _launches(s, stmts)
+        scaled = [st for st in stmts if side == "backward" and st.target in s.fused]
+        launches = [Launch("scale", (st,), st.dims) for st in scaled] + _launches(s, [st for st in stmts if st not in scaled])
         s.launches[side] = launches
         for launch in launches:
             s.note("schedule launches", f"launch_{launch.kind}", f"one {launch.kind} launch over {_space_text(launch)}",
@@ -940,8 +946,46 @@ def row_space(s: _State, st: Statement) -> tuple:
     return (big[:col] + big[col + 1:], big[col])
 
 
+def overwritable_inputs(s: _State) -> None:
+    """A fused gradient may be written into its input's own buffer (an opt-in for callers whose
+    input is a dead intermediate, such as logits) when no program can read an entry of the input
+    after another (or itself) has overwritten it: the launch writing the gradient is the last to
+    read the input, and each of its reads is at the program's own row (a row kernel: loaded before
+    the row's gradient block is stored) or, in a map, at the element it writes."""
+    launches = s.launches.get("forward", [])
+    for grad, name in s.fused.items():
+        inp = grad[1:]
+        at = [n for n, launch in enumerate(launches) if name in launch.targets]
+        if not at or s.buffers.get(inp) != s.buffers[name]:
+            continue
+        launch = launches[at[0]]
+        if any(inp in st.reads() for later in launches[at[0] + 1:] for st in later.statements):
+            continue
+        if all(_own_reads(s, launch, st, inp) for st in launch.statements):
+            s.overwritable[grad] = inp
+            s.note("overwritable inputs", "overwrite_input", overwritable_inputs.__doc__.split(":")[0], [name], [inp])
+
+
+def _own_reads(s: _State, launch: Launch, st: Statement, inp: str) -> bool:
+    reads = [a for a in st.expr.atoms(sp.Indexed) if str(a.base) == inp]
+    if launch.kind == "map":
+        return all(tuple(a.indices) == tuple(st.indices) for a in reads)
+    if launch.kind != "rows" or launch.space[1] is None:
+        return not reads
+    rows, col = launch.space
+    dims = s.buffers[inp]
+    for a in reads:
+        for d, ix in zip(dims, a.indices):
+            plain = isinstance(ix, sp.Symbol)
+            # a row-level gather (x[b, y[b]]) is loaded at the top of the row, before any store
+            gather = d == col and isinstance(ix, sp.Indexed) and all(isinstance(j, sp.Symbol) for j in ix.indices)
+            if not (plain or gather):
+                return False
+    return True
+
+
 LOWERING_STAGES = (choose_saved, inline_temporaries, fuse_losses, share_row_statistics, split_reductions, reindex_stencils,
-                   schedule_launches)
+                   schedule_launches, overwritable_inputs)
 
 
 def lower(derivation: Derivation) -> KernelPlan:
@@ -981,6 +1025,7 @@ def lower(derivation: Derivation) -> KernelPlan:
         saved=saved,
         recomputed=tuple(state.recomputed),
         fused=dict(state.fused),
+        overwritable=dict(state.overwritable),
         buffers=dict(state.buffers),
         labels=frozenset(t.name for t in op.inputs if t.role is Role.LABEL),
         trace=state.trace,

@@ -355,7 +355,7 @@ def backward(saved, dY, ):
     # _bac2_rows: dbias (rows)
     t_dbias = torch.empty((n_N, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_N, dtype.itemsize)
-    n_prog, rpp = _rt.partial_programs(n_B, device)
+    n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog, n_N), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_N)

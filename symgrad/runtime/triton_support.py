@@ -150,15 +150,22 @@ def _sm_count(device: torch.device) -> int | None:
     return None
 
 
-def partial_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows per program) for a row kernel that reduces across rows with partial sums."""
-    sms = _sm_count(device)
-    if sms is not None:
-        target = 4 * sms
-    else:
-        target = 4
-    rpp = max(1, triton.cdiv(max(int(n_rows), 1), target))
-    return max(1, triton.cdiv(max(int(n_rows), 1), rpp)), rpp
+L2_REREAD_BYTES = 40 * 2**20  # of H100/H200's 50 MB L2: rows re-read within one kernel, with room for its writes
+
+
+def row_programs(n_rows: int, device: torch.device, partial: bool, reread_bytes: int = 0) -> tuple[int, int]:
+    """(programs, rows per program) of a row kernel: one program per row, or 4 per SM for a kernel
+    that reduces across rows with partial sums. A multi-block row that a later pass reads again
+    (``reread_bytes`` per row) is re-read from L2 only while the rows in flight fit there, so the
+    programs (then all resident at once) are capped at ``L2_REREAD_BYTES / reread_bytes``, at
+    least one per SM: a row too long even for that is read from memory again (fp32, 128K columns)."""
+    n = max(int(n_rows), 1)
+    sms = _sm_count(device) or 1
+    most = 4 * sms if partial else n
+    if reread_bytes:
+        most = min(most, max(sms, L2_REREAD_BYTES // int(reread_bytes)))
+    rpp = max(1, triton.cdiv(n, most))
+    return max(1, triton.cdiv(n, rpp)), rpp
 
 
 def scale_geometry(n: int, device: torch.device) -> tuple[int, int, int]:

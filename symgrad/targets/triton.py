@@ -25,7 +25,7 @@ from ..declare import Role
 from ..plan import KernelPlan, LoweringError
 from .triton_expr import HELPERS, print_expr
 from .triton_gemm import emit_gemm
-from .triton_kernels import Context, emit_map, emit_rows
+from .triton_kernels import Context, emit_map, emit_rows, emit_scale
 
 __all__ = ["render", "LoweringError", "TEMPLATES"]
 
@@ -46,7 +46,7 @@ def _env() -> jinja2.Environment:
     )
 
 
-_EMIT = {"map": emit_map, "rows": emit_rows, "gemm": emit_gemm}
+_EMIT = {"map": emit_map, "rows": emit_rows, "gemm": emit_gemm, "scale": emit_scale}
 
 
 def _declared_in(op) -> str:
@@ -97,6 +97,10 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
     grads = [f"d{t}" for t in plan.differentiable]
     extra_saved = [n for n in plan.saved_values if n not in outputs]
     saved_all = list(plan.saved_inputs) + list(plan.saved_values)
+    # Gradients backward hands out as the saved buffer it scaled in place (fused losses): the
+    # backward custom op mutates that buffer and returns only the other gradients.
+    scaled = {g: saved_all.index(plan.fused[g]) for g in grads if any(launch.kind == "scale" and g in launch.targets for launch in plan.backward.launches)}
+    overwritable = {inp: g for g, inp in plan.overwritable.items()}
 
     def shape(name):
         ds = plan.buffers[name]
@@ -120,10 +124,11 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         for kname, launch, klines, targets in host[side]:
             lines.append(f"# {kname}: {', '.join(targets)} ({launch.kind})")
             for t in targets:
-                if t in have:
+                if t in have or launch.kind == "scale":  # a scale launch hands out the buffer it scales
                     continue
                 if t in plan.fused.values():
-                    lines.append(f"t_{t} = torch.empty({shape(t)}, dtype=dtype, device=device) if write_grad else torch.empty({'(1,) * ' + str(len(plan.buffers[t]))}, dtype=dtype, device=device)")
+                    into = next((f"t_{inp} if inplace else " for g, inp in plan.overwritable.items() if plan.fused[g] == t), "")
+                    lines.append(f"t_{t} = {into}torch.empty({shape(t)}, dtype=dtype, device=device) if write_grad else torch.empty({'(1,) * ' + str(len(plan.buffers[t]))}, dtype=dtype, device=device)")
                 else:
                     lines.append(f"t_{t} = torch.empty({shape(t)}, dtype={alloc_dtype(t)}, device=device)")
                 have.add(t)
@@ -167,4 +172,5 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         plan=plan, str=str, len=len, float=float, zip=zip, range=range,
         leading=leading, ranks=ranks, leading_outputs=leading_outputs, apply_return=apply_return,
         least_sizes={d.name: d.min_size for d in dims if d.min_size},
+        scaled=scaled, scaled_names=tuple(scaled), returned=[g for g in grads if g not in scaled], overwritable=overwritable,
     )

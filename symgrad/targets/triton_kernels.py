@@ -549,6 +549,7 @@ class RowBuilder:
         row_loads: dict = {}
         row_lines: list = []
         passes = []
+        pass_reads = []  # per pass over the row's blocks: the row's own tensors it loads
         n_passes = max((s.pass_no for s in self.stats if not s.late), default=0)
         for p in range(1, n_passes + 1):
             init, loads, load_lines, body = [], {}, [], []
@@ -575,6 +576,7 @@ class RowBuilder:
                 else:
                     body.append(f"{s.var} += tl.sum(tl.where(cmask, {v}, 0.0), 0)")
             passes.append(dict(init=init, loads=load_lines, body=body))
+            pass_reads.append({str(n.base) for n in loads if n.has(*self.rowsyms)})
         # Final pass: elementwise outputs, column partials, late statistics.
         final = None
         init, loads, load_lines, body = [], {}, [], []
@@ -616,6 +618,10 @@ class RowBuilder:
             sig.extra.append((f"part{j}_ptr", f"part{j}"))
         if body or late:
             final = dict(init=init, loads=load_lines, body=body)
+            pass_reads.append({str(n.base) for n in loads if n.has(*self.rowsyms)})
+        # Tensors of the row that a multi-block row reads in more than one pass: the host keeps
+        # the rows in flight few enough that the later passes find them in L2.
+        reread = sorted(n for n in set().union(*pass_reads) if sum(n in r for r in pass_reads) > 1)
         single = self._single_block(row_loads, row_lines) if self.coldim is not None else None
         if single is not None and not (passes or final):
             raise LoweringError(f"op {ctx.op.name}: row kernel {self.kname} has a column dim but no column pass")
@@ -654,10 +660,15 @@ class RowBuilder:
             host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize})")
         else:
             host.append("blk = 16")
-        if self.crosses:
-            host.append(f"n_prog, rpp = _rt.partial_programs({nrow_host if not row_decomp else 'n_rows'}, device)")
+        nrows = nrow_host if not row_decomp else "n_rows"
+        if reread and ncol:
+            per_row = " + ".join(f"t_{n}.element_size()" for n in reread)
+            host.append(f"reread = n_{self.coldim.name} * ({per_row}) if n_{self.coldim.name} > blk else 0")
+            host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, {bool(self.crosses)}, reread)")
+        elif self.crosses:
+            host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, True)")
         else:
-            host.append(f"n_prog, rpp = {nrow_host if not row_decomp else 'n_rows'}, 1")
+            host.append(f"n_prog, rpp = {nrows}, 1")
         host += part_host
         host.append(f"{self.kname}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
         if self.crosses:
@@ -764,3 +775,38 @@ class RowBuilder:
 
 def emit_rows(ctx: Context, launch: Launch, kname: str):
     return RowBuilder(ctx, launch, kname).build()
+
+
+# ---------------------------------------------------------------------------------------------
+# SCALE: a fused loss's gradient, its forward buffer scaled in place by the scalar cotangent.
+
+
+def emit_scale(ctx: Context, launch: Launch, kname: str):
+    """``d = cot*d_fused`` over ``d_fused``'s own buffer (see the plan's ``scale`` launches): a
+    few programs per SM walk contiguous chunks; the gradient handed out is that buffer."""
+    (st,) = launch.statements
+    sig = Sig(ctx)
+    unit = [a for a in st.expr.atoms(sp.Indexed)]
+    if len(unit) != 1 or tuple(unit[0].indices) != tuple(st.indices) or str(unit[0].base) not in ctx.plan.fused.values():
+        raise LoweringError(f"op {ctx.op.name}: scale launch {st.formula}: not a fused gradient times its cotangent")
+    buf = str(unit[0].base)
+    names = sig.names_for(st.expr, {unit[0]: "v", **{ix: "offs" for ix in st.indices}})
+    (cot,) = list(sig.scalar_loads)
+    value = pr(ctx, st.expr, names, st.formula)
+    ptr = sig.buf(buf)
+    sig.bufs[buf] = 0  # flat over the contiguous buffer: no strides
+    sig.extra += [("n_total", "n_total"), ("CHUNK", "chunk")]
+    sig.constexpr += [("BLOCK", "blk"), ("IDX64", "n_total + chunk >= 2**31")]
+    src = ctx.env.get_template("scale.j2").render(
+        name=kname, args=sig.kernel_args(), formulas=_formula_lines([st]), target=st.target,
+        scalar_loads=sorted(sig.scalar_loads.values()), cot=f"v_{cot}",
+        load=f"v = tl.load({ptr} + offs, mask=mask, other=0).to(tl.float32)",
+        store=f"tl.store({ptr} + offs, {store_value(ptr, value)}, mask=mask)",
+    )
+    host = [
+        f"t_{st.target} = _rt.take_fused(OP, saved, {buf!r})",
+        f"n_total = t_{st.target}.numel()",
+        "blk, n_prog, chunk = _rt.scale_geometry(n_total, device)",
+        f"{kname}[(n_prog,)]({', '.join(sig.host_args())})",
+    ]
+    return [src], host, [st.target]
