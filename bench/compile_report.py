@@ -56,7 +56,9 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# Last on the path: a user project's folder (which symgrad.project puts first) must win, so that
+# its `generated` package is the one imported; the checkout's serves the library's ops.
+sys.path.append(str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from symgrad import project as _project  # noqa: E402
@@ -141,7 +143,9 @@ def record(op_name: str, sizes: dict, dtype, sms: int) -> list:
         grid = kwargs.pop("grid")
         kwargs.pop("warmup", None)
         named = dict(zip(self.arg_names, args))
-        configs = [dict(c.all_kwargs()) for c in self.prune_configs({**named, **kwargs})]
+        self.nargs = named  # what prune_configs reads, as Autotuner.run sets it
+        configs = [dict(c.all_kwargs()) for c in self.prune_configs(kwargs)]
+        self.nargs = None
         grids = []
         for c in configs:
             meta = {**named, **kwargs, **c}

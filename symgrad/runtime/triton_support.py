@@ -179,14 +179,48 @@ def scale_geometry(n: int, device: torch.device) -> tuple[int, int, int]:
     return blk, triton.cdiv(max(n, 1), chunk), chunk
 
 
-def gemm_blocks(m: int, n: int, k: int) -> dict:
-    """Tile sizes of the implicit-GEMM kernels (tl.dot needs at least 16 on each side)."""
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper-sized tiles first (wgmma wants 64-row
+# multiples per warp group and deep K tiles), then smaller ones for small or skinny products.
+GEMM_TILES = (
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 32, 4, 4),
+)
+GEMM_SMEM_BUDGET = 160 * 1024  # operand stages must fit sm_80's 163 KB too; sm_90 has 227 KB
+
+
+def gemm_configs() -> list:
+    """The autotuned configurations of the implicit-GEMM kernels. The interpreter gets one small
+    config: autotuning would only run every config through it (slow, and meaningless on CPU)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    bm = 128 if m >= 128 else 64 if m >= 64 else 32 if m >= 32 else 16
-    bn = 128 if n >= 128 else 64 if n >= 64 else 32 if n >= 32 else 16
-    bk = 32 if k >= 32 else 16
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in GEMM_TILES]
+
+
+def prune_gemm_configs(configs, nargs, **kwargs) -> list:
+    """Configs worth timing for one launch: tiles no larger than the problem (next power of two,
+    at least 16, as tl.dot needs), operand stages within the shared-memory budget, and, where fp32
+    runs on FMA units (PREC ieee), tiles of at most 128 x 128 x 32 (a larger fp32 accumulator spills)."""
+    def cap(n) -> int:
+        return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+    m, n = cap(nargs["M_tot"]), cap(nargs["N_tot"])
+    itemsize = max((t.element_size() for t in nargs.values() if isinstance(t, torch.Tensor)), default=2)
+    fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and itemsize == 4
+    keep = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bm > m or bn > n:
+            continue
+        if (bm * bk + bk * bn) * itemsize * c.num_stages > GEMM_SMEM_BUDGET:
+            continue
+        if fma and (bm * bn > 128 * 128 or bk > 32):
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 def dot_f32(dtype: torch.dtype) -> bool:
@@ -194,10 +228,20 @@ def dot_f32(dtype: torch.dtype) -> bool:
     return interpreting() or dtype == torch.float32
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 matmuls use TF32, as torch decides it for its own: the newer
+    ``torch.backends.cuda.matmul.fp32_precision`` when set, else the float32 matmul precision
+    (``torch.set_float32_matmul_precision("high")`` or ``"medium"``) or ``allow_tf32``."""
+    explicit = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if explicit in ("tf32", "ieee"):
+        return explicit == "tf32"
+    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """``tl.dot``'s input precision: TF32 for float32 when torch allows it, IEEE fp32 (FMA) otherwise;
+    16-bit inputs run on tensor cores exactly either way."""
+    return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
 
 
 # ---------------------------------------------------------------------------------------------
