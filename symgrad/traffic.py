@@ -17,7 +17,10 @@ Model, per launch:
   after the first re-reads the row operands, unless the row is one block, or the rows resident at
   once fit in L2 (``L2_BYTES``) and the re-read hits there;
 - a contraction reads each operand once (its grouped tile order keeps re-reads in L2); its bound is
-  compute, not bandwidth.
+  compute, not bandwidth;
+- a ``scale`` launch (a fused loss's gradient, scaled in place in the buffer forward wrote) reads
+  only its cotangent at a cotangent of 1 (``loss.backward()``, and the benchmark's cotangent of a
+  scalar loss), and leaves the buffer as it is; at any other cotangent it reads and writes it once.
 
 The least a fused implementation must move: forward reads the inputs and writes the outputs;
 backward reads the cotangents and the inputs it needs (or the saved values, when it needs no input)
@@ -131,6 +134,9 @@ def launch_traffic(plan: KernelPlan, launch: Launch, sizes: dict, itemsize: int,
                    single_block: bool = False, resident_programs: int | None = None,
                    l2_bytes: int = L2_BYTES) -> LaunchTraffic:
     """The bytes one launch moves at ``sizes`` (dim name -> size) for inputs of ``itemsize`` bytes."""
+    if launch.kind == "scale":
+        cot = {n: buffer_bytes(plan, n, sizes, itemsize) for n in _read(plan, launch) if n in plan.cotangents}
+        return LaunchTraffic(cot, {}, 1, True, sum(cot.values()))
     reads = {n: buffer_bytes(plan, n, sizes, itemsize) for n in _read(plan, launch)}
     writes = {n: buffer_bytes(plan, n, sizes, itemsize) for n in _written(plan, launch)}
     least = sum(reads.values()) + sum(writes.values())
@@ -153,9 +159,11 @@ def minimum_bytes(plan: KernelPlan, sizes: dict, itemsize: int) -> dict:
     b = lambda names: sum(buffer_bytes(plan, n, sizes, itemsize) for n in names)  # noqa: E731
     needs = plan.saved_inputs or tuple(n for n in plan.saved if n not in plan.fused.values()) or plan.saved
     grads = plan.backward.returns
+    # a fused loss's forward wrote its gradients already: backward only needs the cotangent
+    fused_only = bool(plan.fused) and all(g in plan.fused for g in grads)
     return {
         "forward": b(plan.inputs) + b(plan.outputs),
-        "backward": b(plan.cotangents) + b(needs) + b(grads),
+        "backward": b(plan.cotangents) if fused_only else b(plan.cotangents) + b(needs) + b(grads),
         "both": b(plan.inputs) + b(plan.outputs) + b(plan.cotangents) + b(grads),
     }
 

@@ -26,6 +26,7 @@ DIFFERENTIABLE = ('X', )
 OUTPUTS = ('loss', )
 PARAMS = {}
 SAVED = ('dX_fused', )
+BACKWARD_ONCE = True  # backward scales a saved buffer in place and returns it: one backward per forward
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels

@@ -26,6 +26,7 @@ DIFFERENTIABLE = ('x', )
 OUTPUTS = ('loss', )
 PARAMS = {}
 SAVED = ('dx_fused', )
+BACKWARD_ONCE = True  # backward scales a saved buffer in place and returns it: one backward per forward
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels

@@ -29,6 +29,7 @@ DIFFERENTIABLE = ('x', )
 OUTPUTS = ('loss', )
 PARAMS = {'eps': 0.0, 'ignore_index': -100}
 SAVED = ('dx_fused', )
+BACKWARD_ONCE = True  # backward scales a saved buffer in place and returns it: one backward per forward
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels

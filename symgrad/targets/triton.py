@@ -2,7 +2,9 @@
 
 The module it writes takes and returns torch tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``):
 
-- ``OP, INPUTS, DIFFERENTIABLE, OUTPUTS, PARAMS`` (and ``SAVED``: what backward reads);
+- ``OP, INPUTS, DIFFERENTIABLE, OUTPUTS, PARAMS`` (and ``SAVED``: what backward reads;
+  ``BACKWARD_ONCE`` where backward hands out a saved buffer it scaled in place, a fused loss's
+  gradient: one backward per forward, and ``forward_with_saved``/``apply`` take ``inplace``);
 - ``forward(*inputs, **params)``, ``forward_with_saved(...) -> (outputs, saved)``,
   ``backward(saved, *cotangents)`` (one gradient per input, ``None`` where there is none),
   ``vjp(*inputs, *cotangents, **params)``;
