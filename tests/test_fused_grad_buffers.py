@@ -110,3 +110,50 @@ def test_rows_in_flight_fit_l2_for_the_second_pass(cols, itemsize):
     assert n_prog * rpp >= 8192 and plain * plain_rpp >= 8192 and plain <= 4 * 132
     assert rpp <= -(-8192 // 132)  # at least one program per SM
     assert n_prog * cols * itemsize <= rt.L2_REREAD_BYTES or n_prog <= 132
+
+
+def test_a_users_fused_loss_gets_the_same_buffers(tmp_path):
+    """Not by op name: a cross-entropy with a z-loss term, declared as a user would, is planned as
+    a fused loss whose backward scales forward's buffer in place, with ``inplace=True`` available."""
+    import importlib.util
+    import sys
+
+    import sympy as sp
+
+    from symgrad import declare
+    from symgrad.declare import Dim, LabelRange, Op, Param, Role, Tensor, idx, output
+    from symgrad.targets import triton as triton_target
+
+    b, i, k = idx("b i k")
+    Bd, Cd = Dim("B", "b"), Dim("C", "i", min_size=1)
+    x, y = Tensor("x", (Bd, Cd), domain=(-4.0, 4.0)), Tensor("y", (Bd,), Role.LABEL)
+    z = Param("z", 0.01, doc="z-loss weight", domain="[0, inf)")
+    lse = sp.IndexedBase("lse", real=True)
+    saved, declare.REGISTRY = declare.REGISTRY, declare.Registry()
+    try:
+        op = declare.register(Op(
+            "zloss_ce", "mean over rows of lse - x[y] + z*lse**2", (x, y),
+            intermediates=(output("lse", b, sp.log(sp.Sum(sp.exp(x[b, k]), (k, 0, Cd.size - 1))), Bd),),
+            outputs=(output("loss", (), sp.Sum(lse[b] - x[b, y[b]] + z * lse[b] ** 2, (b, 0, Bd.size - 1)) / Bd.size, ()),),
+            params=(z,), facts=(LabelRange("y", Cd),),
+        ))
+    finally:
+        declare.REGISTRY = saved
+    plan = lower(derive(op, trace=False))
+    assert [l.kind for l in plan.backward.launches] == ["scale"] and plan.overwritable == {"dx": "x"}
+    path = tmp_path / "user_triton_zloss_ce.py"
+    path.write_text(triton_target.render(plan))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)
+
+    g = torch.Generator().manual_seed(1)
+    xv, yv = torch.randn(4, 37, generator=g), torch.randint(0, 37, (4,), generator=g)
+    x64 = xv.double().requires_grad_()
+    l64 = torch.logsumexp(x64, 1)
+    ((l64 - x64.gather(1, yv[:, None])[:, 0] + 0.01 * l64 ** 2).mean() * 0.5).backward()
+    for inplace in (False, True):
+        h = xv.clone().requires_grad_()
+        (mod.apply(h * 1.0, yv, inplace=inplace) * 0.5).backward()
+        torch.testing.assert_close(h.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
