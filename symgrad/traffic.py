@@ -16,6 +16,8 @@ Model, per launch:
   max-and-sum counts as one level with its max), plus one for a column-indexed result; each pass
   after the first re-reads the row operands, unless the row is one block, or the rows resident at
   once fit in L2 (``L2_BYTES``) and the re-read hits there;
+- a multi-block row launch with column partials (a norm's ``dw``, ``dbias``) reads and writes its
+  program's fp32 partial row once per row;
 - a contraction reads each operand once (its grouped tile order keeps re-reads in L2); its bound is
   compute, not bandwidth;
 - a ``scale`` launch (a fused loss's gradient, scaled in place in the buffer forward wrote) reads
@@ -151,6 +153,15 @@ def launch_traffic(plan: KernelPlan, launch: Launch, sizes: dict, itemsize: int,
         if not free:
             for n in row_ops:
                 reads[n] *= passes
+    if launch.kind == "rows" and launch.space[1] is not None and not single_block:
+        # column partials (dw[i], dbias[i]) of a multi-block row: the row kernel adds each row into
+        # its program's fp32 partial row in memory (a read and a write per row)
+        col = launch.space[1]
+        partials = [st for st in launch.statements if tuple(st.dims) == (col,)]
+        if partials:
+            n_rows = math.prod(int(sizes[d.name]) for d in launch.space[0])
+            rmw = n_rows * int(sizes[col.name]) * 4 * len(partials)
+            reads["column partials"] = writes["column partials"] = rmw
     return LaunchTraffic(reads, writes, passes, free, least)
 
 
