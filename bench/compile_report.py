@@ -35,6 +35,7 @@ import datetime as _dt
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -334,6 +335,7 @@ def report_case(op_name, sizes, dtype_name, archs, plans) -> tuple[list, dict]:
     if op_name not in plans:
         plans[op_name] = lower(derive(REGISTRY.get(op_name)))
     plan = plans[op_name]
+    sizes = traffic.all_sizes(plan, sizes, params_for(REGISTRY.get(op_name), sizes))
     rows = []
     by_arch: dict = {}
     for arch in archs:
@@ -375,6 +377,25 @@ def report_case(op_name, sizes, dtype_name, archs, plans) -> tuple[list, dict]:
     return rows, bounds
 
 
+_PLANS: dict = {}
+
+
+def _run_case(job):
+    (op_name, sizes, dt), archs = job
+    return report_case(op_name, sizes, dt, archs, _PLANS)
+
+
+class _Serial:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items):
+        return map(fn, items)
+
+
 def fmt_bytes(n) -> str:
     if n is None:
         return "-"
@@ -414,6 +435,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated (90, 80)")
     ap.add_argument("--small", action="store_true", help="the CI shape set (tiny benchmark shapes, width 257)")
     ap.add_argument("--json", default=None, help="where to write the JSON (default bench/results/compile-sm90.json; '-' for none)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases compiled side by side (default: the CPU count)")
     ap.add_argument("--project-ops", action="append", default=[], metavar="MODULE",
                     help="a module of user ops, as symgrad's --ops (repeatable)")
     args = ap.parse_args(argv)
@@ -433,11 +455,17 @@ def main(argv=None) -> int:
     if any(a not in ARCHS for a in archs):
         ap.error(f"--arch: supported are {', '.join(map(str, ARCHS))}")
 
-    rows, summary, plans = [], [], {}
-    for op_name, sizes, dt in cases(names, dtypes, args.small):
-        r, bounds = report_case(op_name, sizes, dt, archs, plans)
-        rows.extend(r)
-        summary.append(dict(op=op_name, dtype=dt, sizes=sizes, bounds=bounds))
+    rows, summary = [], []
+    todo = list(cases(names, dtypes, args.small))
+    # One case per worker process (forked: the op registry and modules come along); compiling is
+    # CPU-bound and single-threaded in Triton, so cases run side by side on the cores there are.
+    jobs = max(1, min(args.jobs, len(todo)))
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(jobs) if jobs > 1 else _Serial() as pool:
+        for (op_name, sizes, dt), (r, bounds) in zip(todo, pool.imap(_run_case, [(c, archs) for c in todo])):
+            print(f"compiled {op_name} {dt} {sizes}", file=sys.stderr, flush=True)
+            rows.extend(r)
+            summary.append(dict(op=op_name, dtype=dt, sizes=sizes, bounds=bounds))
     print_table(rows, summary)
 
     failures = [r for r in rows if "error" in r or r.get("loop_spills")]

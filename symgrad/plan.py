@@ -361,15 +361,19 @@ def _show(value) -> sp.Basic:
 def choose_saved(s: _State) -> None:
     """A forward value the gradients read is saved when computing it needs a reduction, and
     recomputed in backward when it is a map of saved values (cross-entropy saves the row
-    log-sum-exp, not the B x C softmax); an output is recomputed only when it is plain arithmetic."""
+    log-sum-exp, not the B x C softmax); an output is recomputed only when it is plain arithmetic,
+    or when every tensor it reads is one backward reads anyway (silu's out from x: recomputing the
+    sigmoid moves no byte, reading a saved out moves a tensor)."""
     fwd = {st.target: st for st in s.forward}
     need = set().union(*(st.reads() for st in s.backward)) if s.backward else set()
+    read_anyway = need & set(s.buffers)
     recompute: list[str] = []
     pending = sorted(need & set(fwd))
     while pending:
         name = pending.pop()
         st = fwd[name]
-        if st.kind is KernelClass.MAP and (name not in s.outputs or _is_arithmetic(st.expr)):
+        free = (st.reads() & set(s.buffers)) <= read_anyway - {name}
+        if st.kind is KernelClass.MAP and (name not in s.outputs or _is_arithmetic(st.expr) or free):
             if name not in recompute:
                 recompute.append(name)
                 pending.extend(sorted((st.reads() & set(fwd)) - s.saved - set(recompute)))

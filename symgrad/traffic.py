@@ -43,7 +43,7 @@ from .primitives import ReduceMax
 L2_BYTES = 50 * 10**6  # H100/H200 L2 (50 MB); A100 has 40 MB, the report says which it used
 LABEL_BYTES = 8  # integer labels arrive as int64 (torch's default for class indices)
 
-__all__ = ["L2_BYTES", "LaunchTraffic", "launch_traffic", "minimum_bytes", "buffer_bytes", "row_passes"]
+__all__ = ["L2_BYTES", "LaunchTraffic", "all_sizes", "launch_traffic", "minimum_bytes", "buffer_bytes", "row_passes"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,18 @@ class LaunchTraffic:
     @property
     def total(self) -> int:
         return sum(self.reads.values()) + sum(self.writes.values())
+
+
+def all_sizes(plan: KernelPlan, sizes: dict, params: dict) -> dict:
+    """``sizes`` completed with the dims the plan computes from others (a convolution's output
+    height from the input's, the filter's, stride and padding)."""
+    out = {k: int(v) for k, v in sizes.items() if k in {ds.dim.name for ds in plan.dims}}
+    values = {p.symbol: params[p.name] for p in plan.params if p.name in params}
+    for ds in plan.dims:
+        if ds.formula is not None and ds.dim.name not in out:
+            known = {d.dim.symbol: out[d.dim.name] for d in plan.dims if d.dim.name in out}
+            out[ds.dim.name] = int(sp.floor(ds.formula.xreplace({**known, **values})))
+    return out
 
 
 def buffer_bytes(plan: KernelPlan, name: str, sizes: dict, itemsize: int) -> int:

@@ -44,6 +44,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # out[b, i] = bias[i] + x[b, i]
     pid = tl.program_id(0)
@@ -59,8 +60,8 @@ def _for0_map(
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
     ld0 = tl.load(bias_ptr + i1 * bias_s0, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -156,7 +157,7 @@ def _forward(t_x, t_bias, write_grad):
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_bias, t_bias.stride(0), t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_bias, t_bias.stride(0), t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_out, t_x))
     saved = {
         'B': n_B,
         'C': n_C,

@@ -112,6 +112,11 @@ def row_block(n_cols: int, itemsize: int = 4) -> int:
     return max(16, cap)
 
 
+def contiguous(*tensors) -> bool:
+    """Whether a map kernel may address these same-shaped tensors by one flat offset."""
+    return all(t.is_contiguous() for t in tensors)
+
+
 def map_block(n: int) -> int:
     return max(16, min(triton.next_power_of_2(max(int(n), 1)), _max_block() if interpreting() else 1024))
 

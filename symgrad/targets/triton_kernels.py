@@ -188,6 +188,7 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     body: list[str] = []
     fresh = fresh_names()
     resolved: list[Stmt] = []
+    flat: set = set()  # buffers over the launch's whole shape: one flat offset when all are contiguous
     for st in stmts:
         # A value written by this launch is computed again where a later statement reads it
         # (another program may own that element: attention's p[b, h, k, t] beside p[b, h, t, k]).
@@ -202,12 +203,18 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
             if key not in loads:
                 var = f"ld{len(loads)}"
                 loads[key] = var
-                load_lines.append(_load(ctx, sig, node, imap, var, "mask"))
+                whole = _whole(ctx, node, st.indices, target_dims)
+                if whole:
+                    flat.add(str(node.base))
+                load_lines.append(_load(ctx, sig, node, imap, var, "mask", flat=whole))
             names[node] = loads[key]
         names = sig.names_for(st.expr, names)
         value = pr(ctx, st.expr, names, st.formula)
         ptr = sig.buf(st.target)
         off = " + ".join(f"{imap[ix]} * {sig.stride(st.target, a)}" for a, ix in enumerate(st.indices)) or "0"
+        if target_dims:
+            flat.add(st.target)
+            off = _flat_or(off)
         line = f"tl.store({ptr} + {off}, {store_value(ptr, value)}, mask=mask)"
         if st.fused:
             body += ["if WRITE_GRAD:", "    " + line]
@@ -216,6 +223,7 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     sig.extra.append(("n_total", "n_total"))
     sig.constexpr.append(("BLOCK", "blk"))
     sig.constexpr.append(("IDX64", "n_total + blk >= 2**31"))
+    sig.constexpr.append(("FLAT", f"_rt.contiguous({', '.join(f't_{b}' for b in sorted(flat))})" if flat else "False"))
     if any(s.fused for s in stmts):
         sig.constexpr.append(("WRITE_GRAD", "write_grad"))
     src = ctx.env.get_template("map.j2").render(
@@ -230,7 +238,20 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     return [src], host, [s.target for s in stmts]
 
 
-def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: str | None) -> str:
+def _whole(ctx: Context, node: sp.Indexed, indices, target_dims) -> bool:
+    """Whether a map statement reads ``node`` over the launch's whole shape, index for index (not
+    broadcast, transposed or gathered): then a contiguous buffer is addressed by the flat offset."""
+    dims = ctx.plan.buffers[str(node.base)]
+    return bool(target_dims) and tuple(node.indices) == tuple(indices) and tuple(dims) == tuple(target_dims)
+
+
+def _flat_or(offset: str) -> str:
+    # FLAT (every whole-shape buffer contiguous): the flat offset itself, contiguous across rows,
+    # so loads and stores stay 128-bit wide whatever the last dim's size; strided ones use strides.
+    return f"(offs if FLAT else {offset})"
+
+
+def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: str | None, flat: bool = False) -> str:
     name = str(node.base)
     parts = []
     masks = [mask] if mask else []
@@ -248,6 +269,8 @@ def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: 
         parts.append(f"{code} * {sig.stride(name, a)}")
     ptr = sig.buf(name)
     off = " + ".join(parts) or "0"
+    if flat:
+        off = _flat_or(off)
     label = name in ctx.plan.labels
     m = f", mask={' & '.join(masks)}, other=0" if masks else ""
     conv = "" if label else ".to(tl.float32)"
