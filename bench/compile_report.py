@@ -113,7 +113,12 @@ def shapes(op, small: bool) -> dict:
     return {d.name: (SMALL if small else (ODD if d.name == last else 4096)) for d in op.dims}
 
 
-def cases(ops, dtypes, small: bool):
+def cases(ops, dtypes, small: bool, override=None):
+    if override:
+        for name in ops:
+            for dt in dtypes:
+                yield name, {**shapes(REGISTRY.get(name), small), **override}, dt
+        return
     seen = set()
     for name, full, smoke, case_dtypes in CASES:
         if name in ops:
@@ -435,6 +440,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated (90, 80)")
     ap.add_argument("--small", action="store_true", help="the CI shape set (tiny benchmark shapes, width 257)")
     ap.add_argument("--json", default=None, help="where to write the JSON (default bench/results/compile-sm90.json; '-' for none)")
+    ap.add_argument("--sizes", help="dim sizes overriding the benchmark's, e.g. B=4097,C=11001")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases compiled side by side (default: the CPU count)")
     ap.add_argument("--project-ops", action="append", default=[], metavar="MODULE",
                     help="a module of user ops, as symgrad's --ops (repeatable)")
@@ -455,8 +461,14 @@ def main(argv=None) -> int:
     if any(a not in ARCHS for a in archs):
         ap.error(f"--arch: supported are {', '.join(map(str, ARCHS))}")
 
+    override = {}
+    for item in (args.sizes.split(",") if args.sizes else []):
+        k, _, v = item.partition("=")
+        if not v.strip().isdigit():
+            ap.error(f"--sizes takes NAME=INT pairs separated by commas; got {item!r}")
+        override[k.strip()] = int(v)
     rows, summary = [], []
-    todo = list(cases(names, dtypes, args.small))
+    todo = list(cases(names, dtypes, args.small, override))
     # One case per worker process (forked: the op registry and modules come along); compiling is
     # CPU-bound and single-threaded in Triton, so cases run side by side on the cores there are.
     jobs = max(1, min(args.jobs, len(todo)))

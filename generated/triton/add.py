@@ -54,15 +54,22 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -96,15 +103,22 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-    tl.store(dp_ptr + (offs if FLAT else i0 * dp_s0 + i1 * dp_s1), (ld0).to(dp_ptr.dtype.element_ty), mask=mask)
-    tl.store(dq_ptr + (offs if FLAT else i0 * dq_s0 + i1 * dq_s1), (ld0).to(dq_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dp_ptr + (offs if FLAT else i0 * dp_s0 + i1 * dp_s1), (ld0).to(dp_ptr.dtype.element_ty), mask=mask)
+        tl.store(dq_ptr + (offs if FLAT else i0 * dq_s0 + i1 * dq_s1), (ld0).to(dq_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dp_ptr + (offs if FLAT else i0 * dp_s0 + i1 * dp_s1), (ld0).to(dp_ptr.dtype.element_ty), mask=mask)
+        tl.store(dq_ptr + (offs if FLAT else i0 * dq_s0 + i1 * dq_s1), (ld0).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
 

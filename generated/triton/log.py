@@ -50,14 +50,20 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (tl.log(ld0)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (tl.log(ld0)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (tl.log(ld0)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -90,15 +96,22 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 / (ld1))).to(dx_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 / (ld1))).to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 / (ld1))).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 

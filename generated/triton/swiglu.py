@@ -54,15 +54,22 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -102,17 +109,26 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-    ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
-    tl.store(da_ptr + (offs if FLAT else i0 * da_s0 + i1 * da_s1), ((((sg_sigmoid(ld0) * ld2) + (sg_sigmoid(ld0) * ld0 * (1.0 - sg_sigmoid(ld0)) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0 + i1 * dg_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(da_ptr + (offs if FLAT else i0 * da_s0 + i1 * da_s1), ((((sg_sigmoid(ld0) * ld2) + (sg_sigmoid(ld0) * ld0 * (1.0 - sg_sigmoid(ld0)) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0 + i1 * dg_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(da_ptr + (offs if FLAT else i0 * da_s0 + i1 * da_s1), ((((sg_sigmoid(ld0) * ld2) + (sg_sigmoid(ld0) * ld0 * (1.0 - sg_sigmoid(ld0)) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0 + i1 * dg_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
 
