@@ -25,6 +25,7 @@ Per op and dtype it adds the forward, backward and forward+backward bounds. Writ
     python bench/compile_report.py --ops layer_norm --dtypes bfloat16
     python bench/compile_report.py --small --arch 90            # the CI shape set (tests/test_compile_report.py)
     python bench/compile_report.py --ops myop --project-ops userops   # a user's op (as symgrad --ops)
+    python bench/compile_report.py --compare before.json after.json [sm_90]  # markdown, launch by launch
 
 Exit status 1 when a kernel fails to compile or spills inside a loop.
 """
@@ -433,7 +434,63 @@ def print_table(rows, summary):
             print(f"{s['op']:22} {s['dtype']:8} {sizes[:40]:40} {arch:5} {pct(b['forward']):>5} {pct(b['backward']):>5} {pct(b['both']):>7}")
 
 
+def compare(before_path: str, after_path: str, arch: str = "sm_90") -> str:
+    """A markdown table of every launch in two reports (before -> after) on one architecture."""
+    def index(path):
+        doc = json.loads(Path(path).read_text())
+        out = {}
+        for r in doc["launches"]:
+            if r["arch"] == arch:
+                out.setdefault((r["op"], r["dtype"], r["direction"], r["kernel"]), []).append(r)
+        bounds = {(s["op"], s["dtype"]): s["bounds"].get(arch) for s in doc["ops"]}
+        return out, bounds
+
+    (b, bb), (a, ab) = index(before_path), index(after_path)
+
+    def cell(rs, key, fmt=str):
+        if not rs:
+            return "-"
+        if any("error" in r for r in rs):
+            return "error"
+        vals = sorted({fmt(r[key]) for r in rs if key in r})
+        return "/".join(vals) if vals else "-"
+
+    def share(rs):
+        if not rs or any("error" in r for r in rs):
+            return "-"
+        return "/".join(sorted({f"{r['loads_v4']}:{r['loads']}" for r in rs}))
+
+    def both(x, y):
+        return x if x == y else f"{x} -> {y}"
+
+    lines = [f"| op | dtype | kernel | regs | spill B | loop spills | v4 loads | tensor-core | bound |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|"]
+    for key in sorted(set(b) | set(a), key=lambda k: (k[0], k[1], k[2] != "forward", k[3])):
+        rb, ra = b.get(key, []), a.get(key, [])
+        pct = lambda v: f"{v:.0%}"  # noqa: E731
+        lines.append("| " + " | ".join([key[0], key[1], key[3],
+                                        both(cell(rb, "regs"), cell(ra, "regs")),
+                                        both(cell(rb, "spill_bytes"), cell(ra, "spill_bytes")),
+                                        both(cell(rb, "loop_spills"), cell(ra, "loop_spills")),
+                                        both(share(rb), share(ra)),
+                                        both(cell(rb, "tensor_core"), cell(ra, "tensor_core")),
+                                        both(cell(rb, "bound", pct), cell(ra, "bound", pct))]) + " |")
+    lines += ["", "| op | dtype | fwd | bwd | fwd+bwd |", "|---|---|---:|---:|---:|"]
+    for key in sorted(set(bb) | set(ab)):
+        x, y = bb.get(key) or {}, ab.get(key) or {}
+        f = lambda d, k: "-" if d.get(k) is None else f"{d[k]:.0%}"  # noqa: E731
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(both(f(x, k), f(y, k)) for k in ("forward", "backward", "both")) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
+    if argv is None and sys.argv[1:2] == ["--compare"]:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--compare":
+        if len(argv) < 3:
+            sys.exit("usage: compile_report.py --compare BEFORE.json AFTER.json [sm_90|sm_80]")
+        print(compare(*argv[1:4]), end="")
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", help="comma-separated op names (default: every op of the run)")
     ap.add_argument("--dtypes", default="bfloat16,float32")
