@@ -120,19 +120,18 @@ def cases(ops, dtypes, small: bool, override=None):
             for dt in dtypes:
                 yield name, {**shapes(REGISTRY.get(name), small), **override}, dt
         return
-    seen = set()
+    seen = set()  # (op, sizes, dtype): an op may have several benchmark shapes (cross-entropy has two)
     for name, full, smoke, case_dtypes in CASES:
         if name in ops:
+            sizes = dict(smoke) if small else dict(full)
             for dt in case_dtypes:
-                if dt in dtypes and (name, dt) not in seen and not (small and (name, dt) in seen):
-                    seen.add((name, dt))
-                    yield name, (dict(smoke) if small else dict(full)), dt
-                    if small:
-                        break
+                key = (name, tuple(sorted(sizes.items())), dt)
+                if dt in dtypes and key not in seen:
+                    seen.add(key)
+                    yield name, sizes, dt
     for name in ops:
-        for dt in dtypes:
-            if (name, dt) not in seen and not any(c[0] == name for c in CASES):
-                seen.add((name, dt))
+        if not any(c[0] == name for c in CASES):
+            for dt in dtypes:
                 yield name, shapes(REGISTRY.get(name), small), dt
 
 
