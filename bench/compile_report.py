@@ -433,6 +433,10 @@ def print_table(rows, summary):
             print(f"{s['op']:22} {s['dtype']:8} {sizes[:40]:40} {arch:5} {pct(b['forward']):>5} {pct(b['backward']):>5} {pct(b['both']):>7}")
 
 
+def _shape(r) -> str:
+    return f"{r['op']} " + ",".join(f"{k}={v}" for k, v in r["sizes"].items() if k.isalpha() and k[0].isupper() and len(k) <= 4)
+
+
 def compare(before_path: str, after_path: str, arch: str = "sm_90") -> str:
     """A markdown table of every launch in two reports (before -> after) on one architecture."""
     def index(path):
@@ -440,8 +444,8 @@ def compare(before_path: str, after_path: str, arch: str = "sm_90") -> str:
         out = {}
         for r in doc["launches"]:
             if r["arch"] == arch:
-                out.setdefault((r["op"], r["dtype"], r["direction"], r["kernel"]), []).append(r)
-        bounds = {(s["op"], s["dtype"]): s["bounds"].get(arch) for s in doc["ops"]}
+                out.setdefault((_shape(r), r["dtype"], r["direction"], r["kernel"]), []).append(r)
+        bounds = {(_shape(s), s["dtype"]): s["bounds"].get(arch) for s in doc["ops"]}
         return out, bounds
 
     (b, bb), (a, ab) = index(before_path), index(after_path)
