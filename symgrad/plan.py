@@ -8,8 +8,8 @@ into launches. Targets only print it: none re-plans, re-classifies, re-indexes o
 save. Its data types are small:
 
 ``Statement``  ``target[indices] = expr`` over named buffers, with its kernel class;
-``Launch``     one kernel launch: a kind (``map``, ``rows``, ``gemm``, ``multi``), its statements
-               (in order) and its iteration space;
+``Launch``     one kernel launch: a kind (``map``, ``rows``, ``gemm``, ``multi``, ``scale``), its
+               statements (in order) and its iteration space;
 ``Kernel``     the launches of forward or of backward, and the names that kernel returns;
 ``KernelPlan`` both kernels, the saved set, the buffers (name -> dims) and the lowering trace.
 
@@ -28,11 +28,14 @@ Launch kinds and their spaces:
 - ``rows``: row kernels; ``space = (row dims, column dim or None)``: one program per row (a
   coordinate of every row dim), reductions over the column dim are row statistics, sums over all
   row dims are cross-row partials finished by a second kernel;
-- ``gemm``: one contraction or stencil statement, with its epilogue; ``space = ()``.
+- ``gemm``: one contraction or stencil statement, with its epilogue; ``space = ()``;
 - ``multi``: a multi-tensor map, the one launch of an update rule (``Op.kind == "update"``): its
   statements are maps over the one flat dim of ``space``, run for MANY tensors (the parameters of
   an optimizer's group, each of its own size) in one launch; each statement's result is written
-  over the input it updates (``KernelPlan.updates``), in place, in statement order.
+  over the input it updates (``KernelPlan.updates``), in place, in statement order;
+- ``scale``: a fused loss's gradient ``d = cotangent*d_fused`` (backward): the buffer forward wrote
+  is the op's own and dead after backward, so backward scales it in place and hands it out as the
+  gradient (no second buffer; nothing to move when the cotangent is 1); ``space`` is its dims.
 
 Adding a kernel class: classify it in :func:`classify`, give it a launch kind in
 :func:`schedule_launches`, and an emitter per target.
@@ -107,7 +110,7 @@ class DimSource:
 
 @dataclass(frozen=True)
 class Launch:
-    kind: str  # "map" | "rows" | "gemm"
+    kind: str  # "map" | "rows" | "gemm" | "scale"
     statements: tuple[Statement, ...]
     space: tuple = ()  # map: target dims; rows: (row dims, column dim or None); gemm: ()
 
@@ -141,6 +144,7 @@ class KernelPlan:
     saved: tuple[str, ...]  # inputs, then forward values, that backward reads (params always kept)
     recomputed: tuple[str, ...]  # forward values backward computes again instead of saving
     fused: dict  # gradient -> the buffer forward writes it into per unit cotangent (fused losses)
+    overwritable: dict  # fused gradient -> the input whose buffer forward may write it into (opt-in)
     buffers: dict  # name -> dims, for every input, forward value, cotangent, gradient, temporary
     labels: frozenset  # integer label inputs
     updates: dict = field(default_factory=dict)  # update rules: output -> the input it is written over
@@ -327,6 +331,7 @@ class _State:
     outputs: tuple
     returns: tuple
     fused: dict = field(default_factory=dict)
+    overwritable: dict = field(default_factory=dict)
     launches: dict = field(default_factory=dict)  # "forward"/"backward" -> [Launch]
     declared: list = field(default_factory=list)  # the forward values as derived, before any stage
     trace: Trace = field(default_factory=Trace)
@@ -361,15 +366,19 @@ def _show(value) -> sp.Basic:
 def choose_saved(s: _State) -> None:
     """A forward value the gradients read is saved when computing it needs a reduction, and
     recomputed in backward when it is a map of saved values (cross-entropy saves the row
-    log-sum-exp, not the B x C softmax); an output is recomputed only when it is plain arithmetic."""
+    log-sum-exp, not the B x C softmax); an output is recomputed only when it is plain arithmetic,
+    or when every tensor it reads is one backward reads anyway (silu's out from x: recomputing the
+    sigmoid moves no byte, reading a saved out moves a tensor)."""
     fwd = {st.target: st for st in s.forward}
     need = set().union(*(st.reads() for st in s.backward)) if s.backward else set()
+    read_anyway = need & set(s.buffers)
     recompute: list[str] = []
     pending = sorted(need & set(fwd))
     while pending:
         name = pending.pop()
         st = fwd[name]
-        if st.kind is KernelClass.MAP and (name not in s.outputs or _is_arithmetic(st.expr)):
+        free = (st.reads() & set(s.buffers)) <= read_anyway - {name}
+        if st.kind is KernelClass.MAP and (name not in s.outputs or _is_arithmetic(st.expr) or free):
             if name not in recompute:
                 recompute.append(name)
                 pending.extend(sorted((st.reads() & set(fwd)) - s.saved - set(recompute)))
@@ -812,7 +821,10 @@ def schedule_launches(s: _State) -> None:
         return
     for side in ("forward", "backward"):
         stmts = getattr(s, side)
-        launches = _launches(s, stmts)
+        # in place over forward's buffer when the cotangent is one number; a per-row loss's
+        # (reduction='none': dloss[b]*G[b, i]) runs as an ordinary map into a new buffer
+        scaled = [st for st in stmts if side == "backward" and st.target in s.fused and len(st.expr.atoms(sp.Indexed)) == 1]
+        launches = [Launch("scale", (st,), st.dims) for st in scaled] + _launches(s, [st for st in stmts if st not in scaled])
         s.launches[side] = launches
         for launch in launches:
             s.note("schedule launches", f"launch_{launch.kind}", f"one {launch.kind} launch over {_space_text(launch)}",
@@ -984,8 +996,46 @@ def row_space(s: _State, st: Statement) -> tuple:
     return (big[:col] + big[col + 1:], big[col])
 
 
+def overwritable_inputs(s: _State) -> None:
+    """A fused gradient may be written into its input's own buffer (an opt-in for callers whose
+    input is a dead intermediate, such as logits) when no program can read an entry of the input
+    after another (or itself) has overwritten it: the launch writing the gradient is the last to
+    read the input, and each of its reads is at the program's own row (a row kernel: loaded before
+    the row's gradient block is stored) or, in a map, at the element it writes."""
+    launches = s.launches.get("forward", [])
+    for grad, name in s.fused.items():
+        inp = grad[1:]
+        at = [n for n, launch in enumerate(launches) if name in launch.targets]
+        if not at or s.buffers.get(inp) != s.buffers[name]:
+            continue
+        launch = launches[at[0]]
+        if any(inp in st.reads() for later in launches[at[0] + 1:] for st in later.statements):
+            continue
+        if all(_own_reads(s, launch, st, inp) for st in launch.statements):
+            s.overwritable[grad] = inp
+            s.note("overwritable inputs", "overwrite_input", overwritable_inputs.__doc__.split(":")[0], [name], [inp])
+
+
+def _own_reads(s: _State, launch: Launch, st: Statement, inp: str) -> bool:
+    reads = [a for a in st.expr.atoms(sp.Indexed) if str(a.base) == inp]
+    if launch.kind == "map":
+        return all(tuple(a.indices) == tuple(st.indices) for a in reads)
+    if launch.kind != "rows" or launch.space[1] is None:
+        return not reads
+    rows, col = launch.space
+    dims = s.buffers[inp]
+    for a in reads:
+        for d, ix in zip(dims, a.indices):
+            plain = isinstance(ix, sp.Symbol)
+            # a row-level gather (x[b, y[b]]) is loaded at the top of the row, before any store
+            gather = d == col and isinstance(ix, sp.Indexed) and all(isinstance(j, sp.Symbol) for j in ix.indices)
+            if not (plain or gather):
+                return False
+    return True
+
+
 LOWERING_STAGES = (choose_saved, inline_temporaries, fuse_losses, share_row_statistics, split_reductions, reindex_stencils,
-                   schedule_launches)
+                   schedule_launches, overwritable_inputs)
 
 
 def lower(derivation: Derivation) -> KernelPlan:
@@ -1025,6 +1075,7 @@ def lower(derivation: Derivation) -> KernelPlan:
         saved=saved,
         recomputed=tuple(state.recomputed),
         fused=dict(state.fused),
+        overwritable=dict(state.overwritable),
         buffers=dict(state.buffers),
         labels=frozenset(t.name for t in op.inputs if t.role is Role.LABEL),
         updates=op.updates,

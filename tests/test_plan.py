@@ -56,6 +56,8 @@ def test_launches_hold_one_kernel_class(name, plans):
                 assert len(launch.statements) == 1 and kinds <= {KernelClass.CONTRACTION, KernelClass.STENCIL}
             elif launch.kind == "map":
                 assert kinds == {KernelClass.MAP}
+            elif launch.kind == "scale":  # a fused loss's gradient, scaled in the buffer forward wrote
+                assert kernel is plan.backward and kinds == {KernelClass.MAP} and launch.targets[0] in plan.fused
             else:
                 assert launch.kind == "rows" and KernelClass.CONTRACTION not in kinds and KernelClass.STENCIL not in kinds
     assert set(plan.backward.returns) == {f"d{t}" for t in plan.differentiable}

@@ -6,7 +6,7 @@ Inputs:
     x[B, C]  (differentiable)
 Outputs:
     out[B, C]
-Saved for backward: x, out (and every param and dim).
+Saved for backward: x (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -59,24 +59,25 @@ def _forward_with_saved(x, **params):
     # out[b, i] = sigmoid(x[b, i])*x[b, i]  [map]
     out = _m.sigmoid(x)*x
 
-    saved = {'x': x, 'out': out, 'B': B, 'C': C, '_lead': _lead}
+    saved = {'x': x, 'B': B, 'C': C, '_lead': _lead}
     return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dout):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    x, out = saved['x'], saved['out']
+    x = saved['x']
     B, C = saved['B'], saved['C']
     dout = _m.float_array(OP, 'cotangent dout', dout, weak=True)
-    _dt = _m.float_dtype(x, out, dout)
+    _dt = _m.float_dtype(x, dout)
     _lead = saved['_lead']
     dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
-    # dx[b, i] = ((1 - sigmoid(x[b, i]))*out[b, i] + sigmoid(x[b, i]))*dout[b, i]  [map]
+    # dx[b, i] = ((1 - sigmoid(x[b, i]))*sigmoid(x[b, i])*x[b, i] + sigmoid(x[b, i]))*dout[b, i]
+    #     [map]
     _t0 = _m.sigmoid(x)
-    dx = (_t0 + (1 - _t0)*out)*dout
+    dx = (_t0*(1 - _t0)*x + _t0)*dout
 
     return (_m.unfold(dx, _lead),)
 

@@ -7,7 +7,7 @@ Inputs:
     g[B, C]  (differentiable)
 Outputs:
     out[B, C]
-Saved for backward: a, g, out (and every param and dim).
+Saved for backward: a, g (and every param and dim).
 
 NumPy reference kernels: forward, backward, vjp. The module contract is documented in
 symgrad/targets/__init__.py; each block below carries the formula it computes, in index notation.
@@ -62,24 +62,26 @@ def _forward_with_saved(a, g, **params):
     # out[b, i] = sigmoid(a[b, i])*a[b, i]*g[b, i]  [map]
     out = _m.sigmoid(a)*a*g
 
-    saved = {'a': a, 'g': g, 'out': out, 'B': B, 'C': C, '_lead': _lead}
+    saved = {'a': a, 'g': g, 'B': B, 'C': C, '_lead': _lead}
     return _m.unfold(out, _lead), saved
 
 
 @np.errstate(all="ignore")
 def backward(saved, dout):
     """One gradient per input, in INPUTS order (None for inputs without one)."""
-    a, g, out = saved['a'], saved['g'], saved['out']
+    a, g = saved['a'], saved['g']
     B, C = saved['B'], saved['C']
     dout = _m.float_array(OP, 'cotangent dout', dout, weak=True)
-    _dt = _m.float_dtype(a, g, out, dout)
+    _dt = _m.float_dtype(a, g, dout)
     _lead = saved['_lead']
     dout = _m.fold_like(OP, 'dout', np.asarray(dout), _lead, (C, ))
     dout = _m.check_shape(OP, 'dout', dout, ('B', 'C'), (B, C), _dt)
 
-    # da[b, i] = ((1 - sigmoid(a[b, i]))*out[b, i] + sigmoid(a[b, i])*g[b, i])*dout[b, i]  [map]
+    # da[b, i] = ((1 - sigmoid(a[b, i]))*sigmoid(a[b, i])*a[b, i]*g[b, i] + sigmoid(a[b, i])*g[b,
+    #     i])*dout[b, i]  [map]
     _t0 = _m.sigmoid(a)
-    da = (_t0*g + (1 - _t0)*out)*dout
+    _t1 = _t0*g
+    da = (_t1*(1 - _t0)*a + _t1)*dout
 
     # dg[b, i] = sigmoid(a[b, i])*a[b, i]*dout[b, i]  [map]
     dg = _m.sigmoid(a)*a*dout

@@ -44,6 +44,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # out[b, i] = bias[i] + x[b, i]
     pid = tl.program_id(0)
@@ -52,15 +53,22 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(bias_ptr + i1 * bias_s0, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(bias_ptr + i1 * bias_s0, mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(bias_ptr + i1 * bias_s0, mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -156,7 +164,7 @@ def _forward(t_x, t_bias, write_grad):
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_bias, t_bias.stride(0), t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_bias, t_bias.stride(0), t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_out, t_x))
     saved = {
         'B': n_B,
         'C': n_C,
@@ -202,7 +210,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     t_dbias = torch.empty((n_C, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
-    n_prog, rpp = _rt.partial_programs(n_B, device)
+    n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog, n_C), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_C)

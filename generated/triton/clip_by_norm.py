@@ -40,6 +40,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # out[n] = (max_norm*Iverson(max_norm/(total_norm + 1.0e-6) < 1)/(total_norm + 1.0e-6) +
     #     Iverson(max_norm/(total_norm + 1.0e-6) >= 1))*g[n]
@@ -49,12 +50,18 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i0 = offs
     i0 = i0.to(tl.int64)
     v_total_norm = tl.load(total_norm_ptr).to(tl.float32)
-    ld0 = tl.load(g_ptr + i0 * g_s0, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0, (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0), (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0), (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -74,6 +81,7 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # dg[n] = (max_norm*Iverson(max_norm/(total_norm + 1.0e-6) < 1)/(total_norm + 1.0e-6) +
     #     Iverson(max_norm/(total_norm + 1.0e-6) >= 1))*dout[n]
@@ -83,12 +91,18 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i0 = offs
     i0 = i0.to(tl.int64)
     v_total_norm = tl.load(total_norm_ptr).to(tl.float32)
-    ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(tl.float32)
-    tl.store(dg_ptr + i0 * dg_s0, (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(dg_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0), (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(dg_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0), (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -116,7 +130,7 @@ def _forward(t_g, t_total_norm, p_max_norm, write_grad):
     t_out = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
     saved = {
         'total_norm': t_total_norm,
         'max_norm': p_max_norm,
@@ -160,7 +174,7 @@ def backward(saved, dout, ):
     t_dg = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout))
     return (t_dg, None, )
 
 

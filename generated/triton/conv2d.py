@@ -29,6 +29,7 @@ SAVED = ('X', 'Wt', )
 # Forward kernels
 
 
+@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
 @triton.jit
 def _for0_gemm(
     Wt_ptr,
@@ -60,12 +61,12 @@ def _for0_gemm(
     M_tot,
     N_tot,
     K_tot,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Y[n, o, h, w] = Sum(Wt[o, c, r, s]*X[n, c, h*stride - pad + r, -pad + s + stride*w], (c, 0, Cin - 1), (r, 0,
     #     R - 1), (s, 0, S - 1))
@@ -103,6 +104,12 @@ def _for0_gemm(
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        elif a.dtype != b.dtype:
+            # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
+            if a.dtype == tl.float32:
+                a = a.to(b.dtype)
+            else:
+                b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(Y_ptr + m_n[:, None] * Y_s0 + n_o[None, :] * Y_s1 + m_h[:, None] * Y_s2 + m_w[:, None] * Y_s3, (acc).to(Y_ptr.dtype.element_ty), mask=mn_mask)
 
@@ -111,6 +118,7 @@ def _for0_gemm(
 # Backward kernels
 
 
+@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
 @triton.jit
 def _bac0_gemm(
     Wt_ptr,
@@ -142,12 +150,12 @@ def _bac0_gemm(
     M_tot,
     N_tot,
     K_tot,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # dX[n, c, h, w] = Sum(Iverson(Eq(Mod(h + pad - r_v, stride), 0))*Iverson(Eq(Mod(pad - s_v + w, stride),
     #     0))*Wt[k, c, r_v, s_v]*dY[n, k, floor((h + pad - r_v)/stride), floor((pad - s_v + w)/stride)], (k, 0,
@@ -186,10 +194,17 @@ def _bac0_gemm(
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        elif a.dtype != b.dtype:
+            # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
+            if a.dtype == tl.float32:
+                a = a.to(b.dtype)
+            else:
+                b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(dX_ptr + m_n[:, None] * dX_s0 + n_c[None, :] * dX_s1 + m_h[:, None] * dX_s2 + m_w[:, None] * dX_s3, (acc).to(dX_ptr.dtype.element_ty), mask=mn_mask)
 
 
+@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
 @triton.jit
 def _bac1_gemm(
     X_ptr,
@@ -221,12 +236,12 @@ def _bac1_gemm(
     M_tot,
     N_tot,
     K_tot,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # dWt[o, c, r, s] = Sum(X[k, c, j*stride - pad + r, l*stride - pad + s]*dY[k, o, j, l], (k, 0, N - 1), (j, 0,
     #     floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))
@@ -264,6 +279,12 @@ def _bac1_gemm(
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        elif a.dtype != b.dtype:
+            # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
+            if a.dtype == tl.float32:
+                a = a.to(b.dtype)
+            else:
+                b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(dWt_ptr + m_o[:, None] * dWt_s0 + n_c[None, :] * dWt_s1 + n_r[None, :] * dWt_s2 + n_s[None, :] * dWt_s3, (acc).to(dWt_ptr.dtype.element_ty), mask=mn_mask)
 
@@ -302,9 +323,8 @@ def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
     M_tot = n_N * n_Ho * n_Wo
     N_tot = n_Cout
     K_tot = n_Cin * n_R * n_S
-    cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
-    grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    if _rt.programs(grid): _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
+    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
     saved = {
         'X': t_X,
         'Wt': t_Wt,
@@ -369,17 +389,15 @@ def backward(saved, dY, ):
     M_tot = n_N * n_H * n_W
     N_tot = n_Cin
     K_tot = n_Cout * n_R * n_S
-    cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
-    grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    if _rt.programs(grid): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
+    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
     # _bac1_gemm: dWt (gemm)
     t_dWt = torch.empty((n_Cout, n_Cin, n_R, n_S, ), dtype=dtype, device=device)
     M_tot = n_Cout
     N_tot = n_Cin * n_R * n_S
     K_tot = n_N * n_Ho * n_Wo
-    cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
-    grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    if _rt.programs(grid): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
+    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
     return (t_dX, t_dWt, )
 
 

@@ -41,6 +41,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # out[b, i] = exp(x[b, i])
     pid = tl.program_id(0)
@@ -49,14 +50,20 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, (tl.exp(ld0)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (tl.exp(ld0)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (tl.exp(ld0)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -80,6 +87,7 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # dx[b, i] = dout[b, i]*out[b, i]
     pid = tl.program_id(0)
@@ -88,15 +96,22 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(dout_ptr + i0 * dout_s0 + i1 * dout_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(out_ptr + i0 * out_s0 + i1 * out_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -122,7 +137,7 @@ def _forward(t_x, write_grad):
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_out, t_x))
     saved = {
         'out': t_out,
         'B': n_B,
@@ -170,7 +185,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dout, t_dx, t_out))
     return (_rt.unfold(t_dx, _lead), )
 
 

@@ -26,6 +26,7 @@ DIFFERENTIABLE = ('g', )
 OUTPUTS = ('norm', )
 PARAMS = {}
 SAVED = ('dg_fused', )
+BACKWARD_ONCE = True  # backward scales a saved buffer in place and returns it: one backward per forward
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
@@ -84,6 +85,7 @@ def _for1_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
     # dg_fused[n] = g[n]/Abs(norm)
@@ -93,13 +95,20 @@ def _for1_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i0 = offs
     i0 = i0.to(tl.int64)
     v_norm = tl.load(norm_ptr).to(tl.float32)
-    ld0 = tl.load(g_ptr + i0 * g_s0, mask=mask, other=0).to(tl.float32)
-    if WRITE_GRAD:
-        tl.store(dg_fused_ptr + i0 * dg_fused_s0, ((ld0 / (tl.abs(v_norm)))).to(dg_fused_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        if WRITE_GRAD:
+            tl.store(dg_fused_ptr + (offs if FLAT else i0 * dg_fused_s0), ((ld0 / (tl.abs(v_norm)))).to(dg_fused_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        if WRITE_GRAD:
+            tl.store(dg_fused_ptr + (offs if FLAT else i0 * dg_fused_s0), ((ld0 / (tl.abs(v_norm)))).to(dg_fused_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -108,31 +117,29 @@ def _for1_map(
 
 
 @triton.jit
-def _bac0_map(
-    dg_ptr,
-    dg_s0,
+def _bac0_scale(
     dg_fused_ptr,
-    dg_fused_s0,
     dnorm_ptr,
-    n_N,
     n_total,
+    CHUNK,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
 ):
     # dg[n] = dnorm*dg_fused[n]
-    pid = tl.program_id(0)
-    # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
-    if IDX64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
-    i0 = offs
-    i0 = i0.to(tl.int64)
+    # In place over the buffer forward wrote (the op's own, contiguous): dg is that buffer.
+    # A cotangent of 1 (loss.backward()) leaves it as it is, so nothing is read or written.
     v_dnorm = tl.load(dnorm_ptr).to(tl.float32)
-    ld0 = tl.load(dg_fused_ptr + i0 * dg_fused_s0, mask=mask, other=0).to(tl.float32)
-    tl.store(dg_ptr + i0 * dg_s0, ((v_dnorm * ld0)).to(dg_ptr.dtype.element_ty), mask=mask)
-
+    if v_dnorm != 1.0:
+        pid = tl.program_id(0)
+        if IDX64:
+            start = pid.to(tl.int64) * CHUNK
+        else:
+            start = pid * CHUNK
+        for o in range(0, CHUNK, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK)
+            mask = offs < n_total
+            v = tl.load(dg_fused_ptr + offs, mask=mask, other=0).to(tl.float32)
+            tl.store(dg_fused_ptr + offs, ((v_dnorm * v)).to(dg_fused_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,23 +154,25 @@ def _params():
     return values
 
 
-def _forward(t_g, write_grad):
+def _forward(t_g, write_grad, inplace=False):
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_g, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_g, ))])
     n_N = dims['N']
+    if inplace:
+        _rt.check_overwritable(OP, 'g', t_g)
     # _for0_rows: norm (rows)
     t_norm = torch.empty((), dtype=dtype, device=device)
     blk = 16
-    n_prog, rpp = _rt.partial_programs(n_N, device)
+    n_prog, rpp = _rt.row_programs(n_N, device, True)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_g, t_g.stride(0), n_N, part0, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_norm, part0, n_prog, BLOCK=fblk)
     # _for1_map: dg_fused (map)
-    t_dg_fused = torch.empty((n_N, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 1, dtype=dtype, device=device)
+    t_dg_fused = t_g if inplace else torch.empty((n_N, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 1, dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for1_map[(triton.cdiv(n_total, blk),)](t_dg_fused, t_dg_fused.stride(0), t_g, t_g.stride(0), t_norm, n_N, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, WRITE_GRAD=write_grad)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for1_map[(triton.cdiv(n_total, blk),)](t_dg_fused, t_dg_fused.stride(0), t_g, t_g.stride(0), t_norm, n_N, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg_fused, t_g), WRITE_GRAD=write_grad)
     saved = {
         'dg_fused': t_dg_fused,
         'N': n_N,
@@ -179,10 +188,16 @@ def forward(g, ):
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(g, ):
+def forward_with_saved(g, *, inplace=False, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
-    saves must not be changed in place before ``backward`` (which raises if they are)."""
-    outs, saved = _forward(g, *_params(), True)
+    saves must not be changed in place before ``backward`` (which raises if they are).
+    ``backward`` scales the gradient forward saved in place and returns that buffer: it runs once
+    per ``forward_with_saved``.
+
+    ``inplace=True`` writes the gradient of g into g's own
+    buffer (its values are lost): for a caller whose g is a dead intermediate
+    (logits nothing else reads), it saves a buffer of that size. The default never writes an input."""
+    outs, saved = _forward(g, *_params(), True, inplace)
     saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     return (outs[0] if len(outs) == 1 else outs), saved
 
@@ -201,11 +216,11 @@ def backward(saved, dnorm, ):
         dnorm = torch.zeros((), dtype=dtype, device=device)
     _rt.check_cotangent(OP, 'dnorm', dnorm, (), device)
     t_dnorm = dnorm
-    # _bac0_map: dg (map)
-    t_dg = torch.empty((n_N, ), dtype=dtype, device=device)
-    n_total = n_N
-    blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dg_fused, t_dg_fused.stride(0), t_dnorm, n_N, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    # _bac0_scale: dg (scale)
+    t_dg = _rt.take_fused(OP, saved, 'dg_fused')
+    n_total = t_dg.numel()
+    blk, n_prog, chunk = _rt.scale_geometry(n_total, device)
+    if _rt.programs((n_prog,)): _bac0_scale[(n_prog,)](t_dg_fused, t_dnorm, n_total, chunk, BLOCK=blk, IDX64=n_total + chunk >= 2**31)
     return (t_dg, )
 
 
@@ -249,8 +264,8 @@ def _(g, ):
     return res
 
 
-@torch.library.custom_op("symgrad_triton::grad_norm2_backward", mutates_args=())
-def _backward_op(s_dg_fused: torch.Tensor, c_dnorm: torch.Tensor, n_N: int, dtype: torch.dtype) -> torch.Tensor:
+@torch.library.custom_op("symgrad_triton::grad_norm2_backward", mutates_args=("s_dg_fused", ))
+def _backward_op(s_dg_fused: torch.Tensor, c_dnorm: torch.Tensor, n_N: int, dtype: torch.dtype) -> None:
     saved = {
         'dg_fused': s_dg_fused,
         'N': n_N,
@@ -258,16 +273,12 @@ def _backward_op(s_dg_fused: torch.Tensor, c_dnorm: torch.Tensor, n_N: int, dtyp
         "_device": c_dnorm.device,
     }
     grads = backward(saved, c_dnorm, )
-    res = tuple(g for g in grads if g is not None)
-    return res[0]
+    del grads  # each gradient is a saved buffer, scaled in place
 
 
 @_backward_op.register_fake
 def _(s_dg_fused, c_dnorm, n_N, dtype):
-    res = (
-        c_dnorm.new_empty((n_N, ), dtype=dtype),
-    )
-    return res[0]
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -288,9 +299,10 @@ def _backward_autograd(ctx, *grads):
         g if g is not None else torch.zeros(s, dtype=ctx.dtype, device=ctx.device)
         for g, s in zip(grads[: len(OUTPUTS)], ctx.out_shapes)
     ]
-    res = _backward_op(*ctx.saved_tensors, *cots, *ctx.sizes, *ctx.params, ctx.dtype)
+    saved = _rt.saved_once(OP, ctx)  # backward scales a saved buffer in place: once per forward
+    res = _backward_op(*saved, *cots, *ctx.sizes, *ctx.params, ctx.dtype)
     res = iter(res if isinstance(res, tuple) else (res,))
-    return (next(res), )
+    return (saved[0], )
 
 
 _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
@@ -315,7 +327,35 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(g, ):
-    """L2 norm of a flat gradient: sqrt(sum(g**2)) (torch.linalg.vector_norm, ord 2), differentiable by torch.autograd and traceable by torch.compile."""
+
+class _Overwriting(torch.autograd.Function):
+    """``apply(..., inplace=True)``: forward writes the gradient of g into that input's own
+    buffer, so no buffer of its size is allocated; backward scales it in place. Eager only."""
+
+    @staticmethod
+    def forward(ctx, g, ):
+        outs, saved = _forward(g, *_params(), True, True)
+        torch.autograd.graph.increment_version(g)  # another op that saved g finds it changed and raises
+        ctx.save_for_backward(*(saved[n] for n in SAVED))
+        ctx.sizes = _sizes(g, *_params())
+        ctx.params = _params()
+        ctx.dtype = g.dtype
+        ctx.out_shapes = [o.shape for o in outs]
+        ctx.device = g.device
+        return outs[0] if len(outs) == 1 else outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward_autograd(ctx, *grads)
+
+
+def apply(g, *, inplace=False, ):
+    """L2 norm of a flat gradient: sqrt(sum(g**2)) (torch.linalg.vector_norm, ord 2), differentiable by torch.autograd and traceable by torch.compile.
+
+    ``inplace=True`` (eager only) writes the gradient of g into g's own buffer
+    during forward, for a caller whose g is a dead intermediate: its values are lost."""
+    if inplace:
+        _rt.check_inplace_apply(OP, {'g': g})
+        return _Overwriting.apply(g, *_params())  # a fused loss: one scalar output
     res = Function.apply(g, *_params())
     return res[0]

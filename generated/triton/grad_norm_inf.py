@@ -196,7 +196,8 @@ def backward(saved, dnorm, ):
     # _bac0_rows: dg (rows)
     t_dg = torch.empty((n_R, n_N, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_N, dtype.itemsize)
-    n_prog, rpp = n_R, 1
+    reread = n_N * (t_g.element_size()) if n_N > blk else 0
+    n_prog, rpp = _rt.row_programs(n_R, device, False, reread)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dg, t_dg.stride(0), t_dg.stride(1), t_dnorm, t_dnorm.stride(0), t_g, t_g.stride(0), t_g.stride(1), t_norm, t_norm.stride(0), n_N, n_R, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dg, _lead), )
 

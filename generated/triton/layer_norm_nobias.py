@@ -246,7 +246,8 @@ def _forward(t_x, t_w, p_eps, write_grad):
     t_rstd = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_y = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_D, dtype.itemsize)
-    n_prog, rpp = n_B, 1
+    reread = n_D * (t_x.element_size()) if n_D > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
@@ -303,7 +304,8 @@ def backward(saved, dy, ):
     t_dx = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
     t_dw = torch.empty((n_D, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_D, dtype.itemsize)
-    n_prog, rpp = _rt.partial_programs(n_B, device)
+    reread = n_D * (t_dy.element_size() + t_x.element_size()) if n_D > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, True, reread)
     part0 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)

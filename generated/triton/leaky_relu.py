@@ -42,6 +42,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # out[b, i] = alpha*Iverson(x[b, i] <= 0)*x[b, i] + Iverson(x[b, i] > 0)*x[b, i]
     pid = tl.program_id(0)
@@ -50,14 +51,20 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((tl.where((ld0 > 0.0), ld0, tl.where((ld0 <= 0.0), 0.0, float('nan'))) + tl.where((ld0 <= 0.0), (p_alpha * ld0), tl.where((ld0 > 0.0), 0.0, float('nan'))))).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((tl.where((ld0 > 0.0), ld0, tl.where((ld0 <= 0.0), 0.0, float('nan'))) + tl.where((ld0 <= 0.0), (p_alpha * ld0), tl.where((ld0 > 0.0), 0.0, float('nan'))))).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((tl.where((ld0 > 0.0), ld0, tl.where((ld0 <= 0.0), 0.0, float('nan'))) + tl.where((ld0 <= 0.0), (p_alpha * ld0), tl.where((ld0 > 0.0), 0.0, float('nan'))))).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -82,6 +89,7 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # dx[b, i] = (alpha*Iverson(x[b, i] <= 0) + Iverson(x[b, i] > 0))*dout[b, i]
     pid = tl.program_id(0)
@@ -90,15 +98,22 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(dout_ptr + i0 * dout_s0 + i1 * dout_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, (((tl.where((ld1 <= 0.0), p_alpha, tl.where((ld1 > 0.0), 0.0, float('nan'))) + tl.where((ld1 > 0.0), 1.0, tl.where((ld1 <= 0.0), 0.0, float('nan')))) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), (((tl.where((ld1 <= 0.0), p_alpha, tl.where((ld1 > 0.0), 0.0, float('nan'))) + tl.where((ld1 > 0.0), 1.0, tl.where((ld1 <= 0.0), 0.0, float('nan')))) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), (((tl.where((ld1 <= 0.0), p_alpha, tl.where((ld1 > 0.0), 0.0, float('nan'))) + tl.where((ld1 > 0.0), 1.0, tl.where((ld1 <= 0.0), 0.0, float('nan')))) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -128,7 +143,7 @@ def _forward(t_x, p_alpha, write_grad):
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, p_alpha, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, p_alpha, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_out, t_x))
     saved = {
         'x': t_x,
         'alpha': p_alpha,
@@ -178,7 +193,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, p_alpha, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, p_alpha, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dout, t_dx, t_x))
     return (_rt.unfold(t_dx, _lead), )
 
 

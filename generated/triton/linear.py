@@ -30,6 +30,7 @@ SAVED = ('X', 'W', )
 # Forward kernels
 
 
+@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
 @triton.jit
 def _for0_gemm(
     W_ptr,
@@ -49,12 +50,12 @@ def _for0_gemm(
     M_tot,
     N_tot,
     K_tot,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Y[b, j] = bias[j] + Sum(W[j, k]*X[b, k], (k, 0, K - 1))
     # implicit GEMM: M = (b), N = (j), K = (k)
@@ -83,6 +84,12 @@ def _for0_gemm(
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        elif a.dtype != b.dtype:
+            # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
+            if a.dtype == tl.float32:
+                a = a.to(b.dtype)
+            else:
+                b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     e0 = tl.load(bias_ptr + n_j[None, :] * bias_s0, mask=mn_mask, other=0.0).to(tl.float32)
     tl.store(Y_ptr + m_b[:, None] * Y_s0 + n_j[None, :] * Y_s1, ((acc + e0)).to(Y_ptr.dtype.element_ty), mask=mn_mask)
@@ -92,6 +99,7 @@ def _for0_gemm(
 # Backward kernels
 
 
+@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
 @triton.jit
 def _bac0_gemm(
     W_ptr,
@@ -109,12 +117,12 @@ def _bac0_gemm(
     M_tot,
     N_tot,
     K_tot,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # dX[b, k] = Sum(W[l, k]*dY[b, l], (l, 0, N - 1))
     # implicit GEMM: M = (b), N = (k), K = (l)
@@ -143,10 +151,17 @@ def _bac0_gemm(
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        elif a.dtype != b.dtype:
+            # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
+            if a.dtype == tl.float32:
+                a = a.to(b.dtype)
+            else:
+                b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(dX_ptr + m_b[:, None] * dX_s0 + n_k[None, :] * dX_s1, (acc).to(dX_ptr.dtype.element_ty), mask=mn_mask)
 
 
+@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
 @triton.jit
 def _bac1_gemm(
     X_ptr,
@@ -164,12 +179,12 @@ def _bac1_gemm(
     M_tot,
     N_tot,
     K_tot,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # dW[j, k] = Sum(X[l, k]*dY[l, j], (l, 0, B - 1))
     # implicit GEMM: M = (j), N = (k), K = (l)
@@ -198,6 +213,12 @@ def _bac1_gemm(
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        elif a.dtype != b.dtype:
+            # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
+            if a.dtype == tl.float32:
+                a = a.to(b.dtype)
+            else:
+                b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(dW_ptr + m_j[:, None] * dW_s0 + n_k[None, :] * dW_s1, (acc).to(dW_ptr.dtype.element_ty), mask=mn_mask)
 
@@ -286,9 +307,8 @@ def _forward(t_X, t_W, t_bias, write_grad):
     M_tot = n_B
     N_tot = n_N
     K_tot = n_K
-    cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
-    grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    if _rt.programs(grid): _for0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_bias, t_bias.stride(0), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
+    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_bias, t_bias.stride(0), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
     saved = {
         'X': t_X,
         'W': t_W,
@@ -341,21 +361,19 @@ def backward(saved, dY, ):
     M_tot = n_B
     N_tot = n_K
     K_tot = n_N
-    cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
-    grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    if _rt.programs(grid): _bac0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_dX, t_dX.stride(0), t_dX.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
+    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_dX, t_dX.stride(0), t_dX.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
     # _bac1_gemm: dW (gemm)
     t_dW = torch.empty((n_N, n_K, ), dtype=dtype, device=device)
     M_tot = n_N
     N_tot = n_K
     K_tot = n_B
-    cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)
-    grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N']),)
-    if _rt.programs(grid): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
+    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
     # _bac2_rows: dbias (rows)
     t_dbias = torch.empty((n_N, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_N, dtype.itemsize)
-    n_prog, rpp = _rt.partial_programs(n_B, device)
+    n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog, n_N), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_N)

@@ -26,6 +26,7 @@ DIFFERENTIABLE = ('X', )
 OUTPUTS = ('loss', )
 PARAMS = {}
 SAVED = ('dX_fused', )
+BACKWARD_ONCE = True  # backward scales a saved buffer in place and returns it: one backward per forward
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
@@ -109,37 +110,29 @@ def _for0_rows_finish(
 
 
 @triton.jit
-def _bac0_map(
-    dX_ptr,
-    dX_s0,
-    dX_s1,
+def _bac0_scale(
     dX_fused_ptr,
-    dX_fused_s0,
-    dX_fused_s1,
     dloss_ptr,
-    n_B,
-    n_C,
     n_total,
+    CHUNK,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
 ):
     # dX[b, i] = dloss*dX_fused[b, i]
-    pid = tl.program_id(0)
-    # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
-    if IDX64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
-    i1 = offs % n_C
-    rem1 = offs // n_C
-    i0 = rem1
-    i0 = i0.to(tl.int64)
-    i1 = i1.to(tl.int64)
+    # In place over the buffer forward wrote (the op's own, contiguous): dX is that buffer.
+    # A cotangent of 1 (loss.backward()) leaves it as it is, so nothing is read or written.
     v_dloss = tl.load(dloss_ptr).to(tl.float32)
-    ld0 = tl.load(dX_fused_ptr + i0 * dX_fused_s0 + i1 * dX_fused_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dX_ptr + i0 * dX_s0 + i1 * dX_s1, ((v_dloss * ld0)).to(dX_ptr.dtype.element_ty), mask=mask)
-
+    if v_dloss != 1.0:
+        pid = tl.program_id(0)
+        if IDX64:
+            start = pid.to(tl.int64) * CHUNK
+        else:
+            start = pid * CHUNK
+        for o in range(0, CHUNK, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK)
+            mask = offs < n_total
+            v = tl.load(dX_fused_ptr + offs, mask=mask, other=0).to(tl.float32)
+            tl.store(dX_fused_ptr + offs, ((v_dloss * v)).to(dX_fused_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,16 +147,18 @@ def _params():
     return values
 
 
-def _forward(t_X, t_Y, write_grad):
+def _forward(t_X, t_Y, write_grad, inplace=False):
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_X, t_Y, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_X, t_Y, ))])
     n_B = dims['B']
     n_C = dims['C']
+    if inplace:
+        _rt.check_overwritable(OP, 'X', t_X)
     # _for0_rows: loss, dX_fused (rows)
     t_loss = torch.empty((), dtype=dtype, device=device)
-    t_dX_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
+    t_dX_fused = t_X if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
-    n_prog, rpp = _rt.partial_programs(n_B, device)
+    n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
@@ -184,10 +179,16 @@ def forward(X, Y, ):
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(X, Y, ):
+def forward_with_saved(X, Y, *, inplace=False, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
-    saves must not be changed in place before ``backward`` (which raises if they are)."""
-    outs, saved = _forward(X, Y, *_params(), True)
+    saves must not be changed in place before ``backward`` (which raises if they are).
+    ``backward`` scales the gradient forward saved in place and returns that buffer: it runs once
+    per ``forward_with_saved``.
+
+    ``inplace=True`` writes the gradient of X into X's own
+    buffer (its values are lost): for a caller whose X is a dead intermediate
+    (logits nothing else reads), it saves a buffer of that size. The default never writes an input."""
+    outs, saved = _forward(X, Y, *_params(), True, inplace)
     saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     return (outs[0] if len(outs) == 1 else outs), saved
 
@@ -207,11 +208,11 @@ def backward(saved, dloss, ):
         dloss = torch.zeros((), dtype=dtype, device=device)
     _rt.check_cotangent(OP, 'dloss', dloss, (), device)
     t_dloss = dloss
-    # _bac0_map: dX (map)
-    t_dX = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    n_total = n_B * n_C
-    blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dX, t_dX.stride(0), t_dX.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), t_dloss, n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    # _bac0_scale: dX (scale)
+    t_dX = _rt.take_fused(OP, saved, 'dX_fused')
+    n_total = t_dX.numel()
+    blk, n_prog, chunk = _rt.scale_geometry(n_total, device)
+    if _rt.programs((n_prog,)): _bac0_scale[(n_prog,)](t_dX_fused, t_dloss, n_total, chunk, BLOCK=blk, IDX64=n_total + chunk >= 2**31)
     return (t_dX, None, )
 
 
@@ -256,8 +257,8 @@ def _(X, Y, ):
     return res
 
 
-@torch.library.custom_op("symgrad_triton::mse_sum_backward", mutates_args=())
-def _backward_op(s_dX_fused: torch.Tensor, c_dloss: torch.Tensor, n_B: int, n_C: int, dtype: torch.dtype) -> torch.Tensor:
+@torch.library.custom_op("symgrad_triton::mse_sum_backward", mutates_args=("s_dX_fused", ))
+def _backward_op(s_dX_fused: torch.Tensor, c_dloss: torch.Tensor, n_B: int, n_C: int, dtype: torch.dtype) -> None:
     saved = {
         'dX_fused': s_dX_fused,
         'B': n_B,
@@ -266,16 +267,12 @@ def _backward_op(s_dX_fused: torch.Tensor, c_dloss: torch.Tensor, n_B: int, n_C:
         "_device": c_dloss.device,
     }
     grads = backward(saved, c_dloss, )
-    res = tuple(g for g in grads if g is not None)
-    return res[0]
+    del grads  # each gradient is a saved buffer, scaled in place
 
 
 @_backward_op.register_fake
 def _(s_dX_fused, c_dloss, n_B, n_C, dtype):
-    res = (
-        c_dloss.new_empty((n_B, n_C, ), dtype=dtype),
-    )
-    return res[0]
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -296,9 +293,10 @@ def _backward_autograd(ctx, *grads):
         g if g is not None else torch.zeros(s, dtype=ctx.dtype, device=ctx.device)
         for g, s in zip(grads[: len(OUTPUTS)], ctx.out_shapes)
     ]
-    res = _backward_op(*ctx.saved_tensors, *cots, *ctx.sizes, *ctx.params, ctx.dtype)
+    saved = _rt.saved_once(OP, ctx)  # backward scales a saved buffer in place: once per forward
+    res = _backward_op(*saved, *cots, *ctx.sizes, *ctx.params, ctx.dtype)
     res = iter(res if isinstance(res, tuple) else (res,))
-    return (next(res), None, )
+    return (saved[0], None, )
 
 
 _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
@@ -323,7 +321,35 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(X, Y, ):
-    """sum((X - Y)**2) over all entries (MSELoss(reduction='sum')), differentiable by torch.autograd and traceable by torch.compile."""
+
+class _Overwriting(torch.autograd.Function):
+    """``apply(..., inplace=True)``: forward writes the gradient of X into that input's own
+    buffer, so no buffer of its size is allocated; backward scales it in place. Eager only."""
+
+    @staticmethod
+    def forward(ctx, X, Y, ):
+        outs, saved = _forward(X, Y, *_params(), True, True)
+        torch.autograd.graph.increment_version(X)  # another op that saved X finds it changed and raises
+        ctx.save_for_backward(*(saved[n] for n in SAVED))
+        ctx.sizes = _sizes(X, Y, *_params())
+        ctx.params = _params()
+        ctx.dtype = X.dtype
+        ctx.out_shapes = [o.shape for o in outs]
+        ctx.device = X.device
+        return outs[0] if len(outs) == 1 else outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward_autograd(ctx, *grads)
+
+
+def apply(X, Y, *, inplace=False, ):
+    """sum((X - Y)**2) over all entries (MSELoss(reduction='sum')), differentiable by torch.autograd and traceable by torch.compile.
+
+    ``inplace=True`` (eager only) writes the gradient of X into X's own buffer
+    during forward, for a caller whose X is a dead intermediate: its values are lost."""
+    if inplace:
+        _rt.check_inplace_apply(OP, {'X': X})
+        return _Overwriting.apply(X, Y, *_params())  # a fused loss: one scalar output
     res = Function.apply(X, Y, *_params())
     return res[0]

@@ -45,6 +45,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # out[b, i] = p[b, i]*q[b, i]
     pid = tl.program_id(0)
@@ -53,15 +54,22 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(p_ptr + i0 * p_s0 + i1 * p_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(q_ptr + i0 * q_s0 + i1 * q_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -91,6 +99,7 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # dp[b, i] = dout[b, i]*q[b, i]
     # dq[b, i] = dout[b, i]*p[b, i]
@@ -100,17 +109,26 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(dout_ptr + i0 * dout_s0 + i1 * dout_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(q_ptr + i0 * q_s0 + i1 * q_s1, mask=mask, other=0).to(tl.float32)
-    ld2 = tl.load(p_ptr + i0 * p_s0 + i1 * p_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dp_ptr + i0 * dp_s0 + i1 * dp_s1, ((ld0 * ld1)).to(dp_ptr.dtype.element_ty), mask=mask)
-    tl.store(dq_ptr + i0 * dq_s0 + i1 * dq_s1, ((ld0 * ld2)).to(dq_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
+        ld2 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dp_ptr + (offs if FLAT else i0 * dp_s0 + i1 * dp_s1), ((ld0 * ld1)).to(dp_ptr.dtype.element_ty), mask=mask)
+        tl.store(dq_ptr + (offs if FLAT else i0 * dq_s0 + i1 * dq_s1), ((ld0 * ld2)).to(dq_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
+        ld2 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dp_ptr + (offs if FLAT else i0 * dp_s0 + i1 * dp_s1), ((ld0 * ld1)).to(dp_ptr.dtype.element_ty), mask=mask)
+        tl.store(dq_ptr + (offs if FLAT else i0 * dq_s0 + i1 * dq_s1), ((ld0 * ld2)).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -136,7 +154,7 @@ def _forward(t_p, t_q, write_grad):
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_out, t_p, t_q))
     saved = {
         'p': t_p,
         'q': t_q,
@@ -187,7 +205,7 @@ def backward(saved, dout, ):
     t_dq = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dp, t_dp.stride(0), t_dp.stride(1), t_dq, t_dq.stride(0), t_dq.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dp, t_dp.stride(0), t_dp.stride(1), t_dq, t_dq.stride(0), t_dq.stride(1), t_p, t_p.stride(0), t_p.stride(1), t_q, t_q.stride(0), t_q.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dout, t_dp, t_dq, t_p, t_q))
     return (_rt.unfold(t_dp, _lead), _rt.unfold(t_dq, _lead), )
 
 

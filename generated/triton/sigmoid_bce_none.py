@@ -44,6 +44,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # loss[b, i] = (1 - y[b, i])*x[b, i] + softplus(-x[b, i])
     pid = tl.program_id(0)
@@ -52,15 +53,22 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(y_ptr + i0 * y_s0 + i1 * y_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(loss_ptr + i0 * loss_s0 + i1 * loss_s1, ((((1.0 - ld1) * ld0) + sg_softplus((-ld0)))).to(loss_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(loss_ptr + (offs if FLAT else i0 * loss_s0 + i1 * loss_s1), ((((1.0 - ld1) * ld0) + sg_softplus((-ld0)))).to(loss_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(loss_ptr + (offs if FLAT else i0 * loss_s0 + i1 * loss_s1), ((((1.0 - ld1) * ld0) + sg_softplus((-ld0)))).to(loss_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -87,6 +95,7 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # dx[b, i] = (sigmoid(x[b, i]) - y[b, i])*dloss[b, i]
     pid = tl.program_id(0)
@@ -95,16 +104,24 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(dloss_ptr + i0 * dloss_s0 + i1 * dloss_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    ld2 = tl.load(y_ptr + i0 * y_s0 + i1 * y_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, ((((-ld2) + sg_sigmoid(ld1)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld2 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((((-ld2) + sg_sigmoid(ld1)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld2 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((((-ld2) + sg_sigmoid(ld1)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -129,7 +146,7 @@ def _forward(t_x, t_y, write_grad):
     t_loss = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_loss, t_loss.stride(0), t_loss.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_loss, t_loss.stride(0), t_loss.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_loss, t_x, t_y))
     saved = {
         'x': t_x,
         'y': t_y,
@@ -175,7 +192,7 @@ def backward(saved, dloss, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dloss.stride(0), t_dloss.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dloss.stride(0), t_dloss.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dloss, t_dx, t_x, t_y))
     return (t_dx, None, )
 
 

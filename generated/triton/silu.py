@@ -6,7 +6,7 @@ Forward (kernel classes: MAP):
     out[b, i] = sigmoid(x[b, i])*x[b, i]
 
 Backward:
-    dx[b, i] = ((1 - sigmoid(x[b, i]))*out[b, i] + sigmoid(x[b, i]))*dout[b, i]
+    dx[b, i] = ((1 - sigmoid(x[b, i]))*sigmoid(x[b, i])*x[b, i] + sigmoid(x[b, i]))*dout[b, i]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ INPUTS = ('x', )
 DIFFERENTIABLE = ('x', )
 OUTPUTS = ('out', )
 PARAMS = {}
-SAVED = ('x', 'out', )
+SAVED = ('x', )
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
@@ -41,6 +41,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # out[b, i] = sigmoid(x[b, i])*x[b, i]
     pid = tl.program_id(0)
@@ -49,14 +50,20 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((sg_sigmoid(ld0) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -72,9 +79,6 @@ def _bac0_map(
     dx_ptr,
     dx_s0,
     dx_s1,
-    out_ptr,
-    out_s0,
-    out_s1,
     x_ptr,
     x_s0,
     x_s1,
@@ -83,24 +87,31 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
-    # dx[b, i] = ((1 - sigmoid(x[b, i]))*out[b, i] + sigmoid(x[b, i]))*dout[b, i]
+    # dx[b, i] = ((1 - sigmoid(x[b, i]))*sigmoid(x[b, i])*x[b, i] + sigmoid(x[b, i]))*dout[b, i]
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(dout_ptr + i0 * dout_s0 + i1 * dout_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(out_ptr + i0 * out_s0 + i1 * out_s1, mask=mask, other=0).to(tl.float32)
-    ld2 = tl.load(x_ptr + i0 * x_s0 + i1 * x_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, (((((1.0 - sg_sigmoid(ld2)) * ld1) + sg_sigmoid(ld2)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((((sg_sigmoid(ld1) * ld1 * (1.0 - sg_sigmoid(ld1))) + sg_sigmoid(ld1)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((((sg_sigmoid(ld1) * ld1 * (1.0 - sg_sigmoid(ld1))) + sg_sigmoid(ld1)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -126,10 +137,9 @@ def _forward(t_x, write_grad):
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_out, t_x))
     saved = {
         'x': t_x,
-        'out': t_out,
         'B': n_B,
         'C': n_C,
         "_dtype": dtype,
@@ -164,7 +174,6 @@ def backward(saved, dout, ):
     n_B = saved['B']
     n_C = saved['C']
     t_x = saved['x']
-    t_out = saved['out']
     _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dout is None:
         dout = torch.zeros((n_B, n_C, ), dtype=dtype, device=device)
@@ -176,7 +185,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dout, t_dx, t_x))
     return (_rt.unfold(t_dx, _lead), )
 
 
@@ -221,10 +230,9 @@ def _(x, ):
 
 
 @torch.library.custom_op("symgrad_triton::silu_backward", mutates_args=())
-def _backward_op(s_x: torch.Tensor, s_out: torch.Tensor, c_dout: torch.Tensor, n_B: int, n_C: int, dtype: torch.dtype) -> torch.Tensor:
+def _backward_op(s_x: torch.Tensor, c_dout: torch.Tensor, n_B: int, n_C: int, dtype: torch.dtype) -> torch.Tensor:
     saved = {
         'x': s_x,
-        'out': s_out,
         'B': n_B,
         'C': n_C,
         "_dtype": dtype,
@@ -236,7 +244,7 @@ def _backward_op(s_x: torch.Tensor, s_out: torch.Tensor, c_dout: torch.Tensor, n
 
 
 @_backward_op.register_fake
-def _(s_x, s_out, c_dout, n_B, n_C, dtype):
+def _(s_x, c_dout, n_B, n_C, dtype):
     res = (
         c_dout.new_empty((n_B, n_C, ), dtype=dtype),
     )

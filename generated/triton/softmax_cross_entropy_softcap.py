@@ -29,6 +29,7 @@ DIFFERENTIABLE = ('x', )
 OUTPUTS = ('loss', )
 PARAMS = {'eps': 0.0, 'ignore_index': -100, 'z_loss': 0.0, 'softcap': 30.0}
 SAVED = ('dx_fused', )
+BACKWARD_ONCE = True  # backward scales a saved buffer in place and returns it: one backward per forward
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
@@ -213,37 +214,29 @@ def _for1_rows_finish(
 
 
 @triton.jit
-def _bac0_map(
+def _bac0_scale(
     dloss_ptr,
-    dx_ptr,
-    dx_s0,
-    dx_s1,
     dx_fused_ptr,
-    dx_fused_s0,
-    dx_fused_s1,
-    n_B,
-    n_C,
     n_total,
+    CHUNK,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
 ):
     # dx[b, i] = dloss*dx_fused[b, i]
-    pid = tl.program_id(0)
-    # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
-    if IDX64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
-    i1 = offs % n_C
-    rem1 = offs // n_C
-    i0 = rem1
-    i0 = i0.to(tl.int64)
-    i1 = i1.to(tl.int64)
+    # In place over the buffer forward wrote (the op's own, contiguous): dx is that buffer.
+    # A cotangent of 1 (loss.backward()) leaves it as it is, so nothing is read or written.
     v_dloss = tl.load(dloss_ptr).to(tl.float32)
-    ld0 = tl.load(dx_fused_ptr + i0 * dx_fused_s0 + i1 * dx_fused_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, ((v_dloss * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
-
+    if v_dloss != 1.0:
+        pid = tl.program_id(0)
+        if IDX64:
+            start = pid.to(tl.int64) * CHUNK
+        else:
+            start = pid * CHUNK
+        for o in range(0, CHUNK, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK)
+            mask = offs < n_total
+            v = tl.load(dx_fused_ptr + offs, mask=mask, other=0).to(tl.float32)
+            tl.store(dx_fused_ptr + offs, ((v_dloss * v)).to(dx_fused_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,17 +255,19 @@ def _params(eps, ignore_index, z_loss, softcap, ):
     return values
 
 
-def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad):
+def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad, inplace=False):
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_x, t_y, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, t_y, ))])
     n_B = dims['B']
     n_C = dims['C']
+    if inplace:
+        _rt.check_overwritable(OP, 'x', t_x)
     _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: n_valid (rows)
     t_n_valid = torch.empty((), dtype=torch.float32, device=device)
     blk = 16
-    n_prog, rpp = _rt.partial_programs(n_B, device)
+    n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_y, t_y.stride(0), n_B, p_ignore_index, part0, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
@@ -281,9 +276,10 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad):
     t_row_max0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_loss = torch.empty((), dtype=dtype, device=device)
-    t_dx_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
+    t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
-    n_prog, rpp = _rt.partial_programs(n_B, device)
+    reread = n_C * (t_x.element_size()) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, True, reread)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     part1 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     part2 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
@@ -310,10 +306,16 @@ def forward(x, y, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, y, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
+def forward_with_saved(x, y, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, *, inplace=False, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
-    saves must not be changed in place before ``backward`` (which raises if they are)."""
-    outs, saved = _forward(x, y, *_params(eps, ignore_index, z_loss, softcap, ), True)
+    saves must not be changed in place before ``backward`` (which raises if they are).
+    ``backward`` scales the gradient forward saved in place and returns that buffer: it runs once
+    per ``forward_with_saved``.
+
+    ``inplace=True`` writes the gradient of x into x's own
+    buffer (its values are lost): for a caller whose x is a dead intermediate
+    (logits nothing else reads), it saves a buffer of that size. The default never writes an input."""
+    outs, saved = _forward(x, y, *_params(eps, ignore_index, z_loss, softcap, ), True, inplace)
     saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     return (outs[0] if len(outs) == 1 else outs), saved
 
@@ -337,11 +339,11 @@ def backward(saved, dloss, ):
         dloss = torch.zeros((), dtype=dtype, device=device)
     _rt.check_cotangent(OP, 'dloss', dloss, (), device)
     t_dloss = dloss
-    # _bac0_map: dx (map)
-    t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    n_total = n_B * n_C
-    blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dx, t_dx.stride(0), t_dx.stride(1), t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    # _bac0_scale: dx (scale)
+    t_dx = _rt.take_fused(OP, saved, 'dx_fused')
+    n_total = t_dx.numel()
+    blk, n_prog, chunk = _rt.scale_geometry(n_total, device)
+    if _rt.programs((n_prog,)): _bac0_scale[(n_prog,)](t_dloss, t_dx_fused, n_total, chunk, BLOCK=blk, IDX64=n_total + chunk >= 2**31)
     return (t_dx, None, )
 
 
@@ -386,8 +388,8 @@ def _(x, y, eps, ignore_index, z_loss, softcap, ):
     return res
 
 
-@torch.library.custom_op("symgrad_triton::softmax_cross_entropy_softcap_backward", mutates_args=())
-def _backward_op(s_dx_fused: torch.Tensor, c_dloss: torch.Tensor, n_B: int, n_C: int, p_eps: float, p_ignore_index: int, p_z_loss: float, p_softcap: float, dtype: torch.dtype) -> torch.Tensor:
+@torch.library.custom_op("symgrad_triton::softmax_cross_entropy_softcap_backward", mutates_args=("s_dx_fused", ))
+def _backward_op(s_dx_fused: torch.Tensor, c_dloss: torch.Tensor, n_B: int, n_C: int, p_eps: float, p_ignore_index: int, p_z_loss: float, p_softcap: float, dtype: torch.dtype) -> None:
     saved = {
         'dx_fused': s_dx_fused,
         'eps': p_eps,
@@ -400,16 +402,12 @@ def _backward_op(s_dx_fused: torch.Tensor, c_dloss: torch.Tensor, n_B: int, n_C:
         "_device": c_dloss.device,
     }
     grads = backward(saved, c_dloss, )
-    res = tuple(g for g in grads if g is not None)
-    return res[0]
+    del grads  # each gradient is a saved buffer, scaled in place
 
 
 @_backward_op.register_fake
 def _(s_dx_fused, c_dloss, n_B, n_C, p_eps, p_ignore_index, p_z_loss, p_softcap, dtype):
-    res = (
-        c_dloss.new_empty((n_B, n_C, ), dtype=dtype),
-    )
-    return res[0]
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -430,9 +428,10 @@ def _backward_autograd(ctx, *grads):
         g if g is not None else torch.zeros(s, dtype=ctx.dtype, device=ctx.device)
         for g, s in zip(grads[: len(OUTPUTS)], ctx.out_shapes)
     ]
-    res = _backward_op(*ctx.saved_tensors, *cots, *ctx.sizes, *ctx.params, ctx.dtype)
+    saved = _rt.saved_once(OP, ctx)  # backward scales a saved buffer in place: once per forward
+    res = _backward_op(*saved, *cots, *ctx.sizes, *ctx.params, ctx.dtype)
     res = iter(res if isinstance(res, tuple) else (res,))
-    return (next(res), None, None, None, None, None, )
+    return (saved[0], None, None, None, None, None, )
 
 
 _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
@@ -457,7 +456,35 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, y, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, ):
-    """mean over counted rows of -sum(t*log_softmax(x)), of softcapped logits softcap*tanh(x/softcap), plus z_loss*lse**2; t the label-smoothed one-hot of y, differentiable by torch.autograd and traceable by torch.compile."""
+
+class _Overwriting(torch.autograd.Function):
+    """``apply(..., inplace=True)``: forward writes the gradient of x into that input's own
+    buffer, so no buffer of its size is allocated; backward scales it in place. Eager only."""
+
+    @staticmethod
+    def forward(ctx, x, y, eps, ignore_index, z_loss, softcap, ):
+        outs, saved = _forward(x, y, *_params(eps, ignore_index, z_loss, softcap, ), True, True)
+        torch.autograd.graph.increment_version(x)  # another op that saved x finds it changed and raises
+        ctx.save_for_backward(*(saved[n] for n in SAVED))
+        ctx.sizes = _sizes(x, y, *_params(eps, ignore_index, z_loss, softcap, ))
+        ctx.params = _params(eps, ignore_index, z_loss, softcap, )
+        ctx.dtype = x.dtype
+        ctx.out_shapes = [o.shape for o in outs]
+        ctx.device = x.device
+        return outs[0] if len(outs) == 1 else outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward_autograd(ctx, *grads)
+
+
+def apply(x, y, eps=0.0, ignore_index=-100, z_loss=0.0, softcap=30.0, *, inplace=False, ):
+    """mean over counted rows of -sum(t*log_softmax(x)), of softcapped logits softcap*tanh(x/softcap), plus z_loss*lse**2; t the label-smoothed one-hot of y, differentiable by torch.autograd and traceable by torch.compile.
+
+    ``inplace=True`` (eager only) writes the gradient of x into x's own buffer
+    during forward, for a caller whose x is a dead intermediate: its values are lost."""
+    if inplace:
+        _rt.check_inplace_apply(OP, {'x': x})
+        return _Overwriting.apply(x, y, *_params(eps, ignore_index, z_loss, softcap, ))  # a fused loss: one scalar output
     res = Function.apply(x, y, *_params(eps, ignore_index, z_loss, softcap, ))
     return res[0]

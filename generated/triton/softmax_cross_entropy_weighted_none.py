@@ -188,6 +188,7 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # dx[b, i] = dloss[b]*dx_fused[b, i]
     pid = tl.program_id(0)
@@ -196,15 +197,22 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(dx_fused_ptr + i0 * dx_fused_s0 + i1 * dx_fused_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(dx_ptr + i0 * dx_s0 + i1 * dx_s1, ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -224,17 +232,19 @@ def _params(eps, ignore_index, z_loss, ):
     return values
 
 
-def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, write_grad):
+def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, write_grad, inplace=False):
     dtype, device = _rt.check_inputs(OP, [(n, t, r, lab) for (n, r, lab), t in zip(_SPECS, (t_x, t_y, t_weight, ))])
     dims = _rt.bind_dims(OP, [(n, t, ds) for (n, ds), t in zip(_DIMS, (t_x, t_y, t_weight, ))])
     n_B = dims['B']
     n_C = dims['C']
+    if inplace:
+        _rt.check_overwritable(OP, 'x', t_x)
     _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: weight_total (rows)
     t_weight_total = torch.empty((), dtype=torch.float32, device=device)
     blk = 16
-    n_prog, rpp = _rt.partial_programs(n_C, device)
+    n_prog, rpp = _rt.row_programs(n_C, device, True)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_weight, t_weight.stride(0), n_C, part0, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
@@ -243,9 +253,10 @@ def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, write_grad):
     t_row_max0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_loss = torch.empty((n_B, ), dtype=dtype, device=device)
-    t_dx_fused = torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
+    t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize)
-    n_prog, rpp = n_B, 1
+    reread = n_C * (t_x.element_size()) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
     if _rt.programs((n_prog,)): _for1_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_weight, t_weight.stride(0), t_weight_total, t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_z_loss, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'dx_fused': t_dx_fused,
@@ -266,10 +277,14 @@ def forward(x, y, weight, eps=0.0, ignore_index=-100, z_loss=0.0, ):
     return outs[0] if len(outs) == 1 else outs
 
 
-def forward_with_saved(x, y, weight, eps=0.0, ignore_index=-100, z_loss=0.0, ):
+def forward_with_saved(x, y, weight, eps=0.0, ignore_index=-100, z_loss=0.0, *, inplace=False, ):
     """Outputs (as ``forward`` returns them) and the dict ``backward`` reads. Inputs and outputs it
-    saves must not be changed in place before ``backward`` (which raises if they are)."""
-    outs, saved = _forward(x, y, weight, *_params(eps, ignore_index, z_loss, ), True)
+    saves must not be changed in place before ``backward`` (which raises if they are).
+
+    ``inplace=True`` writes the gradient of x into x's own
+    buffer (its values are lost): for a caller whose x is a dead intermediate
+    (logits nothing else reads), it saves a buffer of that size. The default never writes an input."""
+    outs, saved = _forward(x, y, weight, *_params(eps, ignore_index, z_loss, ), True, inplace)
     saved["_versions"] = _rt.saved_versions(saved, SAVED)  # backward raises if one changes in place
     return (outs[0] if len(outs) == 1 else outs), saved
 
@@ -296,7 +311,7 @@ def backward(saved, dloss, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dloss.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dloss, t_dloss.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dx, t_dx_fused))
     return (t_dx, None, None, )
 
 
@@ -411,7 +426,35 @@ class Function(torch.autograd.Function):
         return _backward_autograd(ctx, *grads)
 
 
-def apply(x, y, weight, eps=0.0, ignore_index=-100, z_loss=0.0, ):
-    """per row (0 for ignored rows) of -sum(t*log_softmax(x)), class-weighted as torch, plus z_loss*lse**2; t the label-smoothed one-hot of y, differentiable by torch.autograd and traceable by torch.compile."""
+
+class _Overwriting(torch.autograd.Function):
+    """``apply(..., inplace=True)``: forward writes the gradient of x into that input's own
+    buffer, so no buffer of its size is allocated; backward scales it in place. Eager only."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, eps, ignore_index, z_loss, ):
+        outs, saved = _forward(x, y, weight, *_params(eps, ignore_index, z_loss, ), True, True)
+        torch.autograd.graph.increment_version(x)  # another op that saved x finds it changed and raises
+        ctx.save_for_backward(*(saved[n] for n in SAVED))
+        ctx.sizes = _sizes(x, y, weight, *_params(eps, ignore_index, z_loss, ))
+        ctx.params = _params(eps, ignore_index, z_loss, )
+        ctx.dtype = x.dtype
+        ctx.out_shapes = [o.shape for o in outs]
+        ctx.device = x.device
+        return outs[0] if len(outs) == 1 else outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward_autograd(ctx, *grads)
+
+
+def apply(x, y, weight, eps=0.0, ignore_index=-100, z_loss=0.0, *, inplace=False, ):
+    """per row (0 for ignored rows) of -sum(t*log_softmax(x)), class-weighted as torch, plus z_loss*lse**2; t the label-smoothed one-hot of y, differentiable by torch.autograd and traceable by torch.compile.
+
+    ``inplace=True`` (eager only) writes the gradient of x into x's own buffer
+    during forward, for a caller whose x is a dead intermediate: its values are lost."""
+    if inplace:
+        _rt.check_inplace_apply(OP, {'x': x})
+        return _Overwriting.apply(x, y, weight, *_params(eps, ignore_index, z_loss, ))  # a fused loss: one scalar output
     res = Function.apply(x, y, weight, *_params(eps, ignore_index, z_loss, ))
     return res[0]

@@ -43,6 +43,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # lr_t[s] = gamma**Floor((-warmup + t[s])/step_size)*lr*Iverson(t[s] >= warmup) + lr*(start_factor + (1 -
     #     start_factor)*t[s]/(warmup*Iverson(warmup > 1) + Iverson(warmup <= 1)))*Iverson(t[s] < warmup)
@@ -52,11 +53,17 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i0 = offs
     i0 = i0.to(tl.int64)
-    ld0 = tl.load(t_ptr + i0 * t_s0, mask=mask, other=0).to(tl.float32)
-    tl.store(lr_t_ptr + i0 * lr_t_s0, ((tl.where((ld0 >= p_warmup), (p_lr * sg_pow(p_gamma, tl.floor((((-p_warmup) + ld0) / (p_step_size))))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_lr * sg_pow(p_gamma, tl.floor((((-p_warmup) + ld0) / (p_step_size))))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_lr * sg_pow(p_gamma, tl.floor((((-p_warmup) + ld0) / (p_step_size))))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -79,6 +86,7 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # dt[s] = lr*(1 - start_factor)*Iverson(t[s] < warmup)*dlr_t[s]/(warmup*Iverson(warmup > 1) + Iverson(warmup
     #     <= 1))
@@ -88,12 +96,19 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i0 = offs
     i0 = i0.to(tl.int64)
-    ld0 = tl.load(dlr_t_ptr + i0 * dlr_t_s0, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(t_ptr + i0 * t_s0, mask=mask, other=0).to(tl.float32)
-    tl.store(dt_ptr + i0 * dt_s0, (tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))), tl.where((ld1 >= p_warmup), 0.0, float('nan')))).to(dt_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))), tl.where((ld1 >= p_warmup), 0.0, float('nan')))).to(dt_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))), tl.where((ld1 >= p_warmup), 0.0, float('nan')))).to(dt_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -121,7 +136,7 @@ def _forward(t_t, p_lr, p_step_size, p_gamma, p_warmup, p_start_factor, write_gr
     t_lr_t = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_gamma, p_lr, p_start_factor, p_step_size, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_gamma, p_lr, p_start_factor, p_step_size, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_lr_t, t_t))
     saved = {
         't': t_t,
         'lr': p_lr,
@@ -173,7 +188,7 @@ def backward(saved, dlr_t, ):
     t_dt = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dlr_t, t_dt, t_t))
     return (t_dt, )
 
 

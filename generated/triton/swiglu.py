@@ -6,7 +6,7 @@ Forward (kernel classes: MAP):
     out[b, i] = sigmoid(a[b, i])*a[b, i]*g[b, i]
 
 Backward:
-    da[b, i] = ((1 - sigmoid(a[b, i]))*out[b, i] + sigmoid(a[b, i])*g[b, i])*dout[b, i]
+    da[b, i] = ((1 - sigmoid(a[b, i]))*sigmoid(a[b, i])*a[b, i]*g[b, i] + sigmoid(a[b, i])*g[b, i])*dout[b, i]
     dg[b, i] = sigmoid(a[b, i])*a[b, i]*dout[b, i]
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ INPUTS = ('a', 'g', )
 DIFFERENTIABLE = ('a', 'g', )
 OUTPUTS = ('out', )
 PARAMS = {}
-SAVED = ('a', 'g', 'out', )
+SAVED = ('a', 'g', )
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
@@ -45,6 +45,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # out[b, i] = sigmoid(a[b, i])*a[b, i]*g[b, i]
     pid = tl.program_id(0)
@@ -53,15 +54,22 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(a_ptr + i0 * a_s0 + i1 * a_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(g_ptr + i0 * g_s0 + i1 * g_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + i0 * out_s0 + i1 * out_s1, ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -86,16 +94,14 @@ def _bac0_map(
     g_ptr,
     g_s0,
     g_s1,
-    out_ptr,
-    out_s0,
-    out_s1,
     n_B,
     n_C,
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
-    # da[b, i] = ((1 - sigmoid(a[b, i]))*out[b, i] + sigmoid(a[b, i])*g[b, i])*dout[b, i]
+    # da[b, i] = ((1 - sigmoid(a[b, i]))*sigmoid(a[b, i])*a[b, i]*g[b, i] + sigmoid(a[b, i])*g[b, i])*dout[b, i]
     # dg[b, i] = sigmoid(a[b, i])*a[b, i]*dout[b, i]
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
@@ -103,18 +109,26 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i1 = offs % n_C
     rem1 = offs // n_C
     i0 = rem1
     i0 = i0.to(tl.int64)
     i1 = i1.to(tl.int64)
-    ld0 = tl.load(a_ptr + i0 * a_s0 + i1 * a_s1, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(dout_ptr + i0 * dout_s0 + i1 * dout_s1, mask=mask, other=0).to(tl.float32)
-    ld2 = tl.load(g_ptr + i0 * g_s0 + i1 * g_s1, mask=mask, other=0).to(tl.float32)
-    ld3 = tl.load(out_ptr + i0 * out_s0 + i1 * out_s1, mask=mask, other=0).to(tl.float32)
-    tl.store(da_ptr + i0 * da_s0 + i1 * da_s1, (((((1.0 - sg_sigmoid(ld0)) * ld3) + (sg_sigmoid(ld0) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + i0 * dg_s0 + i1 * dg_s1, ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(da_ptr + (offs if FLAT else i0 * da_s0 + i1 * da_s1), ((((sg_sigmoid(ld0) * ld2) + (sg_sigmoid(ld0) * ld0 * (1.0 - sg_sigmoid(ld0)) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0 + i1 * dg_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        tl.store(da_ptr + (offs if FLAT else i0 * da_s0 + i1 * da_s1), ((((sg_sigmoid(ld0) * ld2) + (sg_sigmoid(ld0) * ld0 * (1.0 - sg_sigmoid(ld0)) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0 + i1 * dg_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -140,11 +154,10 @@ def _forward(t_a, t_g, write_grad):
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_g, t_g.stride(0), t_g.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_g, t_g.stride(0), t_g.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_a, t_g, t_out))
     saved = {
         'a': t_a,
         'g': t_g,
-        'out': t_out,
         'B': n_B,
         'C': n_C,
         "_dtype": dtype,
@@ -180,7 +193,6 @@ def backward(saved, dout, ):
     n_C = saved['C']
     t_a = saved['a']
     t_g = saved['g']
-    t_out = saved['out']
     _lead = saved.get("_lead")  # absent on the custom-op path, whose inputs come folded
     if dout is None:
         dout = torch.zeros((n_B, n_C, ), dtype=dtype, device=device)
@@ -193,7 +205,7 @@ def backward(saved, dout, ):
     t_dg = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_da, t_da.stride(0), t_da.stride(1), t_dg, t_dg.stride(0), t_dg.stride(1), t_dout, t_dout.stride(0), t_dout.stride(1), t_g, t_g.stride(0), t_g.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_a, t_a.stride(0), t_a.stride(1), t_da, t_da.stride(0), t_da.stride(1), t_dg, t_dg.stride(0), t_dg.stride(1), t_dout, t_dout.stride(0), t_dout.stride(1), t_g, t_g.stride(0), t_g.stride(1), n_B, n_C, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_a, t_da, t_dg, t_dout, t_g))
     return (_rt.unfold(t_da, _lead), _rt.unfold(t_dg, _lead), )
 
 
@@ -238,11 +250,10 @@ def _(a, g, ):
 
 
 @torch.library.custom_op("symgrad_triton::swiglu_backward", mutates_args=())
-def _backward_op(s_a: torch.Tensor, s_g: torch.Tensor, s_out: torch.Tensor, c_dout: torch.Tensor, n_B: int, n_C: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_op(s_a: torch.Tensor, s_g: torch.Tensor, c_dout: torch.Tensor, n_B: int, n_C: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     saved = {
         'a': s_a,
         'g': s_g,
-        'out': s_out,
         'B': n_B,
         'C': n_C,
         "_dtype": dtype,
@@ -254,7 +265,7 @@ def _backward_op(s_a: torch.Tensor, s_g: torch.Tensor, s_out: torch.Tensor, c_do
 
 
 @_backward_op.register_fake
-def _(s_a, s_g, s_out, c_dout, n_B, n_C, dtype):
+def _(s_a, s_g, c_dout, n_B, n_C, dtype):
     res = (
         c_dout.new_empty((n_B, n_C, ), dtype=dtype),
         c_dout.new_empty((n_B, n_C, ), dtype=dtype),

@@ -43,6 +43,7 @@ def _for0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # lr_t[s] = lr*(start_factor + (1 - start_factor)*t[s]/warmup)*Iverson(t[s] < warmup) + (eta_min + (-eta_min +
     #     lr)*(cos(pi*(-warmup + t[s])/cosine_steps) + 1)/2)*Iverson(t[s] >= warmup)
@@ -52,11 +53,17 @@ def _for0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i0 = offs
     i0 = i0.to(tl.int64)
-    ld0 = tl.load(t_ptr + i0 * t_s0, mask=mask, other=0).to(tl.float32)
-    tl.store(lr_t_ptr + i0 * lr_t_s0, ((tl.where((ld0 >= p_warmup), (p_eta_min + ((1.0 + tl.cos((3.141592653589793 * ((-p_warmup) + ld0) / (p_cosine_steps)))) * (p_lr - p_eta_min) / (2.0))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / (p_warmup)))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_eta_min + ((1.0 + tl.cos((3.141592653589793 * ((-p_warmup) + ld0) / (p_cosine_steps)))) * (p_lr - p_eta_min) / (2.0))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / (p_warmup)))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_eta_min + ((1.0 + tl.cos((3.141592653589793 * ((-p_warmup) + ld0) / (p_cosine_steps)))) * (p_lr - p_eta_min) / (2.0))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / (p_warmup)))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -81,6 +88,7 @@ def _bac0_map(
     n_total,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     # dt[s] = (lr*(1 - start_factor)*Iverson(t[s] < warmup)/warmup - pi*(-eta_min + lr)*sin(pi*(-warmup +
     #     t[s])/cosine_steps)*Iverson(t[s] >= warmup)/(2*cosine_steps))*dlr_t[s]
@@ -90,12 +98,19 @@ def _bac0_map(
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_total
     i0 = offs
     i0 = i0.to(tl.int64)
-    ld0 = tl.load(dlr_t_ptr + i0 * dlr_t_s0, mask=mask, other=0).to(tl.float32)
-    ld1 = tl.load(t_ptr + i0 * t_s0, mask=mask, other=0).to(tl.float32)
-    tl.store(dt_ptr + i0 * dt_s0, (((tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) / (p_warmup)), tl.where((ld1 >= p_warmup), 0.0, float('nan'))) - tl.where((ld1 >= p_warmup), (3.141592653589793 * (p_lr - p_eta_min) * tl.sin((3.141592653589793 * ((-p_warmup) + ld1) / (p_cosine_steps))) / (2.0 * p_cosine_steps)), tl.where((ld1 < p_warmup), 0.0, float('nan')))) * ld0)).to(dt_ptr.dtype.element_ty), mask=mask)
+    if pid < n_total // BLOCK:
+        # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
+        mask = tl.full([BLOCK], 1, tl.int1)
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (((tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) / (p_warmup)), tl.where((ld1 >= p_warmup), 0.0, float('nan'))) - tl.where((ld1 >= p_warmup), (3.141592653589793 * (p_lr - p_eta_min) * tl.sin((3.141592653589793 * ((-p_warmup) + ld1) / (p_cosine_steps))) / (2.0 * p_cosine_steps)), tl.where((ld1 < p_warmup), 0.0, float('nan')))) * ld0)).to(dt_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = offs < n_total
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (((tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) / (p_warmup)), tl.where((ld1 >= p_warmup), 0.0, float('nan'))) - tl.where((ld1 >= p_warmup), (3.141592653589793 * (p_lr - p_eta_min) * tl.sin((3.141592653589793 * ((-p_warmup) + ld1) / (p_cosine_steps))) / (2.0 * p_cosine_steps)), tl.where((ld1 < p_warmup), 0.0, float('nan')))) * ld0)).to(dt_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -123,7 +138,7 @@ def _forward(t_t, p_lr, p_warmup, p_cosine_steps, p_start_factor, p_eta_min, wri
     t_lr_t = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_cosine_steps, p_eta_min, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_cosine_steps, p_eta_min, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_lr_t, t_t))
     saved = {
         't': t_t,
         'lr': p_lr,
@@ -175,7 +190,7 @@ def backward(saved, dlr_t, ):
     t_dt = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_cosine_steps, p_eta_min, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31)
+    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_cosine_steps, p_eta_min, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dlr_t, t_dt, t_t))
     return (t_dt, )
 
 

@@ -10,6 +10,7 @@ environment has ``TRITON_INTERPRET=1`` (set it before ``triton`` is first import
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -111,6 +112,11 @@ def row_block(n_cols: int, itemsize: int = 4) -> int:
     return max(16, cap)
 
 
+def contiguous(*tensors) -> bool:
+    """Whether a map kernel may address these same-shaped tensors by one flat offset."""
+    return all(t.is_contiguous() for t in tensors)
+
+
 def map_block(n: int) -> int:
     return max(16, min(triton.next_power_of_2(max(int(n), 1)), _max_block() if interpreting() else 1024))
 
@@ -119,29 +125,107 @@ def row_warps(block: int) -> int:
     return 4 if block <= 2048 else (8 if block <= 4096 else (16 if block <= 8192 else 32))
 
 
+# Set by ``planning_for``: the SM count of a GPU the host code plans launches for without one.
+_PLANNED_SMS: int | None = None
+
+
+@contextlib.contextmanager
+def planning_for(sm_count: int):
+    """Run the host code on ``meta`` tensors as if on a GPU with ``sm_count`` SMs, so that a tool
+    (``bench/compile_report.py``) can record the launches it would make (grid, blocks, warps)
+    without a GPU and without restating any launch choice. Kernels must not be run meanwhile."""
+    global _PLANNED_SMS
+    before, _PLANNED_SMS = _PLANNED_SMS, int(sm_count)
+    try:
+        yield
+    finally:
+        _PLANNED_SMS = before
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def partial_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows per program) for a row kernel that reduces across rows with partial sums."""
+def _sm_count(device: torch.device) -> int | None:
+    if device.type == "meta" and _PLANNED_SMS is not None:
+        return _PLANNED_SMS
     if device.type == "cuda":
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 4
-    rpp = max(1, triton.cdiv(max(int(n_rows), 1), target))
-    return max(1, triton.cdiv(max(int(n_rows), 1), rpp)), rpp
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return None
 
 
-def gemm_blocks(m: int, n: int, k: int) -> dict:
-    """Tile sizes of the implicit-GEMM kernels (tl.dot needs at least 16 on each side)."""
+L2_REREAD_BYTES = 40 * 2**20  # of H100/H200's 50 MB L2: rows re-read within one kernel, with room for its writes
+
+
+def row_programs(n_rows: int, device: torch.device, partial: bool, reread_bytes: int = 0) -> tuple[int, int]:
+    """(programs, rows per program) of a row kernel: one program per row, or 4 per SM for a kernel
+    that reduces across rows with partial sums. A multi-block row that a later pass reads again
+    (``reread_bytes`` per row) is re-read from L2 only while the rows in flight fit there, so the
+    programs (then all resident at once) are capped at ``L2_REREAD_BYTES / reread_bytes``, at
+    least one per SM: a row too long even for that is read from memory again (fp32, 128K columns)."""
+    n = max(int(n_rows), 1)
+    sms = _sm_count(device) or 1
+    most = 4 * sms if partial else n
+    if reread_bytes:
+        most = min(most, max(sms, L2_REREAD_BYTES // int(reread_bytes)))
+    rpp = max(1, triton.cdiv(n, most))
+    return max(1, triton.cdiv(n, rpp)), rpp
+
+
+def scale_geometry(n: int, device: torch.device) -> tuple[int, int, int]:
+    """(block, programs, elements per program) of an in-place scale over ``n`` contiguous
+    elements: a few programs per SM, each walking one contiguous chunk (a multiple of the block)."""
+    blk = map_block(n) if interpreting() else 2048
+    sms = _sm_count(device)
+    most = 4 * sms if sms is not None else 4
+    n_prog = max(1, min(triton.cdiv(max(n, 1), blk), most))
+    chunk = triton.cdiv(triton.cdiv(max(n, 1), n_prog), blk) * blk
+    return blk, triton.cdiv(max(n, 1), chunk), chunk
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper-sized tiles first (wgmma wants 64-row
+# multiples per warp group and deep K tiles), then smaller ones for small or skinny products.
+GEMM_TILES = (
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 32, 4, 4),
+)
+GEMM_SMEM_BUDGET = 160 * 1024  # operand stages must fit sm_80's 163 KB too; sm_90 has 227 KB
+
+
+def gemm_configs() -> list:
+    """The autotuned configurations of the implicit-GEMM kernels. The interpreter gets one small
+    config: autotuning would only run every config through it (slow, and meaningless on CPU)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    bm = 128 if m >= 128 else 64 if m >= 64 else 32 if m >= 32 else 16
-    bn = 128 if n >= 128 else 64 if n >= 64 else 32 if n >= 32 else 16
-    bk = 32 if k >= 32 else 16
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in GEMM_TILES]
+
+
+def prune_gemm_configs(configs, nargs, **kwargs) -> list:
+    """Configs worth timing for one launch: tiles no larger than the problem (next power of two,
+    at least 16, as tl.dot needs), operand stages within the shared-memory budget, and, where fp32
+    runs on FMA units (PREC ieee), tiles of at most 128 x 128 x 32 (a larger fp32 accumulator spills)."""
+    def cap(n) -> int:
+        return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+    m, n = cap(nargs["M_tot"]), cap(nargs["N_tot"])
+    itemsize = max((t.element_size() for t in nargs.values() if isinstance(t, torch.Tensor)), default=2)
+    fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and itemsize == 4
+    keep = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bm > m or bn > n:
+            continue
+        if (bm * bk + bk * bn) * itemsize * c.num_stages > GEMM_SMEM_BUDGET:
+            continue
+        if fma and (bm * bn > 128 * 128 or bk > 32):
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 def dot_f32(dtype: torch.dtype) -> bool:
@@ -149,10 +233,20 @@ def dot_f32(dtype: torch.dtype) -> bool:
     return interpreting() or dtype == torch.float32
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 matmuls use TF32, as torch decides it for its own: the newer
+    ``torch.backends.cuda.matmul.fp32_precision`` when set, else the float32 matmul precision
+    (``torch.set_float32_matmul_precision("high")`` or ``"medium"``) or ``allow_tf32``."""
+    explicit = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if explicit in ("tf32", "ieee"):
+        return explicit == "tf32"
+    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """``tl.dot``'s input precision: TF32 for float32 when torch allows it, IEEE fp32 (FMA) otherwise;
+    16-bit inputs run on tensor cores exactly either way."""
+    return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +300,7 @@ def check_labels(op: str, name: str, labels: torch.Tensor, n: int, ignore=None) 
 
 
 def check_device(op: str, device: torch.device) -> None:
-    if device.type == "cuda":
+    if device.type == "cuda" or (device.type == "meta" and _PLANNED_SMS is not None):
         return
     if device.type == "cpu" and interpreting():
         return
@@ -261,6 +355,59 @@ def check_float_param(op: str, name: str, value) -> float:
     return float(value)
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# fused-loss gradients: forward's buffer, handed out by backward once
+
+
+def take_fused(op: str, saved: dict, name: str):
+    """The buffer forward wrote a fused loss's gradient into, which backward scales in place and
+    hands out as the gradient: it can serve one backward only, so a second one on the same saved
+    values raises instead of scaling a gradient already handed out."""
+    taken = saved.setdefault("_taken", set())
+    if name in taken:
+        raise RuntimeError(
+            f"{op}: backward already ran on these saved values: the gradient it returned is the buffer "
+            f"forward wrote ({name}), scaled in place. Call forward_with_saved again for another backward.")
+    taken.add(name)
+    t = saved[name]
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: the fused gradient buffer {name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+    return t
+
+
+def check_overwritable(op: str, name: str, t) -> None:
+    """``inplace=True`` writes a fused gradient into input ``name``'s own buffer: one dense block."""
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: inplace=True writes the gradient into {name}, which must then be contiguous "
+                         f"(shape {tuple(t.shape)}, strides {t.stride()}); pass {name}.contiguous() or inplace=False")
+
+
+def check_inplace_apply(op: str, tensors: dict) -> None:
+    """``apply(..., inplace=True)`` overwrites inputs: never a leaf the caller keeps a gradient for,
+    and not under torch.compile, whose graphs assume inputs unchanged (use the default there)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{op}: inplace=True overwrites an input and runs eagerly only; under torch.compile use inplace=False")
+    for name, t in tensors.items():
+        if t.is_leaf and t.requires_grad:
+            raise ValueError(f"{op}: inplace=True would overwrite {name}, a leaf tensor that requires grad; "
+                             f"it is for intermediates nothing else reads (logits), not parameters or inputs")
+
+
+def saved_once(op: str, ctx):
+    """``ctx.saved_tensors`` of an op whose backward scales a saved buffer in place and hands it
+    out: torch refuses a second read once that buffer changed; say why in the op's terms."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if "inplace" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{op}: a saved tensor changed since forward. Backward scales the gradient forward saved in place "
+            f"and hands that buffer out, so it runs once per forward: a second backward through the same call "
+            f"(retain_graph=True) is not supported (with inplace=True, the input also must not change before "
+            f"backward). Call the op again for another backward.") from e
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 The module it writes takes and returns torch tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``):
 
-- ``OP, INPUTS, DIFFERENTIABLE, OUTPUTS, PARAMS`` (and ``SAVED``: what backward reads);
+- ``OP, INPUTS, DIFFERENTIABLE, OUTPUTS, PARAMS`` (and ``SAVED``: what backward reads;
+  ``BACKWARD_ONCE`` where backward hands out a saved buffer it scaled in place, a fused loss's
+  gradient: one backward per forward, and ``forward_with_saved``/``apply`` take ``inplace``);
 - ``forward(*inputs, **params)``, ``forward_with_saved(...) -> (outputs, saved)``,
   ``backward(saved, *cotangents)`` (one gradient per input, ``None`` where there is none),
   ``vjp(*inputs, *cotangents, **params)``;
@@ -26,7 +28,7 @@ from ..plan import KernelPlan, LoweringError
 from .triton_expr import HELPERS, print_expr
 from . import triton_update
 from .triton_gemm import emit_gemm
-from .triton_kernels import Context, emit_map, emit_rows
+from .triton_kernels import Context, emit_map, emit_rows, emit_scale
 
 __all__ = ["render", "LoweringError", "TEMPLATES"]
 
@@ -47,7 +49,7 @@ def _env() -> jinja2.Environment:
     )
 
 
-_EMIT = {"map": emit_map, "rows": emit_rows, "gemm": emit_gemm}
+_EMIT = {"map": emit_map, "rows": emit_rows, "gemm": emit_gemm, "scale": emit_scale}
 
 
 def _declared_in(op) -> str:
@@ -100,6 +102,10 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
     grads = [f"d{t}" for t in plan.differentiable]
     extra_saved = [n for n in plan.saved_values if n not in outputs]
     saved_all = list(plan.saved_inputs) + list(plan.saved_values)
+    # Gradients backward hands out as the saved buffer it scaled in place (fused losses): the
+    # backward custom op mutates that buffer and returns only the other gradients.
+    scaled = {g: saved_all.index(plan.fused[g]) for g in grads if any(launch.kind == "scale" and g in launch.targets for launch in plan.backward.launches)}
+    overwritable = {inp: g for g, inp in plan.overwritable.items()}
 
     def shape(name):
         ds = plan.buffers[name]
@@ -123,10 +129,11 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         for kname, launch, klines, targets in host[side]:
             lines.append(f"# {kname}: {', '.join(targets)} ({launch.kind})")
             for t in targets:
-                if t in have:
+                if t in have or launch.kind == "scale":  # a scale launch hands out the buffer it scales
                     continue
                 if t in plan.fused.values():
-                    lines.append(f"t_{t} = torch.empty({shape(t)}, dtype=dtype, device=device) if write_grad else torch.empty({'(1,) * ' + str(len(plan.buffers[t]))}, dtype=dtype, device=device)")
+                    into = next((f"t_{inp} if inplace else " for g, inp in plan.overwritable.items() if plan.fused[g] == t), "")
+                    lines.append(f"t_{t} = {into}torch.empty({shape(t)}, dtype=dtype, device=device) if write_grad else torch.empty({'(1,) * ' + str(len(plan.buffers[t]))}, dtype=dtype, device=device)")
                 else:
                     lines.append(f"t_{t} = torch.empty({shape(t)}, dtype={alloc_dtype(t)}, device=device)")
                 have.add(t)
@@ -173,4 +180,5 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         # labels in range, as torch checks them (symgrad.runtime.triton_support.check_labels)
         label_checks=[f"_rt.check_labels(OP, {f.label!r}, t_{f.label}, n_{f.dim.name}, {'p_' + f.ignore if f.ignore else 'None'})"
                       for f in op.facts],
+        scaled=scaled, scaled_names=tuple(scaled), returned=[g for g in grads if g not in scaled], overwritable=overwritable,
     )

@@ -188,21 +188,23 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
     store = f"tl.store({tptr} + {toffs}, {store_value(tptr, value)}, mask=mn_mask)"
 
     sig.extra += [("M_tot", "M_tot"), ("N_tot", "N_tot"), ("K_tot", "K_tot")]
-    sig.constexpr += [("BLOCK_M", 'cfg["BLOCK_M"]'), ("BLOCK_N", 'cfg["BLOCK_N"]'), ("BLOCK_K", 'cfg["BLOCK_K"]'),
-                      ("GROUP_M", "8"), ("DOT_F32", "_rt.dot_f32(dtype)"), ("PREC", "_rt.dot_precision(dtype)")]
+    sig.constexpr += [("GROUP_M", "8"), ("DOT_F32", "_rt.dot_f32(dtype)"), ("PREC", "_rt.dot_precision(dtype)")]
+    # Tiles, warps and stages are the autotuner's (keyed on the problem's shape and precision); the
+    # host passes everything else.
+    tuned = [f"{b}: tl.constexpr" for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
     src = ctx.env.get_template("gemm.j2").render(
-        name=kname, args=sig.kernel_args(), formulas=_formula_lines([st]),
+        name=kname, args=sig.kernel_args() + tuned, formulas=_formula_lines([st]),
         shape=f"M = ({', '.join(map(str, m_idx))}), N = ({', '.join(map(str, n_idx))}), K = ({', '.join(map(str, kvars))})"
         + (f", batch = ({', '.join(map(str, batch))})" if batch else ""),
         batch_decomp=batch_decomp, decomp=top_decomp, k_decomp=k_decomp, a_lines=a_lines, b_lines=b_lines, ep_loads=ep_loads, store=store,
     )
+    batches = f" * {' * '.join(b_ext)}" if batch else ""
     host = [
         f"M_tot = {' * '.join(m_ext)}",
         f"N_tot = {' * '.join(n_ext)}",
         f"K_tot = {' * '.join(k_ext)}",
-        "cfg = _rt.gemm_blocks(M_tot, N_tot, K_tot)",
-        "grid = (triton.cdiv(M_tot, cfg['BLOCK_M']) * triton.cdiv(N_tot, cfg['BLOCK_N'])"
-        + (f" * {' * '.join(b_ext)}" if batch else "") + ",)",
-        f"{kname}[grid]({', '.join(sig.host_args())}, num_warps=cfg['num_warps'], num_stages=cfg.get('num_stages', 2))",
+        "grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N'])" + batches + ",)",
+        # K_tot = 0 still launches: the output is the epilogue of a zero sum, as torch gives it
+        f"if _rt.programs((M_tot * N_tot{batches},)): {kname}[grid]({', '.join(sig.host_args())})",
     ]
     return [src], host, [st.target]

@@ -200,6 +200,7 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     body: list[str] = []
     fresh = fresh_names()
     resolved: list[Stmt] = []
+    flat: set = set()  # buffers over the launch's whole shape: one flat offset when all are contiguous
     for st in stmts:
         # A value written by this launch is computed again where a later statement reads it
         # (another program may own that element: attention's p[b, h, k, t] beside p[b, h, t, k]).
@@ -214,12 +215,18 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
             if key not in loads:
                 var = f"ld{len(loads)}"
                 loads[key] = var
-                load_lines.append(_load(ctx, sig, node, imap, var, "mask"))
+                whole = _whole(ctx, node, st.indices, target_dims)
+                if whole:
+                    flat.add(str(node.base))
+                load_lines.append(_load(ctx, sig, node, imap, var, "mask", flat=whole))
             names[node] = loads[key]
         names = sig.names_for(st.expr, names)
         value = pr(ctx, st.expr, names, st.formula)
         ptr = sig.buf(st.target)
         off = " + ".join(f"{imap[ix]} * {sig.stride(st.target, a)}" for a, ix in enumerate(st.indices)) or "0"
+        if target_dims:
+            flat.add(st.target)
+            off = _flat_or(off)
         line = f"tl.store({ptr} + {off}, {store_value(ptr, value)}, mask=mask)"
         if st.fused:
             body += ["if WRITE_GRAD:", "    " + line]
@@ -228,6 +235,7 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     sig.extra.append(("n_total", "n_total"))
     sig.constexpr.append(("BLOCK", "blk"))
     sig.constexpr.append(("IDX64", "n_total + blk >= 2**31"))
+    sig.constexpr.append(("FLAT", f"_rt.contiguous({', '.join(f't_{b}' for b in sorted(flat))})" if flat else "False"))
     if any(s.fused for s in stmts):
         sig.constexpr.append(("WRITE_GRAD", "write_grad"))
     src = ctx.env.get_template("map.j2").render(
@@ -242,7 +250,20 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     return [src], host, [s.target for s in stmts]
 
 
-def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: str | None) -> str:
+def _whole(ctx: Context, node: sp.Indexed, indices, target_dims) -> bool:
+    """Whether a map statement reads ``node`` over the launch's whole shape, index for index (not
+    broadcast, transposed or gathered): then a contiguous buffer is addressed by the flat offset."""
+    dims = ctx.plan.buffers[str(node.base)]
+    return bool(target_dims) and tuple(node.indices) == tuple(indices) and tuple(dims) == tuple(target_dims)
+
+
+def _flat_or(offset: str) -> str:
+    # FLAT (every whole-shape buffer contiguous): the flat offset itself, contiguous across rows,
+    # so loads and stores stay 128-bit wide whatever the last dim's size; strided ones use strides.
+    return f"(offs if FLAT else {offset})"
+
+
+def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: str | None, flat: bool = False) -> str:
     name = str(node.base)
     parts = []
     masks = [mask] if mask else []
@@ -266,6 +287,8 @@ def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: 
         parts.append(f"{code} * {sig.stride(name, a)}")
     ptr = sig.buf(name)
     off = " + ".join(parts) or "0"
+    if flat:
+        off = _flat_or(off)
     label = name in ctx.plan.labels
     m = f", mask={' & '.join(masks)}, other=0" if masks else ""
     conv = "" if label else ".to(tl.float32)"
@@ -567,6 +590,7 @@ class RowBuilder:
         row_loads: dict = {}
         row_lines: list = []
         passes = []
+        pass_reads = []  # per pass over the row's blocks: the row's own tensors it loads
         n_passes = max((s.pass_no for s in self.stats if not s.late), default=0)
         for p in range(1, n_passes + 1):
             init, loads, load_lines, body = [], {}, [], []
@@ -593,6 +617,7 @@ class RowBuilder:
                 else:
                     body.append(f"{s.var} += tl.sum(tl.where(cmask, {v}, 0.0), 0)")
             passes.append(dict(init=init, loads=load_lines, body=body))
+            pass_reads.append({str(n.base) for n in loads if n.has(*self.rowsyms)})
         # Final pass: elementwise outputs, column partials, late statistics.
         final = None
         init, loads, load_lines, body = [], {}, [], []
@@ -634,6 +659,10 @@ class RowBuilder:
             sig.extra.append((f"part{j}_ptr", f"part{j}"))
         if body or late:
             final = dict(init=init, loads=load_lines, body=body)
+            pass_reads.append({str(n.base) for n in loads if n.has(*self.rowsyms)})
+        # Tensors of the row that a multi-block row reads in more than one pass: the host keeps
+        # the rows in flight few enough that the later passes find them in L2.
+        reread = sorted(n for n in set().union(*pass_reads) if sum(n in r for r in pass_reads) > 1)
         single = self._single_block(row_loads, row_lines) if self.coldim is not None else None
         if single is not None and not (passes or final):
             raise LoweringError(f"op {ctx.op.name}: row kernel {self.kname} has a column dim but no column pass")
@@ -672,10 +701,15 @@ class RowBuilder:
             host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize})")
         else:
             host.append("blk = 16")
-        if self.crosses:
-            host.append(f"n_prog, rpp = _rt.partial_programs({nrow_host if not row_decomp else 'n_rows'}, device)")
+        nrows = nrow_host if not row_decomp else "n_rows"
+        if reread and ncol:
+            per_row = " + ".join(f"t_{n}.element_size()" for n in reread)
+            host.append(f"reread = n_{self.coldim.name} * ({per_row}) if n_{self.coldim.name} > blk else 0")
+            host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, {bool(self.crosses)}, reread)")
+        elif self.crosses:
+            host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, True)")
         else:
-            host.append(f"n_prog, rpp = {nrow_host if not row_decomp else 'n_rows'}, 1")
+            host.append(f"n_prog, rpp = {nrows}, 1")
         host += part_host
         host.append(f"{self.kname}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
         if self.crosses:
@@ -783,3 +817,38 @@ class RowBuilder:
 
 def emit_rows(ctx: Context, launch: Launch, kname: str):
     return RowBuilder(ctx, launch, kname).build()
+
+
+# ---------------------------------------------------------------------------------------------
+# SCALE: a fused loss's gradient, its forward buffer scaled in place by the scalar cotangent.
+
+
+def emit_scale(ctx: Context, launch: Launch, kname: str):
+    """``d = cot*d_fused`` over ``d_fused``'s own buffer (see the plan's ``scale`` launches): a
+    few programs per SM walk contiguous chunks; the gradient handed out is that buffer."""
+    (st,) = launch.statements
+    sig = Sig(ctx)
+    unit = [a for a in st.expr.atoms(sp.Indexed)]
+    if len(unit) != 1 or tuple(unit[0].indices) != tuple(st.indices) or str(unit[0].base) not in ctx.plan.fused.values():
+        raise LoweringError(f"op {ctx.op.name}: scale launch {st.formula}: not a fused gradient times its cotangent")
+    buf = str(unit[0].base)
+    names = sig.names_for(st.expr, {unit[0]: "v", **{ix: "offs" for ix in st.indices}})
+    (cot,) = list(sig.scalar_loads)
+    value = pr(ctx, st.expr, names, st.formula)
+    ptr = sig.buf(buf)
+    sig.bufs[buf] = 0  # flat over the contiguous buffer: no strides
+    sig.extra += [("n_total", "n_total"), ("CHUNK", "chunk")]
+    sig.constexpr += [("BLOCK", "blk"), ("IDX64", "n_total + chunk >= 2**31")]
+    src = ctx.env.get_template("scale.j2").render(
+        name=kname, args=sig.kernel_args(), formulas=_formula_lines([st]), target=st.target,
+        scalar_loads=sorted(sig.scalar_loads.values()), cot=f"v_{cot}",
+        load=f"v = tl.load({ptr} + offs, mask=mask, other=0).to(tl.float32)",
+        store=f"tl.store({ptr} + offs, {store_value(ptr, value)}, mask=mask)",
+    )
+    host = [
+        f"t_{st.target} = _rt.take_fused(OP, saved, {buf!r})",
+        f"n_total = t_{st.target}.numel()",
+        "blk, n_prog, chunk = _rt.scale_geometry(n_total, device)",
+        f"{kname}[(n_prog,)]({', '.join(sig.host_args())})",
+    ]
+    return [src], host, [st.target]

@@ -1,0 +1,192 @@
+"""Bytes a kernel plan moves to and from global memory, against the least a fused kernel must move.
+
+Read from the :class:`~symgrad.plan.KernelPlan` alone (its launches, statements and buffers), never
+from generated text, so it holds for any target that prints the plan. The host code's launch
+choices enter only as two facts a caller passes per launch: whether a row kernel holds the whole
+row in one block (then every pass over the row runs from registers) and how many programs are
+resident on the GPU at once (then a re-read of a row is free when the rows in flight fit in L2).
+
+Model, per launch:
+
+- a buffer the launch reads is read once; one it writes (an output, a saved value, a gradient, or
+  a value a later launch reads) is written once; values a launch computes and uses itself (a row
+  max, a row sum) never reach memory;
+- a row launch over a column axis makes one pass over the row per level of row reductions that
+  depend on each other (layer norm's mean, then its variance, then the output: 3 passes; an online
+  max-and-sum counts as one level with its max), plus one for a column-indexed result; each pass
+  after the first re-reads the row operands, unless the row is one block, or the rows resident at
+  once fit in L2 (``L2_BYTES``) and the re-read hits there;
+- a multi-block row launch with column partials (a norm's ``dw``, ``dbias``) reads and writes its
+  program's fp32 partial row once per row;
+- a contraction reads each operand once (its grouped tile order keeps re-reads in L2); its bound is
+  compute, not bandwidth;
+- a ``scale`` launch (a fused loss's gradient, scaled in place in the buffer forward wrote) reads
+  only its cotangent at a cotangent of 1 (``loss.backward()``, and the benchmark's cotangent of a
+  scalar loss), and leaves the buffer as it is; at any other cotangent it reads and writes it once.
+
+The least a fused implementation must move: forward reads the inputs and writes the outputs;
+backward reads the cotangents and the inputs it needs (or the saved values, when it needs no input)
+and writes the gradients; forward+backward reads the inputs and cotangents once and writes the
+outputs and gradients once. The predicted bound is that least over the modelled bytes: the
+fraction of HBM bandwidth the kernels can reach at best.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy as sp
+
+from .plan import KernelPlan, Launch
+from .primitives import ReduceMax
+
+L2_BYTES = 50 * 10**6  # H100/H200 L2 (50 MB); A100 has 40 MB, the report says which it used
+LABEL_BYTES = 8  # integer labels arrive as int64 (torch's default for class indices)
+
+__all__ = ["L2_BYTES", "LaunchTraffic", "all_sizes", "launch_traffic", "minimum_bytes", "buffer_bytes", "row_passes"]
+
+
+@dataclass(frozen=True)
+class LaunchTraffic:
+    reads: dict  # buffer -> bytes read (re-reads included)
+    writes: dict  # buffer -> bytes written
+    passes: int  # passes over a row (1 for maps and contractions)
+    rereads_free: bool  # re-reads of a row hit L2 (or there are none)
+    least: int  # each buffer the launch touches, read or written once
+
+    @property
+    def total(self) -> int:
+        return sum(self.reads.values()) + sum(self.writes.values())
+
+
+def all_sizes(plan: KernelPlan, sizes: dict, params: dict) -> dict:
+    """``sizes`` completed with the dims the plan computes from others (a convolution's output
+    height from the input's, the filter's, stride and padding)."""
+    out = {k: int(v) for k, v in sizes.items() if k in {ds.dim.name for ds in plan.dims}}
+    values = {p.symbol: params[p.name] for p in plan.params if p.name in params}
+    for ds in plan.dims:
+        if ds.formula is not None and ds.dim.name not in out:
+            known = {d.dim.symbol: out[d.dim.name] for d in plan.dims if d.dim.name in out}
+            out[ds.dim.name] = int(sp.floor(ds.formula.xreplace({**known, **values})))
+    return out
+
+
+def buffer_bytes(plan: KernelPlan, name: str, sizes: dict, itemsize: int) -> int:
+    dims = plan.buffers[name]
+    n = math.prod(int(sizes[d.name]) for d in dims) if dims else 1
+    return n * (LABEL_BYTES if name in plan.labels else itemsize)
+
+
+def _kernel_of(plan: KernelPlan, launch: Launch):
+    for k in (plan.forward, plan.backward):
+        if any(launch is l for l in k.launches):
+            return k
+    raise ValueError("launch is not in this plan")
+
+
+def _written(plan: KernelPlan, launch: Launch) -> list:
+    kernel = _kernel_of(plan, launch)
+    later = set()
+    for other in kernel.launches:
+        if other is not launch:
+            for st in other.statements:
+                later |= st.reads()
+    keep = set(plan.outputs) | set(plan.saved) | set(kernel.returns) | set(plan.fused.values()) | later
+    return [st.target for st in launch.statements if st.target in keep]
+
+
+def _read(plan: KernelPlan, launch: Launch) -> list:
+    made = {st.target for st in launch.statements}
+    names = set()
+    for st in launch.statements:
+        names |= st.reads()
+    return sorted(n for n in names if n in plan.buffers and n not in made)
+
+
+def row_passes(launch: Launch) -> int:
+    """Passes over a row: one per level of dependent column reductions, plus one for a
+    column-indexed result that needs them (1 for a launch without a column axis)."""
+    if launch.kind != "rows" or launch.space[1] is None:
+        return 1
+    col = launch.space[1]
+    by_target = {st.target: st for st in launch.statements}
+    level: dict = {}
+
+    def own_passes(st) -> int:
+        # a sum or max along the column is one pass; a column-indexed result that reads it, another
+        reduces = any(_bounds_column(r, col.symbol) for r in sp.preorder_traversal(st.expr))
+        return int(reduces) + int(col in st.dims)
+
+    def lvl(name) -> int:
+        if name in level:
+            return level[name]
+        st = by_target[name]
+        deps = [d for d in st.reads() if d in by_target]
+        base = max((lvl(d) for d in deps), default=0)
+        # a sum that reads only a row max runs in the max's pass (online max-and-sum)
+        online = len(deps) == 1 and _is_max(by_target[deps[0]]) and col not in st.dims
+        level[name] = base + (0 if online else own_passes(st))
+        return level[name]
+
+    return max((lvl(n) for n in by_target), default=1) or 1
+
+
+def _is_max(st) -> bool:
+    return isinstance(st.expr, ReduceMax)
+
+
+def _bounds_column(node, size: sp.Symbol) -> bool:
+    """Whether ``node`` reduces over the column: a sum or max whose range is the column's extent."""
+    if isinstance(node, sp.Sum):
+        return any(size in sp.sympify(hi).free_symbols for _, _, hi in node.limits)
+    if isinstance(node, ReduceMax):
+        return size in sp.sympify(node.args[3]).free_symbols
+    return False
+
+
+def launch_traffic(plan: KernelPlan, launch: Launch, sizes: dict, itemsize: int, *,
+                   single_block: bool = False, resident_programs: int | None = None,
+                   l2_bytes: int = L2_BYTES) -> LaunchTraffic:
+    """The bytes one launch moves at ``sizes`` (dim name -> size) for inputs of ``itemsize`` bytes."""
+    if launch.kind == "scale":
+        cot = {n: buffer_bytes(plan, n, sizes, itemsize) for n in _read(plan, launch) if n in plan.cotangents}
+        return LaunchTraffic(cot, {}, 1, True, sum(cot.values()))
+    reads = {n: buffer_bytes(plan, n, sizes, itemsize) for n in _read(plan, launch)}
+    writes = {n: buffer_bytes(plan, n, sizes, itemsize) for n in _written(plan, launch)}
+    least = sum(reads.values()) + sum(writes.values())
+    passes = row_passes(launch)
+    free = True
+    if passes > 1 and not single_block:
+        col = launch.space[1]
+        row_ops = [n for n in reads if col in plan.buffers[n] and len(plan.buffers[n]) > 1]
+        row_bytes = sum(int(sizes[col.name]) * (LABEL_BYTES if n in plan.labels else itemsize) for n in row_ops)
+        in_flight = resident_programs if resident_programs is not None else 1
+        free = in_flight * row_bytes <= l2_bytes
+        if not free:
+            for n in row_ops:
+                reads[n] *= passes
+    if launch.kind == "rows" and launch.space[1] is not None and not single_block:
+        # column partials (dw[i], dbias[i]) of a multi-block row: the row kernel adds each row into
+        # its program's fp32 partial row in memory (a read and a write per row)
+        col = launch.space[1]
+        partials = [st for st in launch.statements if tuple(st.dims) == (col,)]
+        if partials:
+            n_rows = math.prod(int(sizes[d.name]) for d in launch.space[0])
+            rmw = n_rows * int(sizes[col.name]) * 4 * len(partials)
+            reads["column partials"] = writes["column partials"] = rmw
+    return LaunchTraffic(reads, writes, passes, free, least)
+
+
+def minimum_bytes(plan: KernelPlan, sizes: dict, itemsize: int) -> dict:
+    """The least bytes a fused implementation moves: ``forward``, ``backward``, ``both``."""
+    b = lambda names: sum(buffer_bytes(plan, n, sizes, itemsize) for n in names)  # noqa: E731
+    needs = plan.saved_inputs or tuple(n for n in plan.saved if n not in plan.fused.values()) or plan.saved
+    grads = plan.backward.returns
+    # a fused loss's forward wrote its gradients already: backward only needs the cotangent
+    fused_only = bool(plan.fused) and all(g in plan.fused for g in grads)
+    return {
+        "forward": b(plan.inputs) + b(plan.outputs),
+        "backward": b(plan.cotangents) if fused_only else b(plan.cotangents) + b(needs) + b(grads),
+        "both": b(plan.inputs) + b(plan.outputs) + b(plan.cotangents) + b(grads),
+    }
+

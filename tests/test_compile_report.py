@@ -1,0 +1,93 @@
+"""The ahead-of-time compile report (bench/compile_report.py) in CI, and the bytes model it reads.
+
+The report compiles every generated Triton kernel for sm_90 at the launch configurations the
+generated host code chooses, without a GPU; here it runs on the small shape set and must find no
+compile error and no spill inside a loop. The bytes model (symgrad.traffic) is checked on plans
+whose traffic is known by hand.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import symgrad.ops  # noqa: F401
+from symgrad import traffic
+from symgrad.declare import REGISTRY
+from symgrad.derive import derive
+from symgrad.plan import lower
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plan(name):
+    return lower(derive(REGISTRY.get(name)))
+
+
+def _row_launch(plan, kernel="forward"):
+    k = getattr(plan, kernel)
+    return next(l for l in k.launches if l.kind == "rows" and l.space[1] is not None)
+
+
+def test_layer_norm_forward_passes_and_l2_rule():
+    plan = _plan("layer_norm")
+    launch = _row_launch(plan)
+    assert traffic.row_passes(launch) == 3  # mean, then variance around it, then y
+    sizes = {"B": 4096, "D": 65536}
+    x = 4096 * 65536 * 2
+    one = traffic.launch_traffic(plan, launch, sizes, 2, single_block=True)
+    assert one.reads["x"] == x and one.writes["y"] == x and one.total == one.least
+    # 1000 programs in flight hold 1000 rows of 128 KB = 131 MB: more than L2, so x is read 3 times
+    many = traffic.launch_traffic(plan, launch, sizes, 2, resident_programs=1000)
+    assert not many.rereads_free and many.reads["x"] == 3 * x
+    # 300 rows (39 MB) fit in a 50 MB L2: the re-reads are free
+    few = traffic.launch_traffic(plan, launch, sizes, 2, resident_programs=300)
+    assert few.rereads_free and few.reads["x"] == x
+
+
+def test_cross_entropy_online_max_sum_is_one_pass():
+    plan = _plan("softmax_cross_entropy")
+    launch = next(l for l in plan.forward.launches if l.kind == "rows" and l.space[1] is not None)
+    assert traffic.row_passes(launch) == 2  # online max-and-sum, then the gradient
+    least = traffic.minimum_bytes(plan, {"B": 8, "C": 1000}, 4)
+    # forward+backward: logits and labels read once, gradient written once (scalars: loss, dloss)
+    assert least["both"] == 8 * 1000 * 4 + 8 * 8 + 8 * 1000 * 4 + 4 + 4
+
+
+def test_silu_backward_least_bytes():
+    plan = _plan("silu")
+    least = traffic.minimum_bytes(plan, {"B": 10, "C": 7}, 2)
+    assert least["backward"] == 3 * 70 * 2  # x, dout read; dx written
+
+
+@pytest.mark.slow
+def test_compile_report_small_shapes(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compile_report.py"), "--small", "--arch", "90",
+         "--dtypes", "bfloat16", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("no CUDA toolchain (ptxas) in this triton install")
+    assert out.exists(), proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["failures"] == [], "\n".join(doc["failures"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert doc["triton"] and doc["ptxas"]["sm_90"]
+    ops = {r["op"] for r in doc["launches"]}
+    assert ops == set(REGISTRY.names())  # every op's kernels were compiled
+    for r in doc["launches"]:
+        assert r["regs"] > 0 and r["ctas_per_sm"] >= 1, r
+        assert r["loop_spills"] == 0 and "error" not in r, r
+    gemm = [r for r in doc["launches"] if r["op"] == "linear" and r["kernel"].endswith("_gemm")]
+    assert gemm and all(r["tensor_core"] > 0 for r in gemm)  # bf16 contractions use wgmma on sm_90
+    # silu at 257 x 257 (an odd total): the full blocks load and store 128 bits (the tail block, a
+    # branch of its own, masks element by element)
+    flat = [r for r in doc["launches"] if r["op"] == "silu" and r["kernel"].endswith("_map")]
+    assert flat and all(r["loads_v4"] >= 1 and r["stores_v4"] >= 1 for r in flat)
