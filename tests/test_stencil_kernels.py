@@ -56,7 +56,7 @@ def _conv1d_module(tmp_path):
 
 def test_user_stencil_specializes_window_and_index_params(tmp_path):
     src, _ = _conv1d_module(tmp_path)
-    for name in ("n_K", "p_stride", "p_pad", "I64", "SPLIT"):
+    for name in ("n_K", "p_stride", "p_pad", "IDX64", "SPLIT"):
         assert src.count(f"{name}: tl.constexpr") == 3, name  # forward, dX and dW kernels
     # sizes that vary per batch or image stay runtime arguments (no recompile per shape)
     assert "n_L: tl.constexpr" not in src and "n_N: tl.constexpr" not in src

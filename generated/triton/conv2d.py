@@ -29,7 +29,7 @@ SAVED = ('X', 'Wt', )
 # Forward kernels
 
 
-@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
+@triton.autotune(configs=_rt.stencil_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_stencil_configs})
 @triton.jit
 def _for0_gemm(
     Wt_ptr,
@@ -67,7 +67,7 @@ def _for0_gemm(
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
     SPLIT: tl.constexpr,
-    I64: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -76,7 +76,7 @@ def _for0_gemm(
     #     R - 1), (s, 0, S - 1))
     # implicit GEMM: M = (n, h, w), N = (o), K = (c, r, s)
     # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
-    # int32 unless the host found a tensor past 2^30 elements (I64); program_id(1) is a split of K
+    # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
     # whose fp32 partial tile goes to WS (SPLIT), summed by the host, when the tiles alone leave SMs idle
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -89,7 +89,7 @@ def _for0_gemm(
     pid_n = (pid % group) // size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if I64:
+    if IDX64:
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
@@ -106,7 +106,7 @@ def _for0_gemm(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if I64:
+        if IDX64:
             offs_k = offs_k.to(tl.int64)
         k_mask = offs_k < k_hi
         k_s = offs_k % n_S
@@ -128,7 +128,7 @@ def _for0_gemm(
         acc = tl.dot(a, b, acc, input_precision=PREC)
     if SPLIT:
         ws_row = pid_k * M_tot + offs_m
-        if not I64:
+        if not IDX64:
             ws_row = ws_row.to(tl.int64)
         tl.store(WS_ptr + ws_row[:, None] * N_tot + offs_n[None, :], acc, mask=mn_mask)
     else:
@@ -139,7 +139,7 @@ def _for0_gemm(
 # Backward kernels
 
 
-@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
+@triton.autotune(configs=_rt.stencil_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_stencil_configs})
 @triton.jit
 def _bac0_gemm(
     Wt_ptr,
@@ -177,7 +177,7 @@ def _bac0_gemm(
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
     SPLIT: tl.constexpr,
-    I64: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -187,7 +187,7 @@ def _bac0_gemm(
     #     Cout - 1), (r_v, 0, R - 1), (s_v, 0, S - 1))
     # implicit GEMM: M = (n, h, w), N = (c), K = (k, r_v, s_v)
     # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
-    # int32 unless the host found a tensor past 2^30 elements (I64); program_id(1) is a split of K
+    # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
     # whose fp32 partial tile goes to WS (SPLIT), summed by the host, when the tiles alone leave SMs idle
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -200,7 +200,7 @@ def _bac0_gemm(
     pid_n = (pid % group) // size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if I64:
+    if IDX64:
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
@@ -217,7 +217,7 @@ def _bac0_gemm(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if I64:
+        if IDX64:
             offs_k = offs_k.to(tl.int64)
         k_mask = offs_k < k_hi
         k_s_v = offs_k % n_S
@@ -239,14 +239,14 @@ def _bac0_gemm(
         acc = tl.dot(a, b, acc, input_precision=PREC)
     if SPLIT:
         ws_row = pid_k * M_tot + offs_m
-        if not I64:
+        if not IDX64:
             ws_row = ws_row.to(tl.int64)
         tl.store(WS_ptr + ws_row[:, None] * N_tot + offs_n[None, :], acc, mask=mn_mask)
     else:
         tl.store(dX_ptr + m_n[:, None] * dX_s0 + n_c[None, :] * dX_s1 + m_h[:, None] * dX_s2 + m_w[:, None] * dX_s3, (acc).to(dX_ptr.dtype.element_ty), mask=mn_mask)
 
 
-@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
+@triton.autotune(configs=_rt.stencil_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_stencil_configs})
 @triton.jit
 def _bac1_gemm(
     X_ptr,
@@ -284,7 +284,7 @@ def _bac1_gemm(
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
     SPLIT: tl.constexpr,
-    I64: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -293,7 +293,7 @@ def _bac1_gemm(
     #     floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))
     # implicit GEMM: M = (o), N = (c, r, s), K = (k, j, l)
     # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
-    # int32 unless the host found a tensor past 2^30 elements (I64); program_id(1) is a split of K
+    # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
     # whose fp32 partial tile goes to WS (SPLIT), summed by the host, when the tiles alone leave SMs idle
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -306,7 +306,7 @@ def _bac1_gemm(
     pid_n = (pid % group) // size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if I64:
+    if IDX64:
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
@@ -323,7 +323,7 @@ def _bac1_gemm(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if I64:
+        if IDX64:
             offs_k = offs_k.to(tl.int64)
         k_mask = offs_k < k_hi
         k_l = offs_k % n_Wo
@@ -345,7 +345,7 @@ def _bac1_gemm(
         acc = tl.dot(a, b, acc, input_precision=PREC)
     if SPLIT:
         ws_row = pid_k * M_tot + offs_m
-        if not I64:
+        if not IDX64:
             ws_row = ws_row.to(tl.int64)
         tl.store(WS_ptr + ws_row[:, None] * N_tot + offs_n[None, :], acc, mask=mn_mask)
     else:
@@ -389,7 +389,7 @@ def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
     splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
     t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_Y
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
-    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, I64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_Wt, t_X, t_Y))
+    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_Wt, t_X, t_Y))
     if splits > 1: _rt.finish_split(t_ws, t_Y, (n_N, n_Ho, n_Wo, n_Cout,), (0, 3, 1, 2))
     saved = {
         'X': t_X,
@@ -458,7 +458,7 @@ def backward(saved, dY, ):
     splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
     t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_dX
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
-    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, I64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_Wt, t_dX, t_dY))
+    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_Wt, t_dX, t_dY))
     if splits > 1: _rt.finish_split(t_ws, t_dX, (n_N, n_H, n_W, n_Cin,), (0, 3, 1, 2))
     # _bac1_gemm: dWt (gemm)
     t_dWt = torch.empty((n_Cout, n_Cin, n_R, n_S, ), dtype=dtype, device=device)
@@ -468,7 +468,7 @@ def backward(saved, dY, ):
     splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
     t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_dWt
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
-    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, I64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_X, t_dWt, t_dY))
+    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_X, t_dWt, t_dY))
     if splits > 1: _rt.finish_split(t_ws, t_dWt, (n_Cout, n_Cin, n_R, n_S,), (0, 1, 2, 3))
     return (t_dX, t_dWt, )
 

@@ -467,3 +467,30 @@ def finish_split(ws: torch.Tensor, out: torch.Tensor, shape: tuple, perm: tuple)
     """Sum a split-K launch's partials in fp32 (in split order: deterministic) into ``out``, whose
     axes are the flattened M and N indices' ``shape`` permuted by ``perm``."""
     out.copy_(ws.sum(0).view(shape).permute(perm))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of stencil launches. Their operand tiles are gathers
+# (a pointer and a mask per entry, no TMA), so K tiles are shallower than a GEMM's: at BLOCK_K = 64,
+# and in fp32 (FMA) at 128 x 64 x 16 or 64 x 64 x 32, the sm_90 compile report showed spills inside
+# the K loop of conv2d's forward or dX (64 -> 128 channels, 3 x 3, 56 x 56).
+STENCIL_TILES_16 = ((128, 128, 32, 8, 4), (128, 64, 32, 8, 4), (64, 64, 32, 4, 4))
+STENCIL_TILES_32 = ((64, 64, 16, 4, 4),)
+
+
+def stencil_configs() -> list:
+    """The autotuned configurations of stencil launches (both tile sets: the prune keeps one)."""
+    if interpreting():
+        return gemm_configs()
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in STENCIL_TILES_16 + STENCIL_TILES_32]
+
+
+def prune_stencil_configs(configs, nargs, **kwargs) -> list:
+    """The tile set of the operands' width (the fp32 split-K workspace does not count), then
+    :func:`prune_gemm_configs`' cut to the problem size."""
+    if interpreting():
+        return prune_gemm_configs(configs, nargs, **kwargs)
+    wide = max((t.element_size() for k, t in nargs.items() if isinstance(t, torch.Tensor) and k != "WS_ptr"), default=2) == 4
+    tiles = STENCIL_TILES_32 if wide else STENCIL_TILES_16
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
+    return prune_gemm_configs(keep or configs, nargs, **kwargs)

@@ -60,7 +60,7 @@ def emit_stencil(ctx, st: Statement, kname: str, sig, g: dict):
     sig.extra += [("WS_ptr", "t_ws"), ("M_tot", "M_tot"), ("N_tot", "N_tot"), ("K_tot", "K_tot"), ("K_split", "K_split")]
     tensors = ", ".join(f"t_{b}" for b in sorted(set(g["tensors"]) | {st.target}))
     sig.constexpr += [("GROUP_M", "8"), ("DOT_F32", "_rt.dot_f32(dtype)"), ("PREC", "_rt.dot_precision(dtype)"),
-                      ("SPLIT", "splits > 1"), ("I64", f"_rt.wide_index(M_tot, N_tot, K_tot, t_ws, {tensors})")]
+                      ("SPLIT", "splits > 1"), ("IDX64", f"_rt.wide_index(M_tot, N_tot, K_tot, t_ws, {tensors})")]
     tuned = [f"{b}: tl.constexpr" for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
     src = ctx.env.get_template("stencil.j2").render(
         name=kname, args=sig.kernel_args() + tuned, formulas=_formula_lines([st]),
