@@ -115,3 +115,22 @@ def test_wide_index_only_past_two_to_the_thirty():
     assert rt.wide_index(big) and rt.wide_index(2**30)
     # a strided view spans its whole extent, not its element count
     assert rt.wide_index(torch.empty((2, 2**31), device="meta")[:, ::2**20])
+
+
+def test_conv2d_forward_and_input_gradient_split_k_against_torch():
+    """Few output tiles over a long K (one small image, many channels): forward and dX split K too,
+    and their partials come back through the permutation from (M, N) to the NCHW layout."""
+    conv = importlib.import_module("generated.triton.conv2d")
+    g = torch.Generator().manual_seed(7)
+    X, Wt = torch.randn(1, 16, 3, 4, generator=g), torch.randn(5, 16, 3, 3, generator=g)
+    cpu = torch.device("cpu")
+    assert rt.split_k(1 * 3 * 4, 5, 16 * 9, cpu)[0] > 1 and rt.split_k(1 * 3 * 4, 16, 5 * 9, cpu)[0] > 1
+    Xr, Wr = X.double().requires_grad_(), Wt.double().requires_grad_()
+    Yr = F.conv2d(Xr, Wr, padding=1)
+    dY = torch.randn(Yr.shape, generator=g)
+    Yr.backward(dY.double())
+    Y, saved = conv.forward_with_saved(X, Wt, pad=1)
+    dX, dW = conv.backward(saved, dY)
+    torch.testing.assert_close(Y.double(), Yr.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dX.double(), Xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dW.double(), Wr.grad, rtol=1e-4, atol=1e-4)
