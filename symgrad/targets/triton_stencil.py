@@ -17,6 +17,8 @@ from .triton_kernels import _formula_lines
 
 
 def window_dims(plan: KernelPlan, dims) -> set[str]:
+    """Dims of the forward stencils' windows: a summed index some factor reads as a plain index
+    and another inside a position (never the channels ``c``, read plainly by both)."""
     out = set()
     for st in plan.forward.statements:
         if st.kind is not KernelClass.STENCIL:
