@@ -224,6 +224,8 @@ _GLOBAL = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s", re
 _CPASYNC = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[^\n]*?,\s*(\d+)\s*(?:,|;)", re.M)
 _BULK = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.bulk", re.M)
 _TC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync)", re.M)
+# integer div/rem (index math) and its divisor: an immediate one ptxas turns into a multiply-shift
+_INTDIV = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:div|rem)\.[su](32|64)\s[^;]*,\s*(-?%?\w+)\s*;", re.M)
 
 
 def ptxas_info(ptx: str, arch: int) -> dict:
@@ -288,8 +290,11 @@ def ptx_accesses(ptx: str) -> dict:
     counts["ld"][0] += bulk
     counts["ld"][1] += bulk
     tc = _TC.findall(ptx)
+    divs = _INTDIV.findall(ptx)
     return dict(loads=counts["ld"][0], loads_v4=counts["ld"][1], stores=counts["st"][0], stores_v4=counts["st"][1],
-                tensor_core=len(tc), tensor_core_kind=sorted(set(tc)))
+                tensor_core=len(tc), tensor_core_kind=sorted(set(tc)),
+                div_rem_64=sum(b == "64" for b, _ in divs), div_rem_32=sum(b == "32" for b, _ in divs),
+                div_rem_by_constant=sum(not d.startswith("%") for _, d in divs))
 
 
 def occupancy(arch: int, regs: int, smem: int, warps: int) -> int:

@@ -541,7 +541,7 @@ import symgrad.ops
 from symgrad.declare import REGISTRY, Role
 
 CONST = {"BLOCK": 1024, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "DOT_F32": False,
-         "PREC": "ieee", "WRITE_GRAD": True, "SINGLE_BLOCK": False, "IDX64": False}
+         "PREC": "ieee", "WRITE_GRAD": True, "SINGLE_BLOCK": False, "IDX64": False, "SPLIT": True}
 
 def compile_op(name, ptr, arch, variants):
     op = REGISTRY.get(name)
@@ -560,9 +560,11 @@ def compile_op(name, ptr, arch, variants):
             both_paths = [dict(v, SINGLE_BLOCK=flag) for v in variants for flag in (True, False)]
         for variant in both_paths:
             sig, consts = {}, {}
-            for a in k.arg_names:
+            for i, a in enumerate(k.arg_names):
                 if a in CONST:
-                    sig[a] = "constexpr"; consts[(k.arg_names.index(a),)] = variant.get(a, CONST[a])
+                    sig[a] = "constexpr"; consts[(i,)] = variant.get(a, CONST[a])
+                elif k.params[i].is_constexpr:  # a stencil's window sizes and index params: 3 x 3, stride 2, pad 1
+                    sig[a] = "constexpr"; consts[(i,)] = {"p_stride": 2, "p_pad": 1}.get(a, 3)
                 elif a.endswith("_ptr"):
                     base = a[:-4]
                     sig[a] = "*i64" if base in labels else ("*fp32" if base.startswith("part") or base in ("n_valid", "mean", "rstd", "lse") else ptr)

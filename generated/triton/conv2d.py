@@ -29,7 +29,7 @@ SAVED = ('X', 'Wt', )
 # Forward kernels
 
 
-@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
+@triton.autotune(configs=_rt.stencil_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_stencil_configs})
 @triton.jit
 def _for0_gemm(
     Wt_ptr,
@@ -52,18 +52,22 @@ def _for0_gemm(
     n_H,
     n_Ho,
     n_N,
-    n_R,
-    n_S,
     n_W,
     n_Wo,
-    p_pad,
-    p_stride,
+    WS_ptr,
     M_tot,
     N_tot,
     K_tot,
+    K_split,
+    n_R: tl.constexpr,
+    n_S: tl.constexpr,
+    p_pad: tl.constexpr,
+    p_stride: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -71,7 +75,11 @@ def _for0_gemm(
     # Y[n, o, h, w] = Sum(Wt[o, c, r, s]*X[n, c, h*stride - pad + r, -pad + s + stride*w], (c, 0, Cin - 1), (r, 0,
     #     R - 1), (s, 0, S - 1))
     # implicit GEMM: M = (n, h, w), N = (o), K = (c, r, s)
+    # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
+    # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
+    # whose fp32 partial tile goes to WS (SPLIT), summed by the host, when the tiles alone leave SMs idle
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
     num_pid_n = tl.cdiv(N_tot, BLOCK_N)
     group = GROUP_M * num_pid_n
@@ -79,8 +87,11 @@ def _for0_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
@@ -90,10 +101,14 @@ def _for0_gemm(
     mr1 = mr2 // n_Ho
     m_n = mr1
     n_o = offs_n
+    k_lo = pid_k * K_split
+    k_hi = tl.minimum(k_lo + K_split, K_tot)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if IDX64:
+            offs_k = offs_k.to(tl.int64)
+        k_mask = offs_k < k_hi
         k_s = offs_k % n_S
         kr2 = offs_k // n_S
         k_r = kr2 % n_R
@@ -111,14 +126,20 @@ def _for0_gemm(
             else:
                 b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    tl.store(Y_ptr + m_n[:, None] * Y_s0 + n_o[None, :] * Y_s1 + m_h[:, None] * Y_s2 + m_w[:, None] * Y_s3, (acc).to(Y_ptr.dtype.element_ty), mask=mn_mask)
+    if SPLIT:
+        ws_row = pid_k * M_tot + offs_m
+        if not IDX64:
+            ws_row = ws_row.to(tl.int64)
+        tl.store(WS_ptr + ws_row[:, None] * N_tot + offs_n[None, :], acc, mask=mn_mask)
+    else:
+        tl.store(Y_ptr + m_n[:, None] * Y_s0 + n_o[None, :] * Y_s1 + m_h[:, None] * Y_s2 + m_w[:, None] * Y_s3, (acc).to(Y_ptr.dtype.element_ty), mask=mn_mask)
 
 
 # ---------------------------------------------------------------------------------------------
 # Backward kernels
 
 
-@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
+@triton.autotune(configs=_rt.stencil_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_stencil_configs})
 @triton.jit
 def _bac0_gemm(
     Wt_ptr,
@@ -141,18 +162,22 @@ def _bac0_gemm(
     n_H,
     n_Ho,
     n_N,
-    n_R,
-    n_S,
     n_W,
     n_Wo,
-    p_pad,
-    p_stride,
+    WS_ptr,
     M_tot,
     N_tot,
     K_tot,
+    K_split,
+    n_R: tl.constexpr,
+    n_S: tl.constexpr,
+    p_pad: tl.constexpr,
+    p_stride: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -161,7 +186,11 @@ def _bac0_gemm(
     #     0))*Wt[k, c, r_v, s_v]*dY[n, k, floor((h + pad - r_v)/stride), floor((pad - s_v + w)/stride)], (k, 0,
     #     Cout - 1), (r_v, 0, R - 1), (s_v, 0, S - 1))
     # implicit GEMM: M = (n, h, w), N = (c), K = (k, r_v, s_v)
+    # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
+    # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
+    # whose fp32 partial tile goes to WS (SPLIT), summed by the host, when the tiles alone leave SMs idle
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
     num_pid_n = tl.cdiv(N_tot, BLOCK_N)
     group = GROUP_M * num_pid_n
@@ -169,8 +198,11 @@ def _bac0_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
@@ -180,10 +212,14 @@ def _bac0_gemm(
     mr1 = mr2 // n_H
     m_n = mr1
     n_c = offs_n
+    k_lo = pid_k * K_split
+    k_hi = tl.minimum(k_lo + K_split, K_tot)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if IDX64:
+            offs_k = offs_k.to(tl.int64)
+        k_mask = offs_k < k_hi
         k_s_v = offs_k % n_S
         kr2 = offs_k // n_S
         k_r_v = kr2 % n_R
@@ -201,10 +237,16 @@ def _bac0_gemm(
             else:
                 b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    tl.store(dX_ptr + m_n[:, None] * dX_s0 + n_c[None, :] * dX_s1 + m_h[:, None] * dX_s2 + m_w[:, None] * dX_s3, (acc).to(dX_ptr.dtype.element_ty), mask=mn_mask)
+    if SPLIT:
+        ws_row = pid_k * M_tot + offs_m
+        if not IDX64:
+            ws_row = ws_row.to(tl.int64)
+        tl.store(WS_ptr + ws_row[:, None] * N_tot + offs_n[None, :], acc, mask=mn_mask)
+    else:
+        tl.store(dX_ptr + m_n[:, None] * dX_s0 + n_c[None, :] * dX_s1 + m_h[:, None] * dX_s2 + m_w[:, None] * dX_s3, (acc).to(dX_ptr.dtype.element_ty), mask=mn_mask)
 
 
-@triton.autotune(configs=_rt.gemm_configs(), key=["M_tot", "N_tot", "K_tot", "PREC"], prune_configs_by={"early_config_prune": _rt.prune_gemm_configs})
+@triton.autotune(configs=_rt.stencil_configs(), key=["M_tot", "N_tot", "K_tot", "PREC", "K_split"], prune_configs_by={"early_config_prune": _rt.prune_stencil_configs})
 @triton.jit
 def _bac1_gemm(
     X_ptr,
@@ -227,18 +269,22 @@ def _bac1_gemm(
     n_H,
     n_Ho,
     n_N,
-    n_R,
-    n_S,
     n_W,
     n_Wo,
-    p_pad,
-    p_stride,
+    WS_ptr,
     M_tot,
     N_tot,
     K_tot,
+    K_split,
+    n_R: tl.constexpr,
+    n_S: tl.constexpr,
+    p_pad: tl.constexpr,
+    p_stride: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -246,7 +292,11 @@ def _bac1_gemm(
     # dWt[o, c, r, s] = Sum(X[k, c, j*stride - pad + r, l*stride - pad + s]*dY[k, o, j, l], (k, 0, N - 1), (j, 0,
     #     floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))
     # implicit GEMM: M = (o), N = (c, r, s), K = (k, j, l)
+    # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
+    # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
+    # whose fp32 partial tile goes to WS (SPLIT), summed by the host, when the tiles alone leave SMs idle
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
     num_pid_n = tl.cdiv(N_tot, BLOCK_N)
     group = GROUP_M * num_pid_n
@@ -254,8 +304,11 @@ def _bac1_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
@@ -265,10 +318,14 @@ def _bac1_gemm(
     n_r = nr2 % n_R
     nr1 = nr2 // n_R
     n_c = nr1
+    k_lo = pid_k * K_split
+    k_hi = tl.minimum(k_lo + K_split, K_tot)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if IDX64:
+            offs_k = offs_k.to(tl.int64)
+        k_mask = offs_k < k_hi
         k_l = offs_k % n_Wo
         kr2 = offs_k // n_Wo
         k_j = kr2 % n_Ho
@@ -286,7 +343,13 @@ def _bac1_gemm(
             else:
                 b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    tl.store(dWt_ptr + m_o[:, None] * dWt_s0 + n_c[None, :] * dWt_s1 + n_r[None, :] * dWt_s2 + n_s[None, :] * dWt_s3, (acc).to(dWt_ptr.dtype.element_ty), mask=mn_mask)
+    if SPLIT:
+        ws_row = pid_k * M_tot + offs_m
+        if not IDX64:
+            ws_row = ws_row.to(tl.int64)
+        tl.store(WS_ptr + ws_row[:, None] * N_tot + offs_n[None, :], acc, mask=mn_mask)
+    else:
+        tl.store(dWt_ptr + m_o[:, None] * dWt_s0 + n_c[None, :] * dWt_s1 + n_r[None, :] * dWt_s2 + n_s[None, :] * dWt_s3, (acc).to(dWt_ptr.dtype.element_ty), mask=mn_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +386,11 @@ def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
     M_tot = n_N * n_Ho * n_Wo
     N_tot = n_Cout
     K_tot = n_Cin * n_R * n_S
-    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
+    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_Y
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
+    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_Wt, t_X, t_Y))
+    if splits > 1: _rt.finish_split(t_ws, t_Y, (n_N, n_Ho, n_Wo, n_Cout,), (0, 3, 1, 2))
     saved = {
         'X': t_X,
         'Wt': t_Wt,
@@ -389,15 +455,21 @@ def backward(saved, dY, ):
     M_tot = n_N * n_H * n_W
     N_tot = n_Cin
     K_tot = n_Cout * n_R * n_S
-    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
+    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_dX
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
+    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_Wt, t_dX, t_dY))
+    if splits > 1: _rt.finish_split(t_ws, t_dX, (n_N, n_H, n_W, n_Cin,), (0, 3, 1, 2))
     # _bac1_gemm: dWt (gemm)
     t_dWt = torch.empty((n_Cout, n_Cin, n_R, n_S, ), dtype=dtype, device=device)
     M_tot = n_Cout
     N_tot = n_Cin * n_R * n_S
     K_tot = n_N * n_Ho * n_Wo
-    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_R, n_S, n_W, n_Wo, p_pad, p_stride, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
+    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_dWt
+    grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
+    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_X, t_dWt, t_dY))
+    if splits > 1: _rt.finish_split(t_ws, t_dWt, (n_Cout, n_Cin, n_R, n_S,), (0, 1, 2, 3))
     return (t_dX, t_dWt, )
 
 

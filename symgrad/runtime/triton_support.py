@@ -447,3 +447,74 @@ def check_versions(op: str, saved: dict, inputs, outputs, leading=()) -> None:
             f"{role} {name} [{str(t.dtype).replace('torch.', '')} {shape}] is at version {now}; "
             f"expected version {then} instead. Call forward_with_saved again after changing it, or "
             f"change a copy ({name}.clone()) instead.")
+
+
+# Implicit-GEMM (stencil) launches: int32 index math, and split-K for filter gradients.
+WIDE_INDEX = 2**30  # half of int32: a tile's overhanging rows and padded positions stay below 2^31
+
+
+def wide_index(*extents) -> bool:
+    """Whether a stencil launch needs int64 index math: a flattened extent, or a tensor's largest
+    element offset, at or past 2^30 (then products of an index and a stride may pass int32)."""
+    for e in extents:
+        if isinstance(e, torch.Tensor):
+            e = sum((s - 1) * st for s, st in zip(e.shape, e.stride()) if s > 0) + 1 if e.numel() else 0
+        if int(e) >= WIDE_INDEX:
+            return True
+    return False
+
+
+SPLIT_K_LEAST = 512  # K entries a split program sums at least (8 of the largest BLOCK_K)
+
+
+def split_k(m: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, K per split) of a plain-sum implicit GEMM: enough K splits that the output tiles
+    (counted at the largest 128 x 128 tile) times the splits fill every SM once, each split summing
+    at least SPLIT_K_LEAST entries (a multiple of the largest BLOCK_K). Without a GPU the
+    interpreter's 16 x 16 tiles are counted against 8 programs, so tests run the split path."""
+    tile, least, step = (16, 16, 16) if interpreting() else (128, SPLIT_K_LEAST, 64)
+    sms = _sm_count(device) or 8
+    tiles = max(1, triton.cdiv(m, tile) * triton.cdiv(n, tile))
+    splits = max(1, min(triton.cdiv(sms, tiles), k // least))
+    if splits == 1:
+        return 1, k
+    per = triton.cdiv(triton.cdiv(k, splits), step) * step
+    return triton.cdiv(k, per), per
+
+
+def split_workspace(splits: int, m: int, n: int, device: torch.device) -> torch.Tensor:
+    """The fp32 partial sums of a split-K launch, one (M, N) tile set per split."""
+    return torch.empty((splits, m, n), dtype=torch.float32, device=device)
+
+
+def finish_split(ws: torch.Tensor, out: torch.Tensor, shape: tuple, perm: tuple) -> None:
+    """Sum a split-K launch's partials in fp32 (in split order: deterministic) into ``out``, whose
+    axes are the flattened M and N indices' ``shape`` permuted by ``perm``."""
+    out.copy_(ws.sum(0).view(shape).permute(perm))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of stencil launches. Their operand tiles are gathers
+# (a pointer and a mask per entry, no TMA), so K tiles are shallower than a GEMM's: at BLOCK_K = 64,
+# and in fp32 (FMA) at 128 x 64 x 16 or 64 x 64 x 32, the sm_90 compile report showed spills inside
+# the K loop of conv2d's forward or dX (64 -> 128 channels, 3 x 3, 56 x 56).
+STENCIL_TILES_16 = ((128, 128, 32, 8, 4), (128, 64, 32, 8, 4), (64, 64, 32, 4, 4))
+STENCIL_TILES_32 = ((64, 64, 16, 4, 4),)
+
+
+def stencil_configs() -> list:
+    """The autotuned configurations of stencil launches (both tile sets: the prune keeps one)."""
+    if interpreting():
+        return gemm_configs()
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in STENCIL_TILES_16 + STENCIL_TILES_32]
+
+
+def prune_stencil_configs(configs, nargs, **kwargs) -> list:
+    """The tile set of the operands' width (the fp32 split-K workspace does not count), then
+    :func:`prune_gemm_configs`' cut to the problem size."""
+    if interpreting():
+        return prune_gemm_configs(configs, nargs, **kwargs)
+    wide = max((t.element_size() for k, t in nargs.items() if isinstance(t, torch.Tensor) and k != "WS_ptr"), default=2) == 4
+    tiles = STENCIL_TILES_32 if wide else STENCIL_TILES_16
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
+    return prune_gemm_configs(keep or configs, nargs, **kwargs)

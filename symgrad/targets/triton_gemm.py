@@ -22,7 +22,8 @@ import sympy as sp
 from ..functions import Iverson
 from .triton_expr import TritonPrintError, print_expr
 from .triton_kernels import Context, Sig, _formula_lines, pr, store_value
-from ..plan import Launch, LoweringError, dim_of_extent
+from ..plan import KernelClass, Launch, LoweringError, dim_of_extent
+from .triton_stencil import emit_stencil
 
 ACC = sp.Symbol("_acc", real=True)
 
@@ -187,6 +188,11 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
     toffs = " + ".join(f"{names[ix]} * {sig.stride(st.target, a)}" for a, ix in enumerate(st.indices))
     store = f"tl.store({tptr} + {toffs}, {store_value(tptr, value)}, mask=mn_mask)"
 
+    if st.kind is KernelClass.STENCIL:
+        return emit_stencil(ctx, st, kname, sig, dict(
+            m_idx=m_idx, n_idx=n_idx, kvars=kvars, batch=batch, m_ext=m_ext, n_ext=n_ext, k_ext=k_ext, b_ext=b_ext,
+            batch_decomp=batch_decomp, decomp=top_decomp, k_decomp=k_decomp, a_lines=a_lines, b_lines=b_lines,
+            ep_loads=ep_loads, store=store, plain_sum=epilogue == ACC, tensors=bufs))
     sig.extra += [("M_tot", "M_tot"), ("N_tot", "N_tot"), ("K_tot", "K_tot")]
     sig.constexpr += [("GROUP_M", "8"), ("DOT_F32", "_rt.dot_f32(dtype)"), ("PREC", "_rt.dot_precision(dtype)")]
     # Tiles, warps and stages are the autotuner's (keyed on the problem's shape and precision); the
