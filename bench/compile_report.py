@@ -366,7 +366,7 @@ def report_case(op_name, sizes, dtype_name, archs, plans) -> tuple[list, dict]:
                     resident = min(programs, spec["sms"] * max(res["ctas_per_sm"], 1))
                     single = bool({**launch.kwargs, **config}.get("SINGLE_BLOCK", False))
                     t = traffic.launch_traffic(plan, pl, sizes, itemsize, single_block=single,
-                                               resident_programs=resident, l2_bytes=spec["l2"])
+                                               resident_programs=resident, programs=programs, l2_bytes=spec["l2"])
                     row.update(bytes=t.total, least=t.least, passes=t.passes, rereads_free=t.rereads_free,
                                bound=round(t.least / t.total, 3) if t.total else 1.0, plan_kind=pl.kind)
                     key = (launch.direction, id(pl))

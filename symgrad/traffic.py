@@ -14,10 +14,13 @@ Model, per launch:
 - a row launch over a column axis makes one pass over the row per level of row reductions that
   depend on each other (layer norm's mean, then its variance, then the output: 3 passes; an online
   max-and-sum counts as one level with its max), plus one for a column-indexed result; each pass
-  after the first re-reads the row operands, unless the row is one block, or the rows resident at
-  once fit in L2 (``L2_BYTES``) and the re-read hits there;
-- a multi-block row launch with column partials (a norm's ``dw``, ``dbias``) reads and writes its
-  program's fp32 partial row once per row;
+  after the first re-reads the row operands, unless the row is one block, or what the resident
+  programs keep hot fits in L2 (``L2_BYTES``) and the re-read hits there;
+- a row launch with column partials (a norm's ``dw``, ``dbias``) leaves one fp32 partial row per
+  program, written once and read once by the finishing kernel; with several blocks per row it
+  also reads and writes that row once per row, in memory unless it hits L2 under the same condition:
+  each resident program keeps hot its re-read row and its partial rows, and only if all of those
+  fit in L2 at once is either free (otherwise both are charged);
 - a contraction reads each operand once (its grouped tile order keeps re-reads in L2); its bound is
   compute, not bandwidth;
 - a ``scale`` launch (a fused loss's gradient, scaled in place in the buffer forward wrote) reads
@@ -146,8 +149,10 @@ def _bounds_column(node, size: sp.Symbol) -> bool:
 
 def launch_traffic(plan: KernelPlan, launch: Launch, sizes: dict, itemsize: int, *,
                    single_block: bool = False, resident_programs: int | None = None,
-                   l2_bytes: int = L2_BYTES) -> LaunchTraffic:
-    """The bytes one launch moves at ``sizes`` (dim name -> size) for inputs of ``itemsize`` bytes."""
+                   programs: int | None = None, l2_bytes: int = L2_BYTES) -> LaunchTraffic:
+    """The bytes one launch moves at ``sizes`` (dim name -> size) for inputs of ``itemsize`` bytes.
+    ``programs``: the launch's program count, each of which leaves one fp32 partial row per column
+    partial for the finishing kernel (counted here, written once and read once, when given)."""
     if launch.kind == "scale":
         cot = {n: buffer_bytes(plan, n, sizes, itemsize) for n in _read(plan, launch) if n in plan.cotangents}
         return LaunchTraffic(cot, {}, 1, True, sum(cot.values()))
@@ -155,25 +160,38 @@ def launch_traffic(plan: KernelPlan, launch: Launch, sizes: dict, itemsize: int,
     writes = {n: buffer_bytes(plan, n, sizes, itemsize) for n in _written(plan, launch)}
     least = sum(reads.values()) + sum(writes.values())
     passes = row_passes(launch)
-    free = True
-    if passes > 1 and not single_block:
-        col = launch.space[1]
+    col = launch.space[1] if launch.kind == "rows" else None
+    # column partials (dw[i], dbias[i]): each program leaves its fp32 partial row in memory (from
+    # registers with a single block; added into once per row with several), the finish reads it
+    partials = [st for st in launch.statements if col is not None and tuple(st.dims) == (col,)]
+    rows_left = int(programs or 0) * (int(sizes[col.name]) * 4 * len(partials) if partials else 0)
+    multi = col is not None and not single_block
+    if not multi:
+        partials = []
+    row_ops = []
+    if passes > 1 and multi:
         row_ops = [n for n in reads if col in plan.buffers[n] and len(plan.buffers[n]) > 1]
-        row_bytes = sum(int(sizes[col.name]) * (LABEL_BYTES if n in plan.labels else itemsize) for n in row_ops)
+    free = True
+    if row_ops or partials:
+        # What each program keeps hot: the row its later passes read again and its partial rows.
+        # Both stay in L2 only while every resident program's fit there at once; then neither
+        # reaches memory again. Otherwise both are charged: each evicts the other.
+        n_col = int(sizes[col.name])
+        row_bytes = sum(n_col * (LABEL_BYTES if n in plan.labels else itemsize) for n in row_ops)
+        hot = row_bytes + n_col * 4 * len(partials)
         in_flight = resident_programs if resident_programs is not None else 1
-        free = in_flight * row_bytes <= l2_bytes
+        free = in_flight * hot <= l2_bytes
         if not free:
             for n in row_ops:
                 reads[n] *= passes
-    if launch.kind == "rows" and launch.space[1] is not None and not single_block:
-        # column partials (dw[i], dbias[i]) of a multi-block row: the row kernel adds each row into
-        # its program's fp32 partial row in memory (a read and a write per row)
-        col = launch.space[1]
-        partials = [st for st in launch.statements if tuple(st.dims) == (col,)]
-        if partials:
-            n_rows = math.prod(int(sizes[d.name]) for d in launch.space[0])
-            rmw = n_rows * int(sizes[col.name]) * 4 * len(partials)
-            reads["column partials"] = writes["column partials"] = rmw
+            if partials:
+                # every row but each program's first reads the partial row back from memory, and
+                # every row but its last writes it (the last write is the partial row left above)
+                n_rows = math.prod(int(sizes[d.name]) for d in launch.space[0])
+                rmw = max(n_rows - int(programs or 0), 0) * n_col * 4 * len(partials)
+                reads["column partials"] = writes["column partials"] = rmw
+    if rows_left:
+        writes["partial rows"] = reads["partial rows (finish)"] = rows_left
     return LaunchTraffic(reads, writes, passes, free, least)
 
 

@@ -279,6 +279,27 @@ def test_single_block_default_blocks(name, n_cols, monkeypatch):
     run_case(op, {**_sb_sizes(op, n_cols), "B": 3}, torch.float32, DEVICE)
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_norm_backward_over_the_register_file_loops_over_blocks(name, monkeypatch):
+    """A single block whose live values per column (x, dy, w, the dw/dbias accumulators) times
+    its columns exceed one SM's register file spills (layer norm backward at 16384 columns), so the
+    host picks the multi-block path there, with no test cap: rows of 8200 columns, 9 rows (several
+    per program, so each program adds several rows into its partial row, the first writing it)."""
+    import re
+
+    from symgrad.runtime import triton_support as rt
+
+    monkeypatch.delenv("SYMGRAD_TRITON_MAX_BLOCK", raising=False)
+    src = (ROOT / "generated" / "triton" / f"{name}.py").read_text()
+    fwd_live, bwd_live = (int(n) for n in re.findall(r"_rt\.row_block\(n_D, dtype\.itemsize, (\d+)\)", src))
+    assert fwd_live * 16384 <= rt.REGISTER_FILE < bwd_live * 16384
+    assert rt.row_block(8200, 4, fwd_live) >= 8200 and rt.row_block(8200, 4, bwd_live) < 8200
+    n_prog, rpp = rt.row_programs(9, torch.device(DEVICE), True, 8200 * 8, per_sm=1)  # as the host code asks
+    assert rpp > 1
+    op = REGISTRY.get(name)
+    run_case(op, {**_sb_sizes(op, 8200), "B": 9}, torch.float32, DEVICE)
+
+
 def _extreme_case(name, shift=0.0):
     op = REGISTRY.get(name)
     mod = module(name)

@@ -116,7 +116,7 @@ def _bac0_rows(
                 cv0 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
                 tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (cv0).to(dx_ptr.dtype.element_ty), mask=cmask)
                 pp0 = part0_ptr + pid64 * n_C + cols
-                tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
+                tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
     if SINGLE_BLOCK:
         tl.store(part0_ptr + pid64 * n_C + cols0, pacc0, mask=cols0 < n_C)
 
@@ -209,9 +209,10 @@ def backward(saved, dout, ):
     # _bac0_rows: dx, dbias (rows)
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     t_dbias = torch.empty((n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
-    n_prog, rpp = _rt.row_programs(n_B, device, True)
-    part0 = torch.zeros((n_prog, n_C), dtype=torch.float32, device=device)
+    blk = _rt.row_block(n_C, dtype.itemsize, 4)
+    hot = n_C * (4) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_C), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_C)
     if _rt.programs((triton.cdiv(n_C, fblk),)): _bac0_rows_finish[(triton.cdiv(n_C, fblk),)](t_dbias, t_dbias.stride(0), n_C, part0, n_prog, BLOCK=fblk)

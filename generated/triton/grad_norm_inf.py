@@ -145,7 +145,7 @@ def _forward(t_g, write_grad):
     _rt.check_sizes(OP, {'R': n_R, 'N': n_N}, {'N': 1})
     # _for0_rows: norm (rows)
     t_norm = torch.empty((n_R, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_N, dtype.itemsize)
+    blk = _rt.row_block(n_N, dtype.itemsize, 2)
     n_prog, rpp = n_R, 1
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_g, t_g.stride(0), t_g.stride(1), t_norm, t_norm.stride(0), n_N, n_R, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     saved = {
@@ -195,9 +195,9 @@ def backward(saved, dnorm, ):
     t_dnorm = dnorm
     # _bac0_rows: dg (rows)
     t_dg = torch.empty((n_R, n_N, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_N, dtype.itemsize)
-    reread = n_N * (t_g.element_size()) if n_N > blk else 0
-    n_prog, rpp = _rt.row_programs(n_R, device, False, reread)
+    blk = _rt.row_block(n_N, dtype.itemsize, 2)
+    hot = n_N * (t_g.element_size()) if n_N > blk else 0
+    n_prog, rpp = _rt.row_programs(n_R, device, False, hot)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dg, t_dg.stride(0), t_dg.stride(1), t_dnorm, t_dnorm.stride(0), t_g, t_g.stride(0), t_g.stride(1), t_norm, t_norm.stride(0), n_N, n_R, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dg, _lead), )
 

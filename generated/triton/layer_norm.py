@@ -202,9 +202,9 @@ def _bac0_rows(
                 cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
                 tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv4 * cv3) - (st0 / (f_D)) - (st1 * ((-rv0) + cv5) * rv1 / (f_D))) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
                 pp0 = part0_ptr + pid64 * n_D + cols
-                tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, (((-rv0) + cv5) * rv1 * cv3), 0.0), mask=cmask)
+                tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, (((-rv0) + cv5) * rv1 * cv3), 0.0), mask=cmask)
                 pp1 = part1_ptr + pid64 * n_D + cols
-                tl.store(pp1, tl.load(pp1, mask=cmask, other=0.0) + tl.where(cmask, cv3, 0.0), mask=cmask)
+                tl.store(pp1, tl.load(pp1, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv3, 0.0), mask=cmask)
     if SINGLE_BLOCK:
         tl.store(part0_ptr + pid64 * n_D + cols0, pacc0, mask=cols0 < n_D)
     if SINGLE_BLOCK:
@@ -266,9 +266,9 @@ def _forward(t_x, t_w, t_bias, p_eps, write_grad):
     t_mean = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_rstd = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_y = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_D, dtype.itemsize)
-    reread = n_D * (t_x.element_size()) if n_D > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
+    blk = _rt.row_block(n_D, dtype.itemsize, 4)
+    hot = n_D * (t_x.element_size()) if n_D > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_bias, t_bias.stride(0), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
@@ -325,11 +325,11 @@ def backward(saved, dy, ):
     t_dx = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
     t_dw = torch.empty((n_D, ), dtype=dtype, device=device)
     t_dbias = torch.empty((n_D, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_D, dtype.itemsize)
-    reread = n_D * (t_dy.element_size() + t_x.element_size()) if n_D > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, True, reread)
-    part0 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
-    part1 = torch.zeros((n_prog, n_D), dtype=torch.float32, device=device)
+    blk = _rt.row_block(n_D, dtype.itemsize, 8)
+    hot = n_D * (t_dy.element_size() + t_x.element_size() + 8) if n_D > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_D), dtype=torch.float32, device=device)
+    part1 = (torch.empty if n_B else torch.zeros)((n_prog, n_D), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, part1, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
     if _rt.programs((triton.cdiv(n_D, fblk),)): _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dbias, t_dbias.stride(0), t_dw, t_dw.stride(0), n_D, part0, part1, n_prog, BLOCK=fblk)

@@ -257,7 +257,7 @@ def _bac2_rows(
                 cmask = cols < n_N
                 cv0 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(tl.float32)
                 pp0 = part0_ptr + pid64 * n_N + cols
-                tl.store(pp0, tl.load(pp0, mask=cmask, other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
+                tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
     if SINGLE_BLOCK:
         tl.store(part0_ptr + pid64 * n_N + cols0, pacc0, mask=cols0 < n_N)
 
@@ -372,9 +372,10 @@ def backward(saved, dY, ):
     if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
     # _bac2_rows: dbias (rows)
     t_dbias = torch.empty((n_N, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_N, dtype.itemsize)
-    n_prog, rpp = _rt.row_programs(n_B, device, True)
-    part0 = torch.zeros((n_prog, n_N), dtype=torch.float32, device=device)
+    blk = _rt.row_block(n_N, dtype.itemsize, 4)
+    hot = n_N * (4) if n_N > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_N), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_N)
     if _rt.programs((triton.cdiv(n_N, fblk),)): _bac2_rows_finish[(triton.cdiv(n_N, fblk),)](t_dbias, t_dbias.stride(0), n_N, part0, n_prog, BLOCK=fblk)

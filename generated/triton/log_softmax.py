@@ -154,9 +154,9 @@ def _forward(t_x, write_grad):
     n_C = dims['C']
     # _for0_rows: out (rows)
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
-    reread = n_C * (t_x.element_size()) if n_C > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
+    blk = _rt.row_block(n_C, dtype.itemsize, 2)
+    hot = n_C * (t_x.element_size()) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'out': t_out,
@@ -203,9 +203,9 @@ def backward(saved, dout, ):
     t_dout = dout
     # _bac0_rows: dx (rows)
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
-    reread = n_C * (t_dout.element_size()) if n_C > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
+    blk = _rt.row_block(n_C, dtype.itemsize, 3)
+    hot = n_C * (t_dout.element_size()) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_out, t_out.stride(0), t_out.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dx, _lead), )
 

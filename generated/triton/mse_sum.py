@@ -157,7 +157,7 @@ def _forward(t_X, t_Y, write_grad, inplace=False):
     # _for0_rows: loss, dX_fused (rows)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dX_fused = t_X if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
+    blk = _rt.row_block(n_C, dtype.itemsize, 3)
     n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))

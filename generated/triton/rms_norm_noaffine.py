@@ -177,9 +177,9 @@ def _forward(t_x, p_eps, write_grad):
     # _for0_rows: rstd, y (rows)
     t_rstd = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_y = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_D, dtype.itemsize)
-    reread = n_D * (t_x.element_size()) if n_D > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
+    blk = _rt.row_block(n_D, dtype.itemsize, 2)
+    hot = n_D * (t_x.element_size()) if n_D > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
@@ -230,9 +230,9 @@ def backward(saved, dy, ):
     t_dy = dy
     # _bac0_rows: dx (rows)
     t_dx = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_D, dtype.itemsize)
-    reread = n_D * (t_dy.element_size() + t_x.element_size()) if n_D > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
+    blk = _rt.row_block(n_D, dtype.itemsize, 3)
+    hot = n_D * (t_dy.element_size() + t_x.element_size()) if n_D > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dx, _lead), )
 

@@ -155,9 +155,9 @@ def _forward(t_x, write_grad):
     n_C = dims['C']
     # _for0_rows: p (rows)
     t_p = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
-    reread = n_C * (t_x.element_size()) if n_C > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
+    blk = _rt.row_block(n_C, dtype.itemsize, 2)
+    hot = n_C * (t_x.element_size()) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_p, t_p.stride(0), t_p.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'p': t_p,
@@ -204,9 +204,9 @@ def backward(saved, dp, ):
     t_dp = dp
     # _bac0_rows: dx (rows)
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
-    reread = n_C * (t_dp.element_size() + t_p.element_size()) if n_C > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
+    blk = _rt.row_block(n_C, dtype.itemsize, 3)
+    hot = n_C * (t_dp.element_size() + t_p.element_size()) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dp, t_dp.stride(0), t_dp.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_p, t_p.stride(0), t_p.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dx, _lead), )
 

@@ -254,9 +254,9 @@ def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, write_grad, in
     t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_loss = torch.empty((n_B, ), dtype=dtype, device=device)
     t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
-    reread = n_C * (t_x.element_size()) if n_C > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, False, reread)
+    blk = _rt.row_block(n_C, dtype.itemsize, 3)
+    hot = n_C * (t_x.element_size()) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
     if _rt.programs((n_prog,)): _for1_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_weight, t_weight.stride(0), t_weight_total, t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_z_loss, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'dx_fused': t_dx_fused,

@@ -365,9 +365,9 @@ def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, p_softcap, wri
     t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
-    reread = n_C * (t_x.element_size()) if n_C > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, True, reread)
+    blk = _rt.row_block(n_C, dtype.itemsize, 3)
+    hot = n_C * (t_x.element_size()) if n_C > blk else 0
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot)
     part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     part1 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
     part2 = torch.zeros((n_prog,), dtype=torch.float32, device=device)

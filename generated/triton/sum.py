@@ -129,7 +129,7 @@ def _forward(t_x, write_grad):
     n_C = dims['C']
     # _for0_rows: out (rows)
     t_out = torch.empty((n_B, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize)
+    blk = _rt.row_block(n_C, dtype.itemsize, 2)
     n_prog, rpp = n_B, 1
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {

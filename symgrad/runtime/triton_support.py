@@ -94,22 +94,31 @@ def _max_block() -> int:
 
 
 SINGLE_BLOCK_MAX = 16384  # longest row a row kernel holds in registers as one block
+REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80, sm_90): what one block's live values share
 
 
-def row_block(n_cols: int, itemsize: int = 4) -> int:
-    """Columns per block of a row kernel. The whole row in one block when it fits
-    (``SINGLE_BLOCK_MAX`` columns): the kernel's ``SINGLE_BLOCK`` path then reads each row operand
-    from memory once and runs every pass from registers. Longer rows loop over blocks of the
-    loop cap. ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block (tests force several blocks with it)."""
+def row_block(n_cols: int, itemsize: int = 4, live: int = 1) -> int:
+    """Columns per block of a row kernel. The whole row in one block when it fits: at most
+    ``SINGLE_BLOCK_MAX`` columns, and its ``live`` fp32 values per column (the kernel's column
+    operands, two per column partial sum, one for temporaries: the generated host code says how
+    many) within one SM's register file, whatever the warps (more warps only split the same
+    registers). The kernel's ``SINGLE_BLOCK`` path then reads each row operand from memory once
+    and runs every pass from registers; a row over the budget spills there (layer norm backward
+    at 16384 columns: 780 bytes per thread), so it loops over blocks instead. Those blocks hold
+    their live values in half the register file (two programs per SM), up to the loop cap.
+    ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block (tests force several blocks with it)."""
     want = triton.next_power_of_2(max(int(n_cols), 1))
+    live = max(int(live), 1)
     if os.environ.get("SYMGRAD_TRITON_MAX_BLOCK"):
         return max(16, min(want, _max_block()))
-    if want <= SINGLE_BLOCK_MAX:
+    if want <= SINGLE_BLOCK_MAX and want * live <= REGISTER_FILE:
         return max(16, want)
     cap = _max_block()
     if not interpreting() and itemsize <= 2:
         cap = min(cap * 2, 8192)
-    return max(16, cap)
+    while cap > 1024 and cap * live > REGISTER_FILE // 2:
+        cap //= 2
+    return max(16, min(cap, want))
 
 
 def contiguous(*tensors) -> bool:
@@ -155,20 +164,26 @@ def _sm_count(device: torch.device) -> int | None:
     return None
 
 
-L2_REREAD_BYTES = 40 * 2**20  # of H100/H200's 50 MB L2: rows re-read within one kernel, with room for its writes
+L2_REREAD_BYTES = 40 * 2**20  # of H100/H200's 50 MB L2: what the programs in flight keep there, with room for their writes
 
 
-def row_programs(n_rows: int, device: torch.device, partial: bool, reread_bytes: int = 0) -> tuple[int, int]:
-    """(programs, rows per program) of a row kernel: one program per row, or 4 per SM for a kernel
-    that reduces across rows with partial sums. A multi-block row that a later pass reads again
-    (``reread_bytes`` per row) is re-read from L2 only while the rows in flight fit there, so the
-    programs (then all resident at once) are capped at ``L2_REREAD_BYTES / reread_bytes``, at
-    least one per SM: a row too long even for that is read from memory again (fp32, 128K columns)."""
+def row_programs(n_rows: int, device: torch.device, partial: bool, hot_bytes: int = 0,
+                 per_sm: int = 4) -> tuple[int, int]:
+    """(programs, rows per program) of a row kernel: one program per row, or ``per_sm`` per SM for
+    a kernel that reduces across rows with partial sums. A kernel with column partials (a norm's
+    dw, dbias) asks for one per SM: each program leaves a partial row as long as a row of its
+    input, written and then read by the finishing kernel: at 4 per SM, layer norm backward over
+    4096 rows moved a sixth (fp32) to a third (bf16) more than its least. ``hot_bytes``: what one program of a multi-block
+    row needs to find in L2, the row a later pass reads again and the fp32 partial row it adds each
+    row into (a norm's dw, dbias). Those hit L2 only while every program's fit there at once, so
+    the programs (then all resident) are capped at ``L2_REREAD_BYTES / hot_bytes``, at least one
+    per SM: beyond that the traffic goes to memory (fp32 rows of 128K columns read twice; layer
+    norm backward at 65536 columns adding into its partial rows)."""
     n = max(int(n_rows), 1)
-    sms = _sm_count(device) or 1
-    most = 4 * sms if partial else n
-    if reread_bytes:
-        most = min(most, max(sms, L2_REREAD_BYTES // int(reread_bytes)))
+    sms = _sm_count(device) or 4  # interpreted: a few programs, so partial sums span programs
+    most = per_sm * sms if partial else n
+    if hot_bytes:
+        most = min(most, max(sms, L2_REREAD_BYTES // int(hot_bytes)))
     rpp = max(1, triton.cdiv(n, most))
     return max(1, triton.cdiv(n, rpp)), rpp
 

@@ -645,13 +645,15 @@ class RowBuilder:
                 names = self._printer_names(b, loads, load_lines, row_loads, row_lines, {}, True)
                 v = pr(ctx, b, names, f"partial sum {b}")
                 ncol = sig.idim(self.coldim.name)
-                # Several column blocks: read-modify-write this program's own partial row. (The
-                # single-block path keeps the partial sums in registers across the program's rows.)
+                # Several column blocks: read-modify-write this program's own partial row, whose
+                # first row writes it (so the buffer needs no zeroing). (The single-block path
+                # keeps the partial sums in registers across the program's rows.)
                 body += [f"pp{j} = part{j}_ptr + pid64 * {ncol} + cols",
-                         f"tl.store(pp{j}, tl.load(pp{j}, mask=cmask, other=0.0) + tl.where(cmask, {v}, 0.0), mask=cmask)"]
+                         f"tl.store(pp{j}, tl.load(pp{j}, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, {v}, 0.0), mask=cmask)"]
                 part_init.append(f"pacc{j} = tl.zeros([BLOCK], tl.float32)")
                 part_store += ["if SINGLE_BLOCK:", f"    tl.store(part{j}_ptr + pid64 * {ncol} + cols0, pacc{j}, mask=cols0 < {ncol})"]
-                part_host.append(f"part{j} = torch.zeros((n_prog, n_{self.coldim.name}), dtype=torch.float32, device=device)")
+                # every program writes its whole partial row unless it has no rows (an empty batch)
+                part_host.append(f"part{j} = (torch.empty if {{nrows}} else torch.zeros)((n_prog, n_{self.coldim.name}), dtype=torch.float32, device=device)")
             else:
                 part_init.append(f"acc{j} = tl.full([], 0.0, tl.float32)")
                 part_store.append(f"tl.store(part{j}_ptr + pid64, acc{j})")
@@ -697,20 +699,27 @@ class RowBuilder:
         srcs = [main]
         host = [f"n_rows = {nrow_host}"] if row_decomp else []
         itemsize = "dtype.itemsize"
+        n_part = sum(1 for _, _, coldep in self.crosses if coldep) if ncol else 0
         if ncol:
-            host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize})")
+            # fp32 values per column the single-block path keeps live: its column operands, each
+            # column partial's accumulator (and its update), one for temporaries
+            live = len(single["hoist"]) + len(single["loads"]) + 2 * n_part + 1
+            host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize}, {live})")
         else:
             host.append("blk = 16")
         nrows = nrow_host if not row_decomp else "n_rows"
-        if reread and ncol:
-            per_row = " + ".join(f"t_{n}.element_size()" for n in reread)
-            host.append(f"reread = n_{self.coldim.name} * ({per_row}) if n_{self.coldim.name} > blk else 0")
-            host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, {bool(self.crosses)}, reread)")
+        if (reread or n_part) and ncol:
+            # what each program of a multi-block row keeps in L2: the row its later passes read
+            # again, and its fp32 partial row of each column partial, added into once per row
+            per_row = " + ".join([f"t_{n}.element_size()" for n in reread] + ([f"{4 * n_part}"] if n_part else []))
+            host.append(f"hot = n_{self.coldim.name} * ({per_row}) if n_{self.coldim.name} > blk else 0")
+            per_sm = ", per_sm=1" if n_part else ""  # see row_programs: each program leaves a partial row
+            host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, {bool(self.crosses)}, hot{per_sm})")
         elif self.crosses:
             host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, True)")
         else:
             host.append(f"n_prog, rpp = {nrows}, 1")
-        host += part_host
+        host += [line.replace("{nrows}", nrows) for line in part_host]
         host.append(f"{self.kname}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
         if self.crosses:
             fsrc, fhost = self._finish()
