@@ -213,9 +213,10 @@ def bench_case(name, sizes, dtype_name, device, smoke, impls):
             res = {}
             res["fwd"] = timer(lambda: f(*inputs), smoke)
             res["fwd+bwd"] = timer(lambda: torch.autograd.grad(f(*inputs), diff, cot), smoke)
-            if impl == "symgrad" and getattr(mod, "BACKWARD_ONCE", False):
+            if impl == "compile" or (impl == "symgrad" and getattr(mod, "BACKWARD_ONCE", False)):
                 # backward hands out the gradient buffer forward wrote, once per forward (no
-                # retain_graph): each timed backward follows a fresh, untimed forward
+                # retain_graph; torch.compile's backward donates its saved buffers the same way):
+                # each timed backward follows a fresh, untimed forward
                 res["bwd"] = timer_after(lambda: f(*inputs), lambda o: torch.autograd.grad(o, diff, cot), smoke)
             else:
                 res["bwd"] = timer(lambda: torch.autograd.grad(out, diff, cot, retain_graph=True), smoke)

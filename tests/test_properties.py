@@ -161,6 +161,8 @@ def cases(draw, name: str, target: str, dtypes):
         lo, hi = t.domain
         v = rng.uniform(lo, hi, size=shape)
         for s in specials:
+            if s in NONFINITE and (name, t.name) in FINITE_INPUTS:
+                continue
             if v.size:
                 v.flat[rng.integers(0, v.size)] = _special(s, dtype)
         layout = draw(st.sampled_from(("contiguous", "transposed", "strided"))) if v.ndim >= 2 else "contiguous"
@@ -168,6 +170,12 @@ def cases(draw, name: str, target: str, dtypes):
     nonfinite = any(k == "float" and not np.isfinite(v).all() for k, v, _ in inputs)
     return op, params, dtype, lead, inputs, seed, nonfinite
 
+
+# Documented deviation (README, Special values): an inf or NaN class weight of cross-entropy makes
+# every counted row's gradient NaN (the smoothing term eps/C*sum(weight) meets it, as 0*inf where
+# eps = 0); torch skips that term without smoothing. Only finite specials are planted there.
+NONFINITE = {"inf", "-inf", "nan"}
+FINITE_INPUTS = {(n, "weight") for n in REGISTRY.names() if n.startswith("softmax_cross_entropy_weighted")}
 
 # Param values outside their declared domain (issue 11, item 4). Where torch raises, ours must raise
 # a clear error naming the op; where torch does not (layer_norm eps=-0.5), ours may refuse it too.
@@ -270,6 +278,10 @@ def _close(what, got, want, tol, forward, exact=None):
         near_exact = _near(got, exact[0].reshape(want.shape), tol, exact[1])
         ok |= near_exact
         rounded = ~finite & near_exact
+        # torch's float32 CPU kernels can give NaN where the value is +-inf (vectorized gelu at inf:
+        # x*erf(...) in its own erf); the same infinity as float64's passes
+        exact0 = exact[0].reshape(want.shape)
+        rounded |= np.isnan(want) & np.isinf(exact0) & (got == exact0)
     bad = finite & ~ok
     assert not bad.any(), f"{what}: differs from torch at {np.argwhere(bad)[:4].tolist()}: " \
                           f"got {got[bad][:4]}, torch {want[bad][:4]}"

@@ -42,7 +42,7 @@ REFERENCES = {
     "layer_norm": lambda x, w, bias, eps: F.layer_norm(x, x.shape[-1:], w, bias, eps),
     "layer_norm_nobias": lambda x, w, eps: F.layer_norm(x, x.shape[-1:], w, None, eps),
     "layer_norm_noaffine": lambda x, eps: F.layer_norm(x, x.shape[-1:], None, None, eps),
-    "rms_norm": lambda x, w, eps, offset: F.rms_norm(x, x.shape[-1:], w + offset, eps),
+    "rms_norm": lambda x, w, eps, offset=0.0: F.rms_norm(x, x.shape[-1:], w + offset, eps),
     "rms_norm_noaffine": lambda x, eps: F.rms_norm(x, x.shape[-1:], None, eps),
     "conv2d": lambda X, Wt, stride, pad: F.conv2d(X, Wt, stride=stride, padding=pad),
     "grad_norm2": lambda g: torch.linalg.vector_norm(g),

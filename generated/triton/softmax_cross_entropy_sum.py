@@ -116,7 +116,7 @@ def _for0_rows(
         tl.store(row_max0_ptr + row * row_max0_s0, (st0).to(row_max0_ptr.dtype.element_ty))
         tl.store(row_sum0_ptr + row * row_sum0_s0, (st1).to(row_sum0_ptr.dtype.element_ty))
         acc0 += tl.where((rv0 != p_ignore_index), ((st0 + tl.log(st1)) * (st0 + tl.log(st1))), 0.0)
-        acc1 += tl.where((rv0 != p_ignore_index), ((-rv1) + (st0 + tl.log(st1))), 0.0)
+        acc1 += tl.where((rv0 != p_ignore_index), ((-rv1) + st0 + tl.log(st1)), 0.0)
         acc2 += tl.where((rv0 != p_ignore_index), ((-st2) + (f_C * (st0 + tl.log(st1)))), 0.0)
     tl.store(part0_ptr + pid64, acc0)
     tl.store(part1_ptr + pid64, acc1)

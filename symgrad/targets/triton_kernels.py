@@ -643,7 +643,7 @@ class RowBuilder:
             j = str(sym)[1:]
             if coldep:
                 names = self._printer_names(b, loads, load_lines, row_loads, row_lines, {}, True)
-                v = pr(ctx, b, names, f"partial sum {b}")
+                v = pr(ctx, b, names, f"partial sum {b}", self.maxes())
                 ncol = sig.idim(self.coldim.name)
                 # Several column blocks: read-modify-write this program's own partial row, whose
                 # first row writes it (so the buffer needs no zeroing). (The single-block path
@@ -680,7 +680,7 @@ class RowBuilder:
         for sym, b, coldep in self.crosses:
             if not coldep:
                 names = self._printer_names(b, {}, [], row_loads, row_lines, {}, False)
-                row_after.append(f"acc{str(sym)[1:]} += {pr(ctx, b, names, f'partial sum {b}')}")
+                row_after.append(f"acc{str(sym)[1:]} += {pr(ctx, b, names, f'partial sum {b}', self.maxes())}")
         nrow, nrow_host, row_decomp = self._rows()
         ncol = sig.idim(self.coldim.name) if self.coldim is not None else None
         sig.extra.append(("RPP", "rpp"))
@@ -760,7 +760,7 @@ class RowBuilder:
             body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
         for sym, b, coldep in self.crosses:
             if coldep:
-                v = pr(ctx, b, names_of(b), f"partial sum {b}")
+                v = pr(ctx, b, names_of(b), f"partial sum {b}", self.maxes())
                 body.append(f"pacc{str(sym)[1:]} += tl.where(cmask, {v}, 0.0)")
         hoist = [line for node, line in zip(loads, load_lines) if not node.has(*self.rowsyms)]
         per_row = [line for node, line in zip(loads, load_lines) if node.has(*self.rowsyms)]
