@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sympy as sp
 import torch
 import torch.nn.functional as F
 
@@ -162,3 +163,30 @@ def test_attention_gradients_read_p_not_raw_scores():
         expr = d.gradients[name].expr
         assert "p" in {str(a.base) for a in expr.atoms(__import__("sympy").Indexed)}, name
         assert not any(str(a.base) == "score" for f in expr.atoms(__import__("sympy").exp) for a in f.atoms(__import__("sympy").Indexed)), name
+
+
+def test_user_op_whose_gradient_is_identically_zero(tmp_path):
+    """A step (Heaviside) has the gradient 0 everywhere it has one: the backward kernel stores a
+    number and reads nothing (a Python float, which has no ``.to``, until the store wrapped it)."""
+    from symgrad.declare import Dim, Op, Tensor, idx, output
+
+    n, = idx("n")
+    N = Dim("N", "n")
+    x = Tensor("x", (N,))
+    op = Op(name="user_step", doc="[x > 0] as a number", inputs=(x,),
+            outputs=(output("out", (n,), sp.Heaviside(x[n], 0), (N,)),))
+    plan = lower(derive(op, trace=False))
+    xs = torch.tensor([1.5, -2.0, 0.0, 3.0, -0.5])
+    cot = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    for target, renderer in (("numpy", numpy_target), ("triton", triton_target)):
+        path = tmp_path / f"user_step_{target}.py"
+        path.write_text(renderer.render(plan, f"symgrad generate user_step --target {target}"))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = mod
+        spec.loader.exec_module(mod)
+        args = (xs.numpy(),) if target == "numpy" else (xs,)
+        out = mod.forward(*args)
+        (dx,) = mod.vjp(*args, cot.numpy() if target == "numpy" else cot)
+        np.testing.assert_array_equal(np.asarray(out), (xs > 0).float().numpy())
+        np.testing.assert_array_equal(np.asarray(dx), np.zeros(5, np.float32))
