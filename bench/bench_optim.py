@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     import symgrad.ops  # noqa: F401
     from symgrad.declare import REGISTRY
     from symgrad.derive import derive
-    from symgrad.plan import lower, update_traffic
+    from symgrad.plan import lower
+    from symgrad.traffic import multi_bytes
     from symgrad.optim.rules import generated_module
 
     update = generated_module("adamw", "numpy").update
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         tracemalloc.stop()
 
     plan = lower(derive(REGISTRY.get("adamw"), trace=False))
-    traffic = update_traffic(plan, {n: 4 for n in plan.inputs})
+    traffic = multi_bytes(plan, {n: 4 for n in plan.inputs})
     moved = traffic["read"] + traffic["written"]
     results = {
         "benchmark": "AdamW step, fp32, CPU",

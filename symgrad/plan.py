@@ -1093,18 +1093,3 @@ def lower(derivation: Derivation) -> KernelPlan:
         combine=state.combine,
         trace=state.trace,
     )
-
-
-def update_traffic(plan: KernelPlan, itemsize: dict) -> dict:
-    """Bytes per entry that an update rule's ``multi`` launch moves, and the least any update can
-    move: ``{"read", "written", "minimum_read", "minimum_written"}``. ``itemsize``: input -> bytes
-    per entry (4 for fp32). The launch reads every tensor input once and writes each updated input
-    once; the minimum reads what the statements read (an entry of a tensor they never read need not
-    be loaded) and writes what they update."""
-    if plan.op.kind != "update":
-        raise ValueError(f"op {plan.op.name} is not an update rule")
-    tensors = [t.name for t in plan.op.inputs if t.dims]
-    needed = set().union(*(st.reads() for st in plan.forward.statements)) & set(tensors)
-    written = sum(itemsize[t] for t in plan.updates.values())
-    return {"read": sum(itemsize[t] for t in tensors), "written": written,
-            "minimum_read": sum(itemsize[t] for t in tensors if t in needed), "minimum_written": written}

@@ -19,8 +19,9 @@ each tensor is then one row of ``numel`` entries) plus scalars has one too, when
   number, never a silently wrong one.
 
 The multi statements are the forward's, re-indexed flat (``g[r, n]`` -> ``g[n]``, an output
-``norm[r]`` -> ``norm``): targets print them over one index. What cannot take the form is noted in
-the trace with the reason, and the generated module has no ``forward_multi``.
+``norm[r]`` -> ``norm``): targets print them over one index. An op over such vectors that cannot
+take the form (a mean, softmax) is noted in the trace with the reason; its generated module, as
+any other op's without the form, has no ``forward_multi``.
 """
 from __future__ import annotations
 
@@ -57,34 +58,33 @@ def schedule_multi(s) -> None:
         s.multi = s.launches["forward"][0]
         return
     found = _multi_form(s)
+    if found is None:  # not over per-tensor vectors at all: nothing to say
+        return
     if isinstance(found, str):
         s.note("schedule launches", "no_multi", f"no multi-tensor launch: {found}", [], [])
         return
-    kind, statements, dim, combine = found
+    kind, statements, dim, combine, proof = found
     s.multi, s.combine = Launch(kind, statements, (dim,)), combine
     what = ("one multi-tensor map launch: each block of any of many tensors computes every output"
             if kind == "multi" else
-            "one multi-tensor reduction launch writes the op's value over each block of many tensors, and the op "
-            f"over those values is the whole ({combine.reduce} of h(F(s)) == s: the op is its own combiner)")
+            "one multi-tensor reduction launch writes the op's value F(s) over each span of many tensors (s: the "
+            f"span's {combine.reduce}), and the op over those values is the whole: it is its own combiner, as {proof}")
     s.note("schedule launches", f"launch_{kind}", what, list(statements), [st.target for st in statements])
 
 
 def _multi_form(s):
-    """``(kind, flat statements, dim, Combine or None)``, or why the op has no multi form."""
+    """``(kind, flat statements, dim, Combine or None)``, or why an op over per-tensor vectors has no
+    multi form, or None for an op whose inputs are not such vectors."""
     from .plan import KernelClass, Statement  # noqa: PLC0415
 
     op = s.op
     tensors = [t for t in op.inputs if t.dims]
-    if not tensors:
-        return "no tensor input"
     shapes = {t.dims for t in tensors}
     if len(shapes) != 1:
-        return "its tensor inputs do not all have the same dims"
+        return None  # no tensor input, or tensors of different dims
     dims = next(iter(shapes))
-    if len(dims) > 2 or (len(dims) == 2 and not dims[0].leading):
-        return "its tensor inputs are not vectors (one dim, or a leading dim and one)"
-    if any(t.role.value == "label" for t in tensors):
-        return "it reads integer labels"
+    if len(dims) > 2 or (len(dims) == 2 and not dims[0].leading) or any(t.role.value == "label" for t in tensors):
+        return None
     dim = dims[-1]
     stmts = [st for st in s.forward if not st.fused]
     if {st.target for st in stmts} != set(s.outputs):
@@ -98,7 +98,7 @@ def _multi_form(s):
             if any(tuple(a.indices) != (index,) for a in e.atoms(sp.Indexed)) or set(st.indices[:-1]) & e.free_symbols:
                 return f"{st.target} reads a tensor other than at its own entry"
             out.append(Statement(st.target, (index,), (dim,), e, KernelClass.MAP))
-        return "multi", tuple(out), dim, None
+        return "multi", tuple(out), dim, None, ""
     if len(stmts) != 1 or len(tensors) != 1 or tuple(stmts[0].dims) != tuple(dims[:-1]):
         return "its forward is neither a map over its inputs' dims nor one reduction of its one tensor"
     st = stmts[0]
@@ -123,15 +123,17 @@ def _multi_form(s):
     if len(entries) != 1 or tuple(next(iter(entries)).indices) != (k,):
         return "its reduction reads its tensor other than once at the reduced index"
     entry = next(iter(entries))
-    part = sp.Symbol("_s", nonnegative=True) if body.is_nonnegative else sp.Symbol("_s", real=True)
+    part = sp.Symbol("s", nonnegative=True) if body.is_nonnegative else sp.Symbol("s", real=True)
     again = body.xreplace({entry: finish.xreplace({ACC: part})})
     if sp.simplify(again - part) != 0:
-        return (f"it is not its own combiner: over its values it computes {kind} of {sp.sstr(again)} per part, "
-                f"not of the part's own {kind}")
+        return (f"it is not its own combiner: {sp.sstr(body)} at {sp.sstr(entry)} = {sp.sstr(finish.xreplace({ACC: part}))} "
+                f"is {sp.sstr(again)}, not {part}: the op over its values per part is another number")
     index = sp.Symbol(dim.index, integer=True)
     flat_body = body.xreplace({k: index})
     statement = Statement(st.target, (), (), expr, st.kind)
-    return "multi_reduce", (statement,), dim, Combine(kind, flat_body, finish, st.target)
+    proof = (f"{sp.sstr(body)} at {sp.sstr(entry)} = {sp.sstr(finish.xreplace({ACC: part}))} is {part}"
+             + (f" for {part} >= 0 ({sp.sstr(body)} >= 0)" if part.is_nonnegative else ""))
+    return "multi_reduce", (statement,), dim, Combine(kind, flat_body, finish, st.target), proof
 
 
 def _flattener(names: set, dims):

@@ -109,5 +109,6 @@ def forward_multi(x, *, out=None, **params):
     _groups, _outs = _u.map_tensors(OP, TENSORS, (x,), OUTPUTS, out)
     for x_, out_, _n, _dt, _s in _u.map_chunks(_groups, _CHUNK, _ROWS):
         # out[i] = softplus(x[i])   (into out)
-        np.logaddexp(x_, out=out_)
+        _g0 = np.logaddexp(0, x_)
+        np.copyto(out_, _g0)
     return _outs[0] if len(_outs) == 1 else tuple(_outs)

@@ -323,20 +323,35 @@ SCALARS = ()
 def _multi_map(
     addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
     param_ptr,
-    P_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    P_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out[i] = p[i] + q[i]    (into out)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
     q_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(Q_DTYPE), bitcast=True)
     out_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (p + q)
-    tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        q_ptr = tl.multiple_of(q_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (p + q)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (p + q)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
 
 
 def forward_multi(p, q, *, out=None, **params):

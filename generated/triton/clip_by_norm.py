@@ -303,22 +303,35 @@ SCALARS = ('total_norm', )
 def _multi_map(
     addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
     total_norm_ptr, total_norm_stride, param_ptr,
-    G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out[n] = (max_norm*Iverson(max_norm/(total_norm + 1.0e-6) < 1)/(total_norm + 1.0e-6) + Iverson(max_norm/(total_norm + 1.0e-6) >= 1))*g[n]    (into out)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
     total_norm = tl.load(total_norm_ptr + tid * total_norm_stride).to(tl.float64)
     max_norm = tl.load(param_ptr + 0)
     _c0 = ((tl.where(((max_norm / ((1e-06 + total_norm))) < 1.0), (max_norm / ((1e-06 + total_norm))), tl.where(((max_norm / ((1e-06 + total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((max_norm / ((1e-06 + total_norm))) >= 1.0), 1.0, tl.where(((max_norm / ((1e-06 + total_norm))) < 1.0), 0.0, float('nan'))))).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
     out_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (_c0 * g)
-    tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (_c0 * g)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (_c0 * g)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
 
 
 def forward_multi(g, total_norm, *, out=None, **params):

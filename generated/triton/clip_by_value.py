@@ -305,22 +305,35 @@ SCALARS = ()
 def _multi_map(
     addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
     param_ptr,
-    G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out[n] = clip_value*Iverson(-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] > -clip_value)*g[n] >= clip_value) + (-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] > -clip_value)*g[n])*Iverson(-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] > -clip_value)*g[n] < clip_value)    (into out)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
     clip_value = tl.load(param_ptr + 0)
     _c0 = ((-clip_value)).to(tl.float32)
     _c1 = (clip_value).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
     out_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) >= _c1), _c1, tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) < _c1), 0.0, float('nan'))) + tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) < _c1), (tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))), tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) >= _c1), 0.0, float('nan'))))
-    tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) >= _c1), _c1, tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) < _c1), 0.0, float('nan'))) + tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) < _c1), (tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))), tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) >= _c1), 0.0, float('nan'))))
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) >= _c1), _c1, tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) < _c1), 0.0, float('nan'))) + tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) < _c1), (tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))), tl.where(((tl.where((g > _c0), g, tl.where((g <= _c0), 0.0, float('nan'))) - tl.where((g <= _c0), _c1, tl.where((g > _c0), 0.0, float('nan')))) >= _c1), 0.0, float('nan'))))
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
 
 
 def forward_multi(g, *, out=None, **params):

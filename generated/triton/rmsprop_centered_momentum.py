@@ -31,7 +31,7 @@ _PARAM_DOMAINS = {'alpha': (0.0, 1.0, True, True, 'in [0, 1]'), 'eps': (0.0, flo
 def _update(
     addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
     lr_ptr, lr_stride, param_ptr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, SQUARE_AVG_DTYPE: tl.constexpr, GRAD_AVG_DTYPE: tl.constexpr, MOMENTUM_BUFFER_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, SQUARE_AVG_DTYPE: tl.constexpr, GRAD_AVG_DTYPE: tl.constexpr, MOMENTUM_BUFFER_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # square_avg_new[i] = alpha*square_avg[i] + (1 - alpha)*(weight_decay*p[i] + g[i])**2    (written over square_avg)
     # grad_avg_new[i] = (1 - alpha)*(weight_decay*p[i] + g[i] - grad_avg[i]) + grad_avg[i]    (written over grad_avg)
@@ -39,8 +39,10 @@ def _update(
     # p_new[i] = -lr*momentum_buffer_new[i] + p[i]    (written over p)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
     lr = tl.load(lr_ptr + tid * lr_stride).to(tl.float64)
     alpha = tl.load(param_ptr + 0)
@@ -58,22 +60,49 @@ def _update(
     square_avg_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(SQUARE_AVG_DTYPE), bitcast=True)
     grad_avg_ptr = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(GRAD_AVG_DTYPE), bitcast=True)
     momentum_buffer_ptr = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(MOMENTUM_BUFFER_DTYPE), bitcast=True)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    square_avg = tl.load(square_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    grad_avg = tl.load(grad_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    square_avg_new = ((_c0 * square_avg) + (_c2 * (((_c1 * p) + g) * ((_c1 * p) + g))))
-    tl.store(square_avg_ptr + offs, square_avg_new.to(SQUARE_AVG_DTYPE), mask=mask)
-    grad_avg_new = ((_c2 * ((-grad_avg) + (_c1 * p) + g)) + grad_avg)
-    tl.store(grad_avg_ptr + offs, grad_avg_new.to(GRAD_AVG_DTYPE), mask=mask)
-    momentum_buffer_new = ((_c3 * momentum_buffer) + (((_c1 * p) + g) / ((tl.sqrt(((-(grad_avg_new * grad_avg_new)) + square_avg_new)) + _c4))))
-    tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
-    p_new = ((-(_c5 * momentum_buffer_new)) + p)
-    tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
-    if HAS_MASTER:  # p is the fp32 master: the low-precision tensor gets its rounding
-        low_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
-        tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+    low_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        square_avg_ptr = tl.multiple_of(square_avg_ptr, 16)
+        grad_avg_ptr = tl.multiple_of(grad_avg_ptr, 16)
+        momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+        low_ptr = tl.multiple_of(low_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        square_avg = tl.load(square_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad_avg = tl.load(grad_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        square_avg_new = ((_c0 * square_avg) + (_c2 * (((_c1 * p) + g) * ((_c1 * p) + g))))
+        tl.store(square_avg_ptr + offs, square_avg_new.to(SQUARE_AVG_DTYPE), mask=mask)
+        grad_avg_new = ((_c2 * ((-grad_avg) + (_c1 * p) + g)) + grad_avg)
+        tl.store(grad_avg_ptr + offs, grad_avg_new.to(GRAD_AVG_DTYPE), mask=mask)
+        momentum_buffer_new = ((_c3 * momentum_buffer) + (((_c1 * p) + g) / ((tl.sqrt(((-(grad_avg_new * grad_avg_new)) + square_avg_new)) + _c4))))
+        tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
+        p_new = ((-(_c5 * momentum_buffer_new)) + p)
+        tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
+        if HAS_MASTER:  # p is the fp32 master: the low-precision tensor gets its rounding
+            tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+    else:
+        mask = offs < size
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        square_avg = tl.load(square_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad_avg = tl.load(grad_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        square_avg_new = ((_c0 * square_avg) + (_c2 * (((_c1 * p) + g) * ((_c1 * p) + g))))
+        tl.store(square_avg_ptr + offs, square_avg_new.to(SQUARE_AVG_DTYPE), mask=mask)
+        grad_avg_new = ((_c2 * ((-grad_avg) + (_c1 * p) + g)) + grad_avg)
+        tl.store(grad_avg_ptr + offs, grad_avg_new.to(GRAD_AVG_DTYPE), mask=mask)
+        momentum_buffer_new = ((_c3 * momentum_buffer) + (((_c1 * p) + g) / ((tl.sqrt(((-(grad_avg_new * grad_avg_new)) + square_avg_new)) + _c4))))
+        tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
+        p_new = ((-(_c5 * momentum_buffer_new)) + p)
+        tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
+        if HAS_MASTER:  # p is the fp32 master: the low-precision tensor gets its rounding
+            tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def update(p, g, square_avg, grad_avg, momentum_buffer, lr, *, master=None, **params):

@@ -317,18 +317,31 @@ SCALARS = ()
 def _multi_map(
     addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
     param_ptr,
-    X_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    X_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out[i] = sigmoid(x[i])    (into out)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     x_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(X_DTYPE), bitcast=True)
     out_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = sg_sigmoid(x)
-    tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = sg_sigmoid(x)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = sg_sigmoid(x)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
 
 
 def forward_multi(x, *, out=None, **params):

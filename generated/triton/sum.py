@@ -308,21 +308,32 @@ SCALARS = ()
 def _multi_reduce(
     addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, part_ptr, part_first, span,
     param_ptr,
-    X_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    X_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out = Sum(x[k], (k, 0, C - 1))
     # each program: the value over its span of one tensor (sum of the entries' terms, in fp32)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
     start = tl.load(block_start_ptr + pid)
-    end = tl.minimum(start + span, tl.load(size_ptr + tid))
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     x_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(X_DTYPE), bitcast=True)
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
     acc = tl.full([BLOCK], 0.0, tl.float32)
-    for o in range(0, span, BLOCK):
-        offs = start + o + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < end
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(mask, x, 0.0)
+    end = tl.minimum(start + span, size)
+    if end - start == span:  # a whole span: no mask, so accesses stay 128 bits wide
+        for o in range(0, span, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK).to(tl.int64)
+            x = tl.load(x_ptr + offs).to(tl.float32)
+            acc += x
+    else:
+        for o in range(0, span, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK).to(tl.int64)
+            mask = offs < end
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, x, 0.0)
     tot = tl.sum(acc, 0)
     out = tot
     tl.store(part_ptr + part_first + pid, out.to(part_ptr.dtype.element_ty))

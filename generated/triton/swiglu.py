@@ -339,20 +339,35 @@ SCALARS = ()
 def _multi_map(
     addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
     param_ptr,
-    A_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    A_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out[i] = sigmoid(a[i])*a[i]*g[i]    (into out)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     a_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(A_DTYPE), bitcast=True)
     g_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
     out_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (sg_sigmoid(a) * a * g)
-    tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    if ALIGNED:
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (sg_sigmoid(a) * a * g)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (sg_sigmoid(a) * a * g)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
 
 
 def forward_multi(a, g, *, out=None, **params):

@@ -323,13 +323,15 @@ SCALARS = ()
 def _multi_map(
     addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
     param_ptr,
-    T_DTYPE: tl.constexpr, LR_T_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    T_DTYPE: tl.constexpr, LR_T_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # lr_t[s] = lr*(start_factor + (1 - start_factor)*t[s]/warmup)*Iverson(t[s] < warmup) + (eta_min + (-eta_min + lr)*(cos(pi*(-warmup + t[s])/cosine_steps) + 1)/2)*Iverson(t[s] >= warmup)    (into lr_t)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
     lr = tl.load(param_ptr + 0)
     warmup = tl.load(param_ptr + 1)
@@ -346,9 +348,20 @@ def _multi_map(
     _c7 = (lr).to(tl.float32)
     t_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(T_DTYPE), bitcast=True)
     lr_t_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(LR_T_DTYPE), bitcast=True)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    lr_t = (tl.where((t >= _c4), ((_c2 * (tl.cos((_c1 * (t + _c0))) + 1.0) / (2.0)) + _c3), tl.where((t < _c4), 0.0, float('nan'))) + tl.where((t < _c4), (_c7 * ((_c5 * t) + _c6)), tl.where((t >= _c4), 0.0, float('nan'))))
-    tl.store(lr_t_ptr + offs, lr_t.to(LR_T_DTYPE), mask=mask)
+    if ALIGNED:
+        t_ptr = tl.multiple_of(t_ptr, 16)
+        lr_t_ptr = tl.multiple_of(lr_t_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lr_t = (tl.where((t >= _c4), ((_c2 * (tl.cos((_c1 * (t + _c0))) + 1.0) / (2.0)) + _c3), tl.where((t < _c4), 0.0, float('nan'))) + tl.where((t < _c4), (_c7 * ((_c5 * t) + _c6)), tl.where((t >= _c4), 0.0, float('nan'))))
+        tl.store(lr_t_ptr + offs, lr_t.to(LR_T_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lr_t = (tl.where((t >= _c4), ((_c2 * (tl.cos((_c1 * (t + _c0))) + 1.0) / (2.0)) + _c3), tl.where((t < _c4), 0.0, float('nan'))) + tl.where((t < _c4), (_c7 * ((_c5 * t) + _c6)), tl.where((t >= _c4), 0.0, float('nan'))))
+        tl.store(lr_t_ptr + offs, lr_t.to(LR_T_DTYPE), mask=mask)
 
 
 def forward_multi(t, *, out=None, **params):

@@ -57,6 +57,7 @@ class Launch:
     master: bool = False
     low_dtype: object = None
     first: int = 0  # a reduction: where this launch's partial values start
+    aligned: bool = False  # every address 16-byte aligned and every span a multiple of 16 entries
     keep: tuple = ()  # the tensors the addresses point into, and the pinned staging copies
 
 
@@ -96,9 +97,10 @@ def _tables(rows: list, index: tuple, span_of, device, first: int = 0) -> Launch
         bt += [j] * len(starts)
         bs += list(starts)
     addresses = _to_device([[x.data_ptr() for x in row] for row in rows], torch.int64, device, keep)
+    aligned = span % 16 == 0 and all(x.data_ptr() % 16 == 0 for row in rows for x in row)
     return Launch(addresses, _to_device(sizes, torch.int64, device, keep), _to_device(bt, torch.int32, device, keep),
                   _to_device(bs, torch.int64, device, keep), len(sizes), len(bt), block, span, (), device, tuple(index),
-                  _to_device(list(index), torch.int64, device, keep), first=first, keep=tuple(keep))
+                  _to_device(list(index), torch.int64, device, keep), first=first, aligned=aligned, keep=tuple(keep))
 
 
 def _one_span(block: int, total: int) -> int:
@@ -249,7 +251,7 @@ def run_update(op: str, kernel, names: tuple, updated: tuple, lists: tuple, scal
     kernel[(launch.blocks,)](
         launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count,
         *scalar_args(op, scalar_names, scalars, launch, launch.count), param_table(params, device),
-        *dtypes, HAS_MASTER=masters is not None, LOW_DTYPE=low_dtype, BLOCK=launch.block,
+        *dtypes, HAS_MASTER=masters is not None, LOW_DTYPE=low_dtype, ALIGNED=launch.aligned, BLOCK=launch.block,
     )
 
 
@@ -281,7 +283,7 @@ def run_map(op: str, kernel, names: tuple, lists: tuple, scalar_names: tuple, sc
             kernel[(launch.blocks,)](
                 launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count,
                 *scalar_args(op, scalar_names, scalars, launch, len(inputs[0])), param_table(params, device),
-                *(_TL[d] for d in group), BLOCK=launch.block,
+                *(_TL[d] for d in group), ALIGNED=launch.aligned, BLOCK=launch.block,
             )
     return outs[0] if len(out_names) == 1 else tuple(outs)
 
@@ -327,9 +329,10 @@ def run_reduce(op: str, kernel, name: str, tensors, scalar_names: tuple, scalars
             kernel[(launch.blocks,)](
                 launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count, red.parts,
                 launch.first, launch.span, *scalar_args(op, scalar_names, scalars, launch, None),
-                param_table(params, device), _TL[group[0]], BLOCK=launch.block,
+                param_table(params, device), _TL[group[0]], ALIGNED=launch.aligned, BLOCK=launch.block,
             )
     f = red.final
     kernel[(1,)](f.addresses, f.sizes, f.block_tensor, f.block_start, 1, total, 0, f.span,
-                 *scalar_args(op, scalar_names, scalars, f, None), param_table(params, device), tl.float32, BLOCK=f.block)
+                 *scalar_args(op, scalar_names, scalars, f, None), param_table(params, device), tl.float32,
+                 ALIGNED=f.aligned, BLOCK=f.block)
     return total

@@ -139,7 +139,7 @@ class _Emitter:
         p = primitives.of(expr)
         if p is not None and isinstance(p.numpy, str) and p.numpy != primitives.STRUCTURAL and len(expr.args) == 1:
             ufunc = p.numpy.split("(")[0]
-            if ufunc.startswith("np.") and ufunc.count(".") == 1:
+            if ufunc.startswith("np.") and ufunc.count(".") == 1 and p.numpy == ufunc + "({0})":  # a unary ufunc
                 return self.call(ufunc[3:], [self.emit(expr.args[0])], out)
         return self._general(expr, out)  # no in-place ufunc spelling: the op printer's (strict)
 

@@ -63,7 +63,7 @@ def section(plan: KernelPlan, env) -> str:
 
 
 def _kernel(env, context: dict) -> str:
-    return env.get_template("multi.j2").render(**context, repr=repr).rstrip("\n") + "\n"
+    return env.get_template("multi.j2").render(**context, repr=repr).strip("\n") + "\n"
 
 
 def _names(plan: KernelPlan, i) -> dict:
