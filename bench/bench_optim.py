@@ -1,7 +1,7 @@
 """CPU benchmark: one AdamW step over 1e7 fp32 parameters, in one run, three ways.
 
 - ``generated``: ``generated.numpy.adamw.update`` (what ``symgrad.optim.numpy.AdamW.step`` runs): one
-  call over every tensor, chunked in-place ufuncs (symgrad/targets/numpy_update.py);
+  call over every tensor, chunked in-place ufuncs (symgrad/targets/numpy_multi.py);
 - ``handwritten``: the same step as an engineer writes it in NumPy, whole arrays, in place where
   NumPy makes it easy (``m *= beta1; m += (1 - beta1)*g``...), temporaries where it does not;
 - ``torch_foreach``: ``torch.optim.AdamW(foreach=True)`` on CPU tensors (torch's default threads,

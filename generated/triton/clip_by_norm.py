@@ -312,10 +312,10 @@ def _multi_map(
     size = tl.load(size_ptr + tid)
     if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
         start = tl.multiple_of(start, 16)
-    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
-    total_norm = tl.load(total_norm_ptr + tid * total_norm_stride).to(tl.float64)
-    max_norm = tl.load(param_ptr + 0)
-    _c0 = ((tl.where(((max_norm / ((1e-06 + total_norm))) < 1.0), (max_norm / ((1e-06 + total_norm))), tl.where(((max_norm / ((1e-06 + total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((max_norm / ((1e-06 + total_norm))) >= 1.0), 1.0, tl.where(((max_norm / ((1e-06 + total_norm))) < 1.0), 0.0, float('nan'))))).to(tl.float32)
+    # scalars in fp32, as forward computes them, each once per program
+    total_norm = tl.load(total_norm_ptr + tid * total_norm_stride).to(tl.float32)
+    max_norm = tl.load(param_ptr + 0).to(tl.float32)
+    _c0 = (tl.where(((max_norm / ((1e-06 + total_norm))) < 1.0), (max_norm / ((1e-06 + total_norm))), tl.where(((max_norm / ((1e-06 + total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((max_norm / ((1e-06 + total_norm))) >= 1.0), 1.0, tl.where(((max_norm / ((1e-06 + total_norm))) < 1.0), 0.0, float('nan'))))
     g_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
     out_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
     if ALIGNED:

@@ -335,9 +335,9 @@ def _multi_map(
     size = tl.load(size_ptr + tid)
     if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
         start = tl.multiple_of(start, 16)
-    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
-    alpha = tl.load(param_ptr + 0)
-    _c0 = (alpha).to(tl.float32)
+    # scalars in fp32, as forward computes them, each once per program
+    alpha = tl.load(param_ptr + 0).to(tl.float32)
+    _c0 = alpha
     x_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(X_DTYPE), bitcast=True)
     out_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
     if ALIGNED:

@@ -330,19 +330,19 @@ def _multi_map(
     size = tl.load(size_ptr + tid)
     if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
         start = tl.multiple_of(start, 16)
-    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
-    lr = tl.load(param_ptr + 0)
-    step_size = tl.load(param_ptr + 1)
-    gamma = tl.load(param_ptr + 2)
-    warmup = tl.load(param_ptr + 3)
-    start_factor = tl.load(param_ptr + 4)
-    _c0 = (gamma).to(tl.float32)
-    _c1 = ((-warmup)).to(tl.float32)
-    _c2 = (step_size).to(tl.float32)
-    _c3 = (warmup).to(tl.float32)
-    _c4 = (lr).to(tl.float32)
-    _c5 = (((1.0 - start_factor) / ((tl.where((warmup > 1), warmup, 0.0) + tl.where((warmup <= 1), 1.0, 0.0))))).to(tl.float32)
-    _c6 = (start_factor).to(tl.float32)
+    # scalars in fp32, as forward computes them, each once per program
+    lr = tl.load(param_ptr + 0).to(tl.float32)
+    step_size = tl.load(param_ptr + 1).to(tl.float32)
+    gamma = tl.load(param_ptr + 2).to(tl.float32)
+    warmup = tl.load(param_ptr + 3).to(tl.float32)
+    start_factor = tl.load(param_ptr + 4).to(tl.float32)
+    _c0 = gamma
+    _c1 = (-warmup)
+    _c2 = step_size
+    _c3 = warmup
+    _c4 = lr
+    _c5 = ((1.0 - start_factor) / ((tl.where((warmup > 1), warmup, 0.0) + tl.where((warmup <= 1), 1.0, 0.0))))
+    _c6 = start_factor
     t_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(T_DTYPE), bitcast=True)
     lr_t_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(LR_T_DTYPE), bitcast=True)
     if ALIGNED:

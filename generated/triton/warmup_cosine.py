@@ -332,20 +332,20 @@ def _multi_map(
     size = tl.load(size_ptr + tid)
     if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
         start = tl.multiple_of(start, 16)
-    # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
-    lr = tl.load(param_ptr + 0)
-    warmup = tl.load(param_ptr + 1)
-    cosine_steps = tl.load(param_ptr + 2)
-    start_factor = tl.load(param_ptr + 3)
-    eta_min = tl.load(param_ptr + 4)
-    _c0 = ((-warmup)).to(tl.float32)
-    _c1 = ((3.141592653589793 / (cosine_steps))).to(tl.float32)
-    _c2 = ((lr - eta_min)).to(tl.float32)
-    _c3 = (eta_min).to(tl.float32)
-    _c4 = (warmup).to(tl.float32)
-    _c5 = (((1.0 - start_factor) / (warmup))).to(tl.float32)
-    _c6 = (start_factor).to(tl.float32)
-    _c7 = (lr).to(tl.float32)
+    # scalars in fp32, as forward computes them, each once per program
+    lr = tl.load(param_ptr + 0).to(tl.float32)
+    warmup = tl.load(param_ptr + 1).to(tl.float32)
+    cosine_steps = tl.load(param_ptr + 2).to(tl.float32)
+    start_factor = tl.load(param_ptr + 3).to(tl.float32)
+    eta_min = tl.load(param_ptr + 4).to(tl.float32)
+    _c0 = (-warmup)
+    _c1 = (3.141592653589793 / (cosine_steps))
+    _c2 = (lr - eta_min)
+    _c3 = eta_min
+    _c4 = warmup
+    _c5 = ((1.0 - start_factor) / (warmup))
+    _c6 = start_factor
+    _c7 = lr
     t_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(T_DTYPE), bitcast=True)
     lr_t_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(LR_T_DTYPE), bitcast=True)
     if ALIGNED:

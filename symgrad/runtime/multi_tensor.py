@@ -76,7 +76,8 @@ def bind_params(op: str, defaults: dict, given: dict) -> tuple:
 
 
 def _to_device(values, dtype, device, keep: list) -> torch.Tensor:
-    """A table on ``device``, copied from pinned host memory without a host sync on a GPU."""
+    """A table on ``device``, copied from pinned host memory without a host sync on a GPU (torch's
+    pinned allocator keeps the host copy until the device has read it; ``keep`` holds it too)."""
     host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
@@ -181,9 +182,10 @@ def _device_scalar(op: str, name: str, value, device, per_tensor: int | None):
         raise ValueError(f"{op}: {name} must have one entry" + (f" or {per_tensor} (one per tensor)" if per_tensor else "")
                          + f", got {v.numel()}")
     try:
-        return torch.tensor([float(value)], dtype=torch.float64, device=device), 0
+        v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{op}: {name} must be a number or a tensor, got {value!r}") from None
+    return _to_device([v], torch.float64, device, []), 0
 
 
 def scalar_args(op: str, names: tuple, values: tuple, launch: Launch, total: int | None) -> list:
@@ -308,7 +310,7 @@ def run_reduce(op: str, kernel, name: str, tensors, scalar_names: tuple, scalars
     for x in seq[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
     groups = _groups([seq])
-    key = ("reduce", device, tuple(x.data_ptr() for x in seq), tuple(x.numel() for x in seq))
+    key = ("reduce", device, tuple((x.data_ptr(), x.numel(), x.dtype) for x in seq))  # dtypes: the grouping
 
     def build():
         launches, first = [], 0

@@ -93,7 +93,7 @@ def render(plan: KernelPlan, command: str) -> str:
 
 
 def _render_update(plan: KernelPlan, command: str) -> str:
-    """An update rule's module: one in-place, chunked ``update()`` (:mod:`.numpy_update`)."""
+    """An update rule's module: one in-place, chunked ``update()`` (:mod:`.numpy_multi`)."""
     op = plan.op
     body, hoisted, rows, _ = numpy_multi.chunk_body(plan)
     tensors = tuple(t.name for t in op.inputs if t.dims)

@@ -97,7 +97,7 @@ def _kernel_context(plan: KernelPlan, kind: str, rows: dict, stores: dict, maste
         body.append((st.formula, st.target, code, stores[st.target]))
         names[sp.IndexedBase(st.target, real=True)[i]] = st.target
     return dict(
-        kind=kind, kname="_update" if kind == "update" else "_multi_map", rows=list(rows),
+        kind=kind, kname="_update" if kind == "update" else "_multi_map", rows=list(rows), scalar_dtype=_scalar_dtype(kind),
         loads=[t.name for t in op.inputs if t.dims], scalars=[t.name for t in op.inputs if not t.dims],
         params=list(plan.params), body=body, master=master,
         master_value=next((target for target, row in stores.items() if row == master), None),
@@ -118,12 +118,21 @@ def _reduce_context(plan: KernelPlan) -> dict:
     names[sp.IndexedBase("_tot", real=True)[i]] = "tot"
     tensor = next(t.name for t in op.inputs if t.dims)
     return dict(
-        kind="reduce", kname="_multi_reduce", rows=[tensor], loads=[tensor],
+        kind="reduce", kname="_multi_reduce", rows=[tensor], loads=[tensor], scalar_dtype=_scalar_dtype("reduce"),
         scalars=[t.name for t in op.inputs if not t.dims], params=list(plan.params), master=None,
         reduce=c.reduce, value=_print(op, "the reduced value", body, names), finish=_print(op, "the finish", finish, names),
         formula=plan.multi.statements[0].formula, target=c.target,
         scalar_lines=[(str(sym), _print(op, "a scalar", e, names)) for e, sym in hoisted.items()],
     )
+
+
+def _scalar_dtype(kind: str) -> str:
+    """An update rule's scalars in float64, as torch computes an optimizer's step sizes on the host
+    (``1 - 0.999**t`` in fp32 is off by ~6e-5); an op's in fp32, as its ``forward`` (and torch's
+    fp32 tensor math: clipping's ``max_norm/(total + 1e-6)``). float64 math there would also cost
+    registers and a division subroutine, which keep a ``cos``'s range-reduction array in local
+    memory."""
+    return "tl.float64" if kind == "update" else "tl.float32"
 
 
 def _tensor(e) -> bool:
