@@ -153,3 +153,17 @@ def test_library_forward_multi_equals_forward(name):
         want = want if len(op.outputs) > 1 else (want,)
         for g_, w in zip(got, want):
             np.testing.assert_allclose(g_[k], w, rtol=1e-12, atol=1e-300)
+
+
+def test_bytes_per_entry_from_the_plan():
+    """Clipping in fp32 moves 12 bytes per gradient entry: stage one reads 4, the scale reads 4 and
+    writes 4 (the least: the scale needs the global norm first); AdamW reads 16 and writes 12."""
+    from symgrad.traffic import multi_bytes
+
+    def per(name):
+        plan = lower(derive(REGISTRY.get(name), trace=False))
+        return multi_bytes(plan, {t.name: 4 for t in plan.op.inputs})
+
+    assert per("grad_norm2") == {"read": 4, "written": 0, "minimum_read": 4, "minimum_written": 0}
+    assert per("clip_by_norm") == {"read": 4, "written": 4, "minimum_read": 4, "minimum_written": 4}
+    assert per("adamw") == {"read": 16, "written": 12, "minimum_read": 16, "minimum_written": 12}
