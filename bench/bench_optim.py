@@ -1,7 +1,7 @@
 """CPU benchmark: one AdamW step over 1e7 fp32 parameters, in one run, three ways.
 
 - ``generated``: ``generated.numpy.adamw.update`` (what ``symgrad.optim.numpy.AdamW.step`` runs): one
-  call over every tensor, chunked in-place ufuncs (symgrad/targets/numpy_update.py);
+  call over every tensor, chunked in-place ufuncs (symgrad/targets/numpy_multi.py);
 - ``handwritten``: the same step as an engineer writes it in NumPy, whole arrays, in place where
   NumPy makes it easy (``m *= beta1; m += (1 - beta1)*g``...), temporaries where it does not;
 - ``torch_foreach``: ``torch.optim.AdamW(foreach=True)`` on CPU tensors (torch's default threads,
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     import symgrad.ops  # noqa: F401
     from symgrad.declare import REGISTRY
     from symgrad.derive import derive
-    from symgrad.plan import lower, update_traffic
+    from symgrad.plan import lower
+    from symgrad.traffic import multi_bytes
     from symgrad.optim.rules import generated_module
 
     update = generated_module("adamw", "numpy").update
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         tracemalloc.stop()
 
     plan = lower(derive(REGISTRY.get("adamw"), trace=False))
-    traffic = update_traffic(plan, {n: 4 for n in plan.inputs})
+    traffic = multi_bytes(plan, {n: 4 for n in plan.inputs})
     moved = traffic["read"] + traffic["written"]
     results = {
         "benchmark": "AdamW step, fp32, CPU",

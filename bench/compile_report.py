@@ -18,6 +18,11 @@ assembled by the ptxas that Triton itself uses. Per launch and architecture it p
   bandwidth the launch can reach at best (a re-read of a row is free only when the rows in
   flight fit in L2).
 
+Update rules and ops with a multi-tensor form (``KernelPlan.multi``: clipping, activations) are
+recorded too (direction ``multi``): one step or ``forward_multi`` over three tensors of the op's
+entries, a third of them and one; a reduction's two launches are both shown (stage two reads the
+fp32 partial values of stage one).
+
 Per op and dtype it adds the forward, backward and forward+backward bounds. Writes
 ``bench/results/compile-sm90.json`` (Triton and ptxas versions, every launch, both architectures).
 
@@ -96,6 +101,8 @@ class Launch:
     kwargs: dict
     grid: tuple
     configs: list = field(default_factory=lambda: [{}])  # autotuned kernels: every config
+    entries: int | None = None  # a multi-tensor launch: the entries it covers (all tensors together)
+    entry_bytes: int | None = None  # and their bytes per entry (a reduction's stage two: fp32 values)
 
     @property
     def name(self) -> str:
@@ -167,13 +174,46 @@ def record(op_name: str, sizes: dict, dtype, sms: int) -> list:
     JITFunction.run, Autotuner.run = jit_run, tuned_run
     try:
         with _rt.planning_for(sms):
-            outs, saved = module.forward_with_saved(*inputs, **params)
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            direction[0] = "backward"
-            module.backward(saved, *(torch.empty_like(o) for o in outs))
+            if op.kind == "op":
+                outs, saved = module.forward_with_saved(*inputs, **params)
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                direction[0] = "backward"
+                module.backward(saved, *(torch.empty_like(o) for o in outs))
+            if op.kind == "update" or hasattr(module, "MULTI"):
+                direction[0] = "multi"
+                _record_multi(op, module, inputs, params, launches)
     finally:
         JITFunction.run, Autotuner.run = saved_run, saved_tuned
     return launches
+
+
+def _record_multi(op, module, inputs, params, launches: list) -> None:
+    """The multi-tensor launches (an update rule's step, an op's ``forward_multi``) over three
+    tensors of different sizes: the op's inputs' entries, a third of them, and one."""
+    first = next(t for t in inputs if t.dim())
+    n = first.numel()
+    sizes = [n, n // 3 + 1, 1]
+    lists, scalars = [], []
+    for t, x in zip(op.inputs, inputs):
+        if t.dims:
+            lists.append([torch.empty(k, dtype=x.dtype, device="meta") for k in sizes])
+        else:
+            scalars.append(torch.empty((), dtype=torch.float32, device="meta"))
+    args = [lists.pop(0) if t.dims else scalars.pop(0) for t in op.inputs]
+    start = len(launches)
+    if op.kind == "update":
+        module.update(*args, **{p.name: params.get(p.name, p.default) for p in op.params})
+    else:
+        module.forward_multi(*args, **{k: v for k, v in params.items() if k in module.PARAMS})
+    stage_one = 0
+    for k, launch in enumerate(launches[start:]):
+        programs = math.prod(launch.grid)
+        last = k == len(launches) - start - 1
+        if launch.name == "_multi_reduce" and last:  # stage two: one program over the partial values
+            launch.entries, launch.entry_bytes = stage_one, 4
+        else:
+            launch.entries, launch.entry_bytes = sum(sizes), first.element_size()
+            stage_one += programs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,9 +368,12 @@ def analyse(launch: Launch, config: dict, arch: int) -> dict:
 
 
 _NAME = re.compile(r"^_(for|bac)(\d+)_")
+_MULTI = ("_update", "_multi_map", "_multi_reduce")
 
 
 def plan_launch(plan, name: str):
+    if name in _MULTI:
+        return plan.multi
     m = _NAME.match(name)
     if not m:
         return None
@@ -365,15 +408,19 @@ def report_case(op_name, sizes, dtype_name, archs, plans) -> tuple[list, dict]:
                     programs = math.prod(launch.grid)
                     resident = min(programs, spec["sms"] * max(res["ctas_per_sm"], 1))
                     single = bool({**launch.kwargs, **config}.get("SINGLE_BLOCK", False))
-                    t = traffic.launch_traffic(plan, pl, sizes, itemsize, single_block=single,
-                                               resident_programs=resident, programs=programs, l2_bytes=spec["l2"])
+                    if launch.entries is not None:
+                        t = traffic.multi_traffic(plan, launch.entries, launch.entry_bytes, programs)
+                    else:
+                        t = traffic.launch_traffic(plan, pl, sizes, itemsize, single_block=single,
+                                                   resident_programs=resident, programs=programs, l2_bytes=spec["l2"])
                     row.update(bytes=t.total, least=t.least, passes=t.passes, rereads_free=t.rereads_free,
                                bound=round(t.least / t.total, 3) if t.total else 1.0, plan_kind=pl.kind)
                     key = (launch.direction, id(pl))
                     if key not in seen_plan:
                         seen_plan.add(key)
                         acc = by_arch.setdefault(arch, {"forward": 0, "backward": 0})
-                        acc[launch.direction] += t.total
+                        if launch.direction in acc:  # multi-tensor launches are rows of their own
+                            acc[launch.direction] += t.total
                 rows.append(row)
     least = traffic.minimum_bytes(plan, sizes, itemsize)
     bounds = {}
@@ -515,13 +562,6 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         ap.error(f"unknown op(s): {', '.join(unknown)}")
-    # update rules (optimizers) launch over lists of tensors through a device address table, which
-    # the meta-tensor recording here cannot build: their bytes per parameter come from
-    # bench/bench_optim.py (16 read + 12 written for AdamW fp32, the minimum)
-    updates = [n for n in names if REGISTRY.get(n).kind == "update"]
-    if args.ops and updates:
-        ap.error(f"update rules are not compiled by this report: {', '.join(updates)} (see bench/bench_optim.py)")
-    names = [n for n in names if n not in updates]
     dtypes = args.dtypes.split(",")
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:

@@ -32,7 +32,9 @@ Launch kinds and their spaces:
 - ``multi``: a multi-tensor map, the one launch of an update rule (``Op.kind == "update"``): its
   statements are maps over the one flat dim of ``space``, run for MANY tensors (the parameters of
   an optimizer's group, each of its own size) in one launch; each statement's result is written
-  over the input it updates (``KernelPlan.updates``), in place, in statement order;
+  over the input it updates (``KernelPlan.updates``), in place, in statement order. Any other op
+  over per-tensor vectors may have one too, as ``KernelPlan.multi`` beside its forward (a map, or
+  a self-combining reduction ``multi_reduce``: :mod:`symgrad.plan_multi`);
 - ``scale``: a fused loss's gradient ``d = cotangent*d_fused`` (backward): the buffer forward wrote
   is the op's own and dead after backward, so backward scales it in place and hands it out as the
   gradient (no second buffer; nothing to move when the cotangent is 1); ``space`` is its dims.
@@ -148,6 +150,10 @@ class KernelPlan:
     buffers: dict  # name -> dims, for every input, forward value, cotangent, gradient, temporary
     labels: frozenset  # integer label inputs
     updates: dict = field(default_factory=dict)  # update rules: output -> the input it is written over
+    # the multi-tensor launch (symgrad.plan_multi): an update rule's one launch, an op's flat
+    # map ("multi") or self-combining reduction ("multi_reduce", with its Combine); None if none
+    multi: Launch | None = None
+    combine: object = None
     trace: Trace = field(default_factory=Trace, compare=False)
 
     @property
@@ -334,6 +340,8 @@ class _State:
     overwritable: dict = field(default_factory=dict)
     launches: dict = field(default_factory=dict)  # "forward"/"backward" -> [Launch]
     declared: list = field(default_factory=list)  # the forward values as derived, before any stage
+    multi: object = None  # Launch | None (plan_multi)
+    combine: object = None
     trace: Trace = field(default_factory=Trace)
     fresh: _Freshener = field(default_factory=_Freshener)
 
@@ -1034,8 +1042,10 @@ def _own_reads(s: _State, launch: Launch, st: Statement, inp: str) -> bool:
     return True
 
 
+from .plan_multi import schedule_multi  # noqa: E402  (it builds this module's Launch and Statement)
+
 LOWERING_STAGES = (choose_saved, inline_temporaries, fuse_losses, share_row_statistics, split_reductions, reindex_stencils,
-                   schedule_launches, overwritable_inputs)
+                   schedule_launches, schedule_multi, overwritable_inputs)
 
 
 def lower(derivation: Derivation) -> KernelPlan:
@@ -1079,20 +1089,7 @@ def lower(derivation: Derivation) -> KernelPlan:
         buffers=dict(state.buffers),
         labels=frozenset(t.name for t in op.inputs if t.role is Role.LABEL),
         updates=op.updates,
+        multi=state.multi,
+        combine=state.combine,
         trace=state.trace,
     )
-
-
-def update_traffic(plan: KernelPlan, itemsize: dict) -> dict:
-    """Bytes per entry that an update rule's ``multi`` launch moves, and the least any update can
-    move: ``{"read", "written", "minimum_read", "minimum_written"}``. ``itemsize``: input -> bytes
-    per entry (4 for fp32). The launch reads every tensor input once and writes each updated input
-    once; the minimum reads what the statements read (an entry of a tensor they never read need not
-    be loaded) and writes what they update."""
-    if plan.op.kind != "update":
-        raise ValueError(f"op {plan.op.name} is not an update rule")
-    tensors = [t.name for t in plan.op.inputs if t.dims]
-    needed = set().union(*(st.reads() for st in plan.forward.statements)) & set(tensors)
-    written = sum(itemsize[t] for t in plan.updates.values())
-    return {"read": sum(itemsize[t] for t in tensors), "written": written,
-            "minimum_read": sum(itemsize[t] for t in tensors if t in needed), "minimum_written": written}

@@ -25,7 +25,10 @@ Model, per launch:
   compute, not bandwidth;
 - a ``scale`` launch (a fused loss's gradient, scaled in place in the buffer forward wrote) reads
   only its cotangent at a cotangent of 1 (``loss.backward()``, and the benchmark's cotangent of a
-  scalar loss), and leaves the buffer as it is; at any other cotangent it reads and writes it once.
+  scalar loss), and leaves the buffer as it is; at any other cotangent it reads and writes it once;
+- a multi-tensor launch (``KernelPlan.multi``, :func:`multi_bytes`) reads every tensor input once
+  and writes each updated input (an update rule) or output (a map) once; a reduction writes one
+  fp32 partial value per program instead, which its second stage reads.
 
 The least a fused implementation must move: forward reads the inputs and writes the outputs;
 backward reads the cotangents and the inputs it needs (or the saved values, when it needs no input)
@@ -46,7 +49,8 @@ from .primitives import ReduceMax
 L2_BYTES = 50 * 10**6  # H100/H200 L2 (50 MB); A100 has 40 MB, the report says which it used
 LABEL_BYTES = 8  # integer labels arrive as int64 (torch's default for class indices)
 
-__all__ = ["L2_BYTES", "LaunchTraffic", "all_sizes", "launch_traffic", "minimum_bytes", "buffer_bytes", "row_passes"]
+__all__ = ["L2_BYTES", "LaunchTraffic", "all_sizes", "launch_traffic", "minimum_bytes", "buffer_bytes", "row_passes",
+           "multi_bytes", "multi_traffic"]
 
 
 @dataclass(frozen=True)
@@ -208,3 +212,39 @@ def minimum_bytes(plan: KernelPlan, sizes: dict, itemsize: int) -> dict:
         "both": b(plan.inputs) + b(plan.outputs) + b(plan.cotangents) + b(grads),
     }
 
+
+
+def multi_bytes(plan: KernelPlan, itemsize: dict) -> dict:
+    """Bytes per entry that the plan's multi-tensor launch moves, and the least it can move:
+    ``{"read", "written", "minimum_read", "minimum_written"}``. ``itemsize``: tensor -> bytes per
+    entry (4 for fp32); an output not in it takes its op's first tensor input's. The launch reads
+    every tensor input once and writes each updated input (an update rule) or output (a map) once;
+    a reduction writes one fp32 value per program of many entries (0 per entry). The minimum reads
+    what the statements read (an entry of a tensor they never read need not be loaded) and writes
+    what the launch must."""
+    launch = plan.multi
+    if launch is None:
+        raise ValueError(f"op {plan.op.name} has no multi-tensor launch")
+    tensors = [t.name for t in plan.op.inputs if t.dims]
+    needed = set().union(*(st.reads() for st in launch.statements)) & set(tensors)
+    if plan.combine is not None:
+        needed |= {str(e.base) for e in plan.combine.body.atoms(sp.Indexed)}
+    if launch.kind == "multi_reduce":
+        written = 0
+    elif plan.updates:
+        written = sum(itemsize[t] for t in plan.updates.values())
+    else:
+        written = sum(itemsize.get(st.target, itemsize[tensors[0]]) for st in launch.statements)
+    return {"read": sum(itemsize[t] for t in tensors), "written": written,
+            "minimum_read": sum(itemsize[t] for t in tensors if t in needed), "minimum_written": written}
+
+
+def multi_traffic(plan: KernelPlan, entries: int, itemsize: int, programs: int = 0) -> LaunchTraffic:
+    """The bytes of one multi-tensor launch over ``entries`` entries in all (every tensor input in
+    ``itemsize`` bytes per entry): :func:`multi_bytes`, plus a reduction's fp32 partial values."""
+    per = multi_bytes(plan, {t.name: itemsize for t in plan.op.inputs if t.dims})
+    reads = {"tensors": per["read"] * entries}
+    writes = {"tensors": per["written"] * entries}
+    if plan.multi.kind == "multi_reduce":
+        writes["partial values"] = 4 * int(programs)
+    return LaunchTraffic(reads, writes, 1, True, (per["minimum_read"] + per["minimum_written"]) * entries)

@@ -192,3 +192,79 @@ def test_clip_value_equals_torch(target):
     for a, p in zip(ours, ps):
         np.testing.assert_array_equal(a, p.grad.numpy())
     assert np.isnan(ours[0][0, 0]) and ours[1][3] == 0.75 and ours[4][0] == -0.75
+
+
+class _Counting:
+    """A generated kernel that counts its launches (``kernel[grid](...)``) and still runs them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel of the clipping modules, counted: ``launches()`` -> {(op, kernel): count}."""
+    from symgrad.compose import load_module
+
+    counters = {}
+    for op in ("grad_norm2", "grad_norm_inf", "clip_by_norm", "clip_by_value"):
+        module = load_module(op, "triton")
+        for name in dir(module):
+            if name.startswith("_") and hasattr(getattr(module, name), "run"):  # a @triton.jit kernel
+                counters[(op, name)] = _Counting(getattr(module, name))
+                monkeypatch.setattr(module, name, counters[(op, name)])
+    return lambda: {k: len(c.grids) for k, c in counters.items() if c.grids}
+
+
+@pytest.mark.parametrize("count", [3, 12])
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_triton_launches_do_not_grow_with_the_gradients(launches, count, norm_type):
+    """Stage one is one launch, stage two one, the scale one, for 3 gradients as for 12 (of sizes
+    up to 1000 entries: several programs per tensor, whose partial norms stage two combines)."""
+    shapes = [(1000,), (3, 5), (130,), (1,)] * (count // 3)
+    grads = _grads(9, np.float32, shapes=shapes[:count])
+    ref_total, ref = _torch_clip(grads, 0.5, norm_type, torch.float32)
+    ps = _torch_params(grads, torch.float32)
+    total = clip.clip_grad_norm_(ps, 0.5, norm_type)
+    op = "grad_norm2" if norm_type == 2.0 else "grad_norm_inf"
+    assert launches() == {(op, "_multi_reduce"): 2, ("clip_by_norm", "_multi_map"): 1}
+    torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=0)
+    for p, b in zip(ps, ref):
+        torch.testing.assert_close(p.grad, b, rtol=1e-6, atol=1e-7)
+
+
+def test_triton_clip_value_is_one_launch(launches):
+    grads = _grads(10, np.float32, scale=2.0) * 2
+    ps = _torch_params(grads, torch.float32)
+    clip.clip_grad_value_(ps, 0.5)
+    assert launches() == {("clip_by_value", "_multi_map"): 1}
+    for p, g in zip(ps, grads):
+        np.testing.assert_array_equal(p.grad.numpy(), np.clip(g, -0.5, 0.5))
+
+
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_triton_mixed_dtypes_group_as_torch_foreach(launches, norm_type):
+    """bf16 and fp32 gradients: one stage-one launch and one scale launch per dtype (torch's foreach
+    groups), one stage two; the total in the promoted dtype (fp32), as torch's stack of norms."""
+    grads = _grads(11, np.float32, scale=2.0)
+    dtypes = [torch.bfloat16 if k % 2 == 0 else torch.float32 for k in range(len(grads))]
+    ps = [_torch_params([g], dt)[0] for g, dt in zip(grads, dtypes)]
+    qs = [_torch_params([g], dt)[0] for g, dt in zip(grads, dtypes)]
+    ref_total = torch.nn.utils.clip_grad_norm_(qs, 0.5, norm_type)
+    total = clip.clip_grad_norm_(ps, 0.5, norm_type)
+    op = "grad_norm2" if norm_type == 2.0 else "grad_norm_inf"
+    assert launches() == {(op, "_multi_reduce"): 3, ("clip_by_norm", "_multi_map"): 2}
+    assert total.dtype == ref_total.dtype == torch.float32
+    # torch rounds each bf16 gradient's norm to bf16 before the norm of norms; symgrad keeps fp32
+    torch.testing.assert_close(total, ref_total, rtol=1e-2, atol=0)
+    scale = torch.tensor(min(1.0, 0.5 / (total.item() + 1e-6)), dtype=torch.float32)  # in float64, rounded once
+    for p, q, g, dt in zip(ps, qs, grads, dtypes):
+        assert p.grad.dtype == q.grad.dtype == dt
+        torch.testing.assert_close(p.grad.float(), q.grad.float(), rtol=1e-2, atol=1e-6)  # torch's, to bf16
+        exact = torch.tensor(g).to(dt).float() * scale  # symgrad's own total, the product in fp32
+        # one bf16 ulp: Triton's interpreter rounds fp32 -> bf16 toward zero (a GPU to nearest)
+        torch.testing.assert_close(p.grad, exact.to(dt), rtol=0 if dt == torch.float32 else 2**-7, atol=0)

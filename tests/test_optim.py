@@ -239,7 +239,8 @@ def test_a_users_update_rule_goes_through_the_same_pipeline(tmp_path, monkeypatc
 
     from symgrad.declare import Dim, Op, Param, Role, Tensor, idx, update
     from symgrad.derive import derive
-    from symgrad.plan import lower, update_traffic
+    from symgrad.plan import lower
+    from symgrad.traffic import multi_bytes
     from symgrad.targets import numpy as numpy_target
 
     n = Dim("N", "i")
@@ -252,7 +253,7 @@ def test_a_users_update_rule_goes_through_the_same_pipeline(tmp_path, monkeypatc
             params=(wd,), test_sizes=({"N": 5},), module="tests.user_rule")
     plan = lower(derive(op))
     assert [launch.kind for launch in plan.forward.launches] == ["multi"] and not plan.backward.launches
-    assert update_traffic(plan, {"p": 2, "g": 2, "lr": 4}) == {"read": 4, "written": 2, "minimum_read": 4, "minimum_written": 2}
+    assert multi_bytes(plan, {"p": 2, "g": 2, "lr": 4}) == {"read": 4, "written": 2, "minimum_read": 4, "minimum_written": 2}
     path = tmp_path / "sign_sgd.py"
     path.write_text(numpy_target.render(plan, "symgrad generate sign_sgd --ops tests.user_rule"))
     spec = importlib.util.spec_from_file_location("sign_sgd_generated", path)

@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from symgrad.runtime import numpy_math as _m
-from symgrad.runtime import update_numpy as _u
+from symgrad.runtime import multi_numpy as _u
 
 OP = 'adagrad'
 KIND = "update"
@@ -59,6 +59,7 @@ def update(p, g, sum, lr, t, **params):
     # scalars: computed once per call, in float64 as torch's host-side step sizes
     _c0 = lr/(lr_decay*(t - 1.0) + 1.0)
     _s = np.empty((_ROWS, _CHUNK), _dtype)
+    _dt = _dtype
     for p_, g_, sum_, _n in _u.chunks(_groups, _dtype, _CHUNK):
         # sum_new[i] = (weight_decay*p[i] + g[i])**2 + sum[i]   (written over sum)
         np.multiply(p_, weight_decay, out=_s[0, :_n])

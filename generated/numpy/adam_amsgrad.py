@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from symgrad.runtime import numpy_math as _m
-from symgrad.runtime import update_numpy as _u
+from symgrad.runtime import multi_numpy as _u
 
 OP = 'adam_amsgrad'
 KIND = "update"
@@ -68,6 +68,7 @@ def update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, t, **params):
     _c2 = math.sqrt(1.0 - beta2**t)
     _c3 = lr/(1.0 - beta1**t)
     _s = np.empty((_ROWS, _CHUNK), _dtype)
+    _dt = _dtype
     for p_, g_, exp_avg_, exp_avg_sq_, max_exp_avg_sq_, _n in _u.chunks(_groups, _dtype, _CHUNK):
         # exp_avg_new[i] = (1 - beta1)*(weight_decay*p[i] - exp_avg[i] + g[i]) + exp_avg[i]   (written over exp_avg)
         np.multiply(p_, weight_decay, out=_s[0, :_n])
@@ -83,14 +84,8 @@ def update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, t, **params):
         np.multiply(_s[1, :_n], _c1, out=_s[1, :_n])
         np.add(_s[0, :_n], _s[1, :_n], out=exp_avg_sq_)
         # max_exp_avg_sq_new[i] = (exp_avg_sq_new[i]/2 + max_exp_avg_sq[i]/2)*Iverson(Eq(exp_avg_sq_new[i], max_exp_avg_sq[i])) + Iverson(exp_avg_sq_new[i] > max_exp_avg_sq[i])*exp_avg_sq_new[i] + Iverson(max_exp_avg_sq[i] > exp_avg_sq_new[i])*max_exp_avg_sq[i]   (written over max_exp_avg_sq)
-        np.multiply(exp_avg_sq_, 0.5, out=_s[0, :_n])
-        np.multiply(max_exp_avg_sq_, 0.5, out=_s[1, :_n])
-        np.add(_s[0, :_n], _s[1, :_n], out=_s[1, :_n])
-        np.copyto(_s[1, :_n], np.where((exp_avg_sq_ == max_exp_avg_sq_), _s[1, :_n], 0.0))
-        np.copyto(_s[0, :_n], np.where((exp_avg_sq_ > max_exp_avg_sq_), exp_avg_sq_, 0.0))
-        np.add(_s[1, :_n], _s[0, :_n], out=_s[0, :_n])
-        np.copyto(_s[1, :_n], np.where((max_exp_avg_sq_ > exp_avg_sq_), max_exp_avg_sq_, 0.0))
-        np.add(_s[0, :_n], _s[1, :_n], out=max_exp_avg_sq_)
+        _g0 = np.where((exp_avg_sq_ == max_exp_avg_sq_), (exp_avg_sq_/2 + max_exp_avg_sq_/2), np.where(((exp_avg_sq_ > max_exp_avg_sq_) | (exp_avg_sq_ < max_exp_avg_sq_)), _dt.type(0), _dt.type(np.nan))) + np.where((exp_avg_sq_ > max_exp_avg_sq_), exp_avg_sq_, np.where((exp_avg_sq_ <= max_exp_avg_sq_), _dt.type(0), _dt.type(np.nan))) + np.where((max_exp_avg_sq_ > exp_avg_sq_), max_exp_avg_sq_, np.where((max_exp_avg_sq_ <= exp_avg_sq_), _dt.type(0), _dt.type(np.nan)))
+        np.copyto(max_exp_avg_sq_, _g0)
         # p_new[i] = -lr*exp_avg_new[i]/((1 - beta1**t)*(eps + sqrt(max_exp_avg_sq_new[i])/sqrt(1 - beta2**t))) + p[i]   (written over p)
         np.sqrt(max_exp_avg_sq_, out=_s[0, :_n])
         np.divide(_s[0, :_n], _c2, out=_s[0, :_n])

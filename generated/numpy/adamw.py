@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from symgrad.runtime import numpy_math as _m
-from symgrad.runtime import update_numpy as _u
+from symgrad.runtime import multi_numpy as _u
 
 OP = 'adamw'
 KIND = "update"
@@ -67,6 +67,7 @@ def update(p, g, exp_avg, exp_avg_sq, lr, t, **params):
     _c3 = math.sqrt(1.0 - beta2**t)
     _c4 = lr/(1.0 - beta1**t)
     _s = np.empty((_ROWS, _CHUNK), _dtype)
+    _dt = _dtype
     for p_, g_, exp_avg_, exp_avg_sq_, _n in _u.chunks(_groups, _dtype, _CHUNK):
         # exp_avg_new[i] = (1 - beta1)*(-exp_avg[i] + g[i]) + exp_avg[i]   (written over exp_avg)
         np.subtract(g_, exp_avg_, out=_s[0, :_n])

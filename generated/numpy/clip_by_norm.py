@@ -92,3 +92,35 @@ def vjp(g, total_norm, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(g, total_norm, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the outputs of many arrays in one pass
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'map'
+TENSORS = ('g',)
+SCALARS = ('total_norm',)
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+_ROWS = 1  # scratch rows of one chunk: the most temporaries any statement holds at once
+
+
+@np.errstate(all="ignore")
+def forward_multi(g, total_norm, *, out=None, **params):
+    """``forward`` of every position of the lists ``g`` (arrays of any shape, flattened),
+    in one pass over each: each position computes in float64 if any of its arrays is, else in
+    float32. ``total_norm``: a number (or a one-entry array). ``out``: a list
+    of writable arrays to write into (an input list itself: in place); by default new arrays.
+    Returns the output list."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
+    max_norm = float(params['max_norm'])
+    total_norm = _u.scalar(OP, 'total_norm', total_norm)
+    _groups, _outs = _u.map_tensors(OP, TENSORS, (g,), OUTPUTS, out)
+    # scalars: computed once per call, in float64
+    _c0 = max_norm*(1.0 if (max_norm/(total_norm + 1e-06) < 1.0) else 0.0 if (max_norm/(total_norm + 1e-06) >= 1.0) else math.nan)/(total_norm + 1e-06) + (1.0 if (max_norm/(total_norm + 1e-06) >= 1.0) else 0.0 if (max_norm/(total_norm + 1e-06) < 1.0) else math.nan)
+    for g_, out_, _n, _dt, _s in _u.map_chunks(_groups, _CHUNK, _ROWS):
+        # out[n] = (max_norm*Iverson(max_norm/(total_norm + 1.0e-6) < 1)/(total_norm + 1.0e-6) + Iverson(max_norm/(total_norm + 1.0e-6) >= 1))*g[n]   (into out)
+        np.multiply(g_, _c0, out=out_)
+    return _outs[0] if len(_outs) == 1 else tuple(_outs)

@@ -91,3 +91,33 @@ def vjp(g, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(g, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the outputs of many arrays in one pass
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'map'
+TENSORS = ('g',)
+SCALARS = ()
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+_ROWS = 1  # scratch rows of one chunk: the most temporaries any statement holds at once
+
+
+@np.errstate(all="ignore")
+def forward_multi(g, *, out=None, **params):
+    """``forward`` of every position of the lists ``g`` (arrays of any shape, flattened),
+    in one pass over each: each position computes in float64 if any of its arrays is, else in
+    float32. ``out``: a list
+    of writable arrays to write into (an input list itself: in place); by default new arrays.
+    Returns the output list."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
+    clip_value = float(params['clip_value'])
+    _groups, _outs = _u.map_tensors(OP, TENSORS, (g,), OUTPUTS, out)
+    for g_, out_, _n, _dt, _s in _u.map_chunks(_groups, _CHUNK, _ROWS):
+        # out[n] = clip_value*Iverson(-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] > -clip_value)*g[n] >= clip_value) + (-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] > -clip_value)*g[n])*Iverson(-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] > -clip_value)*g[n] < clip_value)   (into out)
+        _g0 = clip_value*np.where((-clip_value*np.where((g_ <= -clip_value), _dt.type(1), np.where((g_ > -clip_value), _dt.type(0), _dt.type(np.nan))) + np.where((g_ > -clip_value), g_, np.where((g_ <= -clip_value), _dt.type(0), _dt.type(np.nan))) >= clip_value), _dt.type(1), np.where((-clip_value*np.where((g_ <= -clip_value), _dt.type(1), np.where((g_ > -clip_value), _dt.type(0), _dt.type(np.nan))) + np.where((g_ > -clip_value), g_, np.where((g_ <= -clip_value), _dt.type(0), _dt.type(np.nan))) < clip_value), _dt.type(0), _dt.type(np.nan))) + np.where((-clip_value*np.where((g_ <= -clip_value), _dt.type(1), np.where((g_ > -clip_value), _dt.type(0), _dt.type(np.nan))) + np.where((g_ > -clip_value), g_, np.where((g_ <= -clip_value), _dt.type(0), _dt.type(np.nan))) < clip_value), (-clip_value*np.where((g_ <= -clip_value), _dt.type(1), np.where((g_ > -clip_value), _dt.type(0), _dt.type(np.nan))) + np.where((g_ > -clip_value), g_, np.where((g_ <= -clip_value), _dt.type(0), _dt.type(np.nan)))), np.where((-clip_value*np.where((g_ <= -clip_value), _dt.type(1), np.where((g_ > -clip_value), _dt.type(0), _dt.type(np.nan))) + np.where((g_ > -clip_value), g_, np.where((g_ <= -clip_value), _dt.type(0), _dt.type(np.nan))) >= clip_value), _dt.type(0), _dt.type(np.nan)))
+        np.copyto(out_, _g0)
+    return _outs[0] if len(_outs) == 1 else tuple(_outs)

@@ -84,3 +84,30 @@ def vjp(x, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(x, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the outputs of many arrays in one pass
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'map'
+TENSORS = ('x',)
+SCALARS = ()
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+_ROWS = 1  # scratch rows of one chunk: the most temporaries any statement holds at once
+
+
+@np.errstate(all="ignore")
+def forward_multi(x, *, out=None, **params):
+    """``forward`` of every position of the lists ``x`` (arrays of any shape, flattened),
+    in one pass over each: each position computes in float64 if any of its arrays is, else in
+    float32. ``out``: a list
+    of writable arrays to write into (an input list itself: in place); by default new arrays.
+    Returns the output list."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _groups, _outs = _u.map_tensors(OP, TENSORS, (x,), OUTPUTS, out)
+    for x_, out_, _n, _dt, _s in _u.map_chunks(_groups, _CHUNK, _ROWS):
+        # out[i] = exp(x[i])   (into out)
+        np.exp(x_, out=out_)
+    return _outs[0] if len(_outs) == 1 else tuple(_outs)

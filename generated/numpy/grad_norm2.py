@@ -84,3 +84,33 @@ def vjp(g, dnorm, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(g, **params)  # its own saved dict: nobody can change it
     return backward(saved, dnorm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the op's value over many arrays at once
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'reduce'
+TENSORS = ('g',)
+SCALARS = ()
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+
+
+def _value(g, _dt):
+    """The op over one flat vector: each chunk's value (stage one), then the value of those (stage two)."""
+    # norm = sqrt(Sum(g[n]**2, (n, 0, N - 1)))
+    N = g.shape[0]
+    norm = np.array(np.sqrt(np.sum(g**2, axis=0)), dtype=_dt)
+    return norm
+
+
+@np.errstate(all="ignore")
+def forward_multi(g, **params):
+    """``forward`` of all the arrays of the list ``g`` together (each flattened), as a 0-dim
+    array (float64 if any array is, else float32): the op over each chunk of each array, then
+    the op over those values (the op is its own combiner: symgrad.plan_multi)."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _flat, _dt = _u.reduce_tensors(OP, 'g', g, 0)
+    _parts = [_value(_v, _v.dtype) for _v in _u.spans(_flat, _CHUNK)]  # stage one
+    return _value(np.array(_parts, _dt), _dt)  # stage two: the same op over the values

@@ -87,3 +87,33 @@ def vjp(x, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(x, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the op's value over many arrays at once
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'reduce'
+TENSORS = ('x',)
+SCALARS = ()
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+
+
+def _value(x, _dt):
+    """The op over one flat vector: each chunk's value (stage one), then the value of those (stage two)."""
+    # out = ReduceMax(x[k], k, 0, C - 1)
+    C = x.shape[0]
+    out = np.array(np.max(x, axis=0, initial=-math.inf), dtype=_dt)
+    return out
+
+
+@np.errstate(all="ignore")
+def forward_multi(x, **params):
+    """``forward`` of all the arrays of the list ``x`` together (each flattened), as a 0-dim
+    array (float64 if any array is, else float32): the op over each chunk of each array, then
+    the op over those values (the op is its own combiner: symgrad.plan_multi)."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _flat, _dt = _u.reduce_tensors(OP, 'x', x, 1)
+    _parts = [_value(_v, _v.dtype) for _v in _u.spans(_flat, _CHUNK)]  # stage one
+    return _value(np.array(_parts, _dt), _dt)  # stage two: the same op over the values

@@ -90,3 +90,30 @@ def vjp(p, q, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(p, q, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the outputs of many arrays in one pass
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'map'
+TENSORS = ('p', 'q')
+SCALARS = ()
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+_ROWS = 1  # scratch rows of one chunk: the most temporaries any statement holds at once
+
+
+@np.errstate(all="ignore")
+def forward_multi(p, q, *, out=None, **params):
+    """``forward`` of every position of the lists ``p``, ``q`` (arrays of any shape, flattened),
+    in one pass over each: each position computes in float64 if any of its arrays is, else in
+    float32. ``out``: a list
+    of writable arrays to write into (an input list itself: in place); by default new arrays.
+    Returns the output list."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _groups, _outs = _u.map_tensors(OP, TENSORS, (p, q,), OUTPUTS, out)
+    for p_, q_, out_, _n, _dt, _s in _u.map_chunks(_groups, _CHUNK, _ROWS):
+        # out[i] = p[i]*q[i]   (into out)
+        np.multiply(p_, q_, out=out_)
+    return _outs[0] if len(_outs) == 1 else tuple(_outs)

@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from symgrad.runtime import numpy_math as _m
-from symgrad.runtime import update_numpy as _u
+from symgrad.runtime import multi_numpy as _u
 
 OP = 'rmsprop_momentum'
 KIND = "update"
@@ -61,6 +61,7 @@ def update(p, g, square_avg, momentum_buffer, lr, **params):
     # scalars: computed once per call, in float64 as torch's host-side step sizes
     _c0 = 1.0 - alpha
     _s = np.empty((_ROWS, _CHUNK), _dtype)
+    _dt = _dtype
     for p_, g_, square_avg_, momentum_buffer_, _n in _u.chunks(_groups, _dtype, _CHUNK):
         # square_avg_new[i] = alpha*square_avg[i] + (1 - alpha)*(weight_decay*p[i] + g[i])**2   (written over square_avg)
         np.multiply(square_avg_, alpha, out=_s[0, :_n])

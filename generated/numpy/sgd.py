@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from symgrad.runtime import numpy_math as _m
-from symgrad.runtime import update_numpy as _u
+from symgrad.runtime import multi_numpy as _u
 
 OP = 'sgd'
 KIND = "update"
@@ -52,14 +52,13 @@ def update(p, g, lr, **params):
     _groups, _dtype = _u.flat_tensors(OP, TENSORS, tuple(UPDATED), (p, g,))
     # scalars: computed once per call, in float64 as torch's host-side step sizes
     _s = np.empty((_ROWS, _CHUNK), _dtype)
+    _dt = _dtype
     for p_, g_, _n in _u.chunks(_groups, _dtype, _CHUNK):
         # p_new[i] = -lr*(l1*(Iverson(p[i] > 0) - Iverson(p[i] < 0)) + weight_decay*p[i] + g[i]) + p[i]   (written over p)
-        np.copyto(_s[0, :_n], np.where((p_ > 0), 1.0, 0.0))
-        np.copyto(_s[1, :_n], np.where((p_ < 0), 1.0, 0.0))
-        np.subtract(_s[0, :_n], _s[1, :_n], out=_s[1, :_n])
-        np.multiply(_s[1, :_n], l1, out=_s[1, :_n])
-        np.multiply(p_, weight_decay, out=_s[0, :_n])
-        np.add(_s[1, :_n], _s[0, :_n], out=_s[0, :_n])
-        np.add(_s[0, :_n], g_, out=_s[0, :_n])
-        np.multiply(_s[0, :_n], lr, out=_s[0, :_n])
-        np.subtract(p_, _s[0, :_n], out=p_)
+        _g0 = np.where((p_ > 0), _dt.type(1), np.where((p_ <= 0), _dt.type(0), _dt.type(np.nan))) - np.where((p_ < 0), _dt.type(1), np.where((p_ >= 0), _dt.type(0), _dt.type(np.nan)))
+        np.multiply(_g0, l1, out=_s[0, :_n])
+        np.multiply(p_, weight_decay, out=_s[1, :_n])
+        np.add(_s[0, :_n], _s[1, :_n], out=_s[1, :_n])
+        np.add(_s[1, :_n], g_, out=_s[1, :_n])
+        np.multiply(_s[1, :_n], lr, out=_s[1, :_n])
+        np.subtract(p_, _s[1, :_n], out=p_)

@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from symgrad.runtime import numpy_math as _m
-from symgrad.runtime import update_numpy as _u
+from symgrad.runtime import multi_numpy as _u
 
 OP = 'sgd_momentum'
 KIND = "update"
@@ -57,8 +57,9 @@ def update(p, g, momentum_buffer, lr, t, **params):
     t = _u.scalar(OP, 't', t)
     _groups, _dtype = _u.flat_tensors(OP, TENSORS, tuple(UPDATED), (p, g, momentum_buffer,))
     # scalars: computed once per call, in float64 as torch's host-side step sizes
-    _c0 = -dampening*(1.0 if (t > 1.0) else 0.0) + 1.0
+    _c0 = -dampening*(1.0 if (t > 1.0) else 0.0 if (t <= 1.0) else math.nan) + 1.0
     _s = np.empty((_ROWS, _CHUNK), _dtype)
+    _dt = _dtype
     for p_, g_, momentum_buffer_, _n in _u.chunks(_groups, _dtype, _CHUNK):
         # momentum_buffer_new[i] = momentum*momentum_buffer[i] + (-dampening*Iverson(t > 1) + 1)*(weight_decay*p[i] + g[i])   (written over momentum_buffer)
         np.multiply(momentum_buffer_, momentum, out=_s[0, :_n])

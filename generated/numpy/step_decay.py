@@ -94,3 +94,38 @@ def vjp(t, dlr_t, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(t, **params)  # its own saved dict: nobody can change it
     return backward(saved, dlr_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the outputs of many arrays in one pass
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'map'
+TENSORS = ('t',)
+SCALARS = ()
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+_ROWS = 1  # scratch rows of one chunk: the most temporaries any statement holds at once
+
+
+@np.errstate(all="ignore")
+def forward_multi(t, *, out=None, **params):
+    """``forward`` of every position of the lists ``t`` (arrays of any shape, flattened),
+    in one pass over each: each position computes in float64 if any of its arrays is, else in
+    float32. ``out``: a list
+    of writable arrays to write into (an input list itself: in place); by default new arrays.
+    Returns the output list."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
+    lr = float(params['lr'])
+    step_size = float(params['step_size'])
+    gamma = float(params['gamma'])
+    warmup = float(params['warmup'])
+    start_factor = float(params['start_factor'])
+    _groups, _outs = _u.map_tensors(OP, TENSORS, (t,), OUTPUTS, out)
+    for t_, lr_t_, _n, _dt, _s in _u.map_chunks(_groups, _CHUNK, _ROWS):
+        # lr_t[s] = gamma**Floor((-warmup + t[s])/step_size)*lr*Iverson(t[s] >= warmup) + lr*(start_factor + (1 - start_factor)*t[s]/(warmup*Iverson(warmup > 1) + Iverson(warmup <= 1)))*Iverson(t[s] < warmup)   (into lr_t)
+        S = _n
+        _g0 = (np.where((t_ >= warmup), lr*gamma**np.floor(((-warmup + t_)/step_size if 1/step_size != 0 else np.zeros((S,), dtype=_dt))), np.where((t_ < warmup), _dt.type(0), _dt.type(np.nan))) if lr != 0 else np.zeros((S,), dtype=_dt)) + (np.where((t_ < warmup), lr*(start_factor + ((1 - start_factor)/(warmup*float((warmup > 1)) + float((warmup <= 1)))*t_ if (1 - start_factor)/(warmup*float((warmup > 1)) + float((warmup <= 1))) != 0 else np.zeros((S,), dtype=_dt))), np.where((t_ >= warmup), _dt.type(0), _dt.type(np.nan))) if lr != 0 else np.zeros((S,), dtype=_dt))
+        np.copyto(lr_t_, _g0)
+    return _outs[0] if len(_outs) == 1 else tuple(_outs)

@@ -93,3 +93,32 @@ def vjp(a, g, dout, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(a, g, **params)  # its own saved dict: nobody can change it
     return backward(saved, dout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the outputs of many arrays in one pass
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'map'
+TENSORS = ('a', 'g')
+SCALARS = ()
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+_ROWS = 1  # scratch rows of one chunk: the most temporaries any statement holds at once
+
+
+@np.errstate(all="ignore")
+def forward_multi(a, g, *, out=None, **params):
+    """``forward`` of every position of the lists ``a``, ``g`` (arrays of any shape, flattened),
+    in one pass over each: each position computes in float64 if any of its arrays is, else in
+    float32. ``out``: a list
+    of writable arrays to write into (an input list itself: in place); by default new arrays.
+    Returns the output list."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _groups, _outs = _u.map_tensors(OP, TENSORS, (a, g,), OUTPUTS, out)
+    for a_, g_, out_, _n, _dt, _s in _u.map_chunks(_groups, _CHUNK, _ROWS):
+        # out[i] = sigmoid(a[i])*a[i]*g[i]   (into out)
+        np.multiply(a_, g_, out=_s[0, :_n])
+        _g0 = _m.sigmoid(a_)
+        np.multiply(_s[0, :_n], _g0, out=out_)
+    return _outs[0] if len(_outs) == 1 else tuple(_outs)

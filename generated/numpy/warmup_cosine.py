@@ -95,3 +95,38 @@ def vjp(t, dlr_t, **params):
     """forward_with_saved, then backward: one gradient per input (None for inputs without one)."""
     _, saved = _forward_with_saved(t, **params)  # its own saved dict: nobody can change it
     return backward(saved, dlr_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor form (symgrad.plan_multi): the outputs of many arrays in one pass
+
+from symgrad.runtime import multi_numpy as _u  # noqa: E402
+
+MULTI = 'map'
+TENSORS = ('t',)
+SCALARS = ()
+_CHUNK = 16384  # entries per chunk: each array's chunk and the scratch rows stay in cache
+_ROWS = 1  # scratch rows of one chunk: the most temporaries any statement holds at once
+
+
+@np.errstate(all="ignore")
+def forward_multi(t, *, out=None, **params):
+    """``forward`` of every position of the lists ``t`` (arrays of any shape, flattened),
+    in one pass over each: each position computes in float64 if any of its arrays is, else in
+    float32. ``out``: a list
+    of writable arrays to write into (an input list itself: in place); by default new arrays.
+    Returns the output list."""
+    params = _m.bind_params(OP, PARAMS, _INTEGER_PARAMS, params)
+    _m.check_params(OP, params, _PARAM_DOMAINS)
+    lr = float(params['lr'])
+    warmup = float(params['warmup'])
+    cosine_steps = float(params['cosine_steps'])
+    start_factor = float(params['start_factor'])
+    eta_min = float(params['eta_min'])
+    _groups, _outs = _u.map_tensors(OP, TENSORS, (t,), OUTPUTS, out)
+    for t_, lr_t_, _n, _dt, _s in _u.map_chunks(_groups, _CHUNK, _ROWS):
+        # lr_t[s] = lr*(start_factor + (1 - start_factor)*t[s]/warmup)*Iverson(t[s] < warmup) + (eta_min + (-eta_min + lr)*(cos(pi*(-warmup + t[s])/cosine_steps) + 1)/2)*Iverson(t[s] >= warmup)   (into lr_t)
+        S = _n
+        _g0 = (np.where((t_ < warmup), lr*(start_factor + ((1 - start_factor)/warmup*t_ if (1 - start_factor)/warmup != 0 else np.zeros((S,), dtype=_dt))), np.where((t_ >= warmup), _dt.type(0), _dt.type(np.nan))) if lr != 0 else np.zeros((S,), dtype=_dt)) + np.where((t_ >= warmup), (eta_min + ((-eta_min + lr)/2*(np.cos((math.pi/cosine_steps*(-warmup + t_) if 1/cosine_steps != 0 else np.zeros((S,), dtype=_dt))) + 1) if -eta_min + lr != 0 else np.zeros((S,), dtype=_dt))), np.where((t_ < warmup), _dt.type(0), _dt.type(np.nan)))
+        np.copyto(lr_t_, _g0)
+    return _outs[0] if len(_outs) == 1 else tuple(_outs)

@@ -20,6 +20,7 @@ OP = 'adam_amsgrad'
 KIND = "update"
 INPUTS = ('p', 'g', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'lr', 't', )
 TENSORS = ('p', 'g', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', )
+SCALARS = ('lr', 't', )
 UPDATED = {'exp_avg': 'exp_avg_new', 'exp_avg_sq': 'exp_avg_sq_new', 'max_exp_avg_sq': 'max_exp_avg_sq_new', 'p': 'p_new'}
 PARAMS = {'beta1': 0.9, 'beta2': 0.999, 'eps': 1e-08, 'weight_decay': 0.0}
 _PARAM_DOMAINS = {'beta1': (0.0, 1.0, True, False, 'in [0, 1)'), 'beta2': (0.0, 1.0, True, False, 'in [0, 1)'), 'eps': (0.0, float('inf'), True, False, 'in [0, inf)'), 'weight_decay': (0.0, float('inf'), True, False, 'in [0, inf)')}
@@ -28,8 +29,9 @@ _PARAM_DOMAINS = {'beta1': (0.0, 1.0, True, False, 'in [0, 1)'), 'beta2': (0.0, 
 
 @triton.jit
 def _update(
-    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride, param_ptr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, MAX_EXP_AVG_SQ_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
+    lr_ptr, lr_stride, t_ptr, t_stride, param_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, EXP_AVG_DTYPE: tl.constexpr, EXP_AVG_SQ_DTYPE: tl.constexpr, MAX_EXP_AVG_SQ_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # exp_avg_new[i] = (1 - beta1)*(weight_decay*p[i] - exp_avg[i] + g[i]) + exp_avg[i]    (written over exp_avg)
     # exp_avg_sq_new[i] = beta2*exp_avg_sq[i] + (1 - beta2)*(weight_decay*p[i] + g[i])**2    (written over exp_avg_sq)
@@ -37,10 +39,12 @@ def _update(
     # p_new[i] = -lr*exp_avg_new[i]/((1 - beta1**t)*(eps + sqrt(max_exp_avg_sq_new[i])/sqrt(1 - beta2**t))) + p[i]    (written over p)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
-    lr = tl.load(lr_ptr).to(tl.float64)
+    lr = tl.load(lr_ptr + tid * lr_stride).to(tl.float64)
     t = tl.load(t_ptr + tid * t_stride).to(tl.float64)
     beta1 = tl.load(param_ptr + 0)
     beta2 = tl.load(param_ptr + 1)
@@ -54,40 +58,61 @@ def _update(
     _c5 = (eps).to(tl.float32)
     _c6 = ((lr / ((1.0 - sg_pow(beta1, t))))).to(tl.float32)
     p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     exp_avg_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(EXP_AVG_DTYPE), bitcast=True)
-    exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     exp_avg_sq_ptr = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(EXP_AVG_SQ_DTYPE), bitcast=True)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     max_exp_avg_sq_ptr = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(MAX_EXP_AVG_SQ_DTYPE), bitcast=True)
-    max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    exp_avg_new = ((_c1 * ((-exp_avg) + (_c0 * p) + g)) + exp_avg)
-    tl.store(exp_avg_ptr + offs, exp_avg_new.to(EXP_AVG_DTYPE), mask=mask)
-    exp_avg_sq_new = ((_c2 * exp_avg_sq) + (_c3 * (((_c0 * p) + g) * ((_c0 * p) + g))))
-    tl.store(exp_avg_sq_ptr + offs, exp_avg_sq_new.to(EXP_AVG_SQ_DTYPE), mask=mask)
-    max_exp_avg_sq_new = (tl.where((exp_avg_sq_new == max_exp_avg_sq), ((exp_avg_sq_new / (2.0)) + (max_exp_avg_sq / (2.0))), tl.where(((exp_avg_sq_new > max_exp_avg_sq) | (exp_avg_sq_new < max_exp_avg_sq)), 0.0, float('nan'))) + tl.where((exp_avg_sq_new > max_exp_avg_sq), exp_avg_sq_new, tl.where((exp_avg_sq_new <= max_exp_avg_sq), 0.0, float('nan'))) + tl.where((max_exp_avg_sq > exp_avg_sq_new), max_exp_avg_sq, tl.where((max_exp_avg_sq <= exp_avg_sq_new), 0.0, float('nan'))))
-    tl.store(max_exp_avg_sq_ptr + offs, max_exp_avg_sq_new.to(MAX_EXP_AVG_SQ_DTYPE), mask=mask)
-    p_new = ((-(_c6 * exp_avg_new / (((tl.sqrt(max_exp_avg_sq_new) / (_c4)) + _c5)))) + p)
-    tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
-    if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
-        low_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
-        tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+    low_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+        max_exp_avg_sq_ptr = tl.multiple_of(max_exp_avg_sq_ptr, 16)
+        low_ptr = tl.multiple_of(low_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        exp_avg_new = ((_c1 * ((-exp_avg) + (_c0 * p) + g)) + exp_avg)
+        tl.store(exp_avg_ptr + offs, exp_avg_new.to(EXP_AVG_DTYPE), mask=mask)
+        exp_avg_sq_new = ((_c2 * exp_avg_sq) + (_c3 * (((_c0 * p) + g) * ((_c0 * p) + g))))
+        tl.store(exp_avg_sq_ptr + offs, exp_avg_sq_new.to(EXP_AVG_SQ_DTYPE), mask=mask)
+        max_exp_avg_sq_new = (tl.where((exp_avg_sq_new == max_exp_avg_sq), ((exp_avg_sq_new / (2.0)) + (max_exp_avg_sq / (2.0))), tl.where(((exp_avg_sq_new > max_exp_avg_sq) | (exp_avg_sq_new < max_exp_avg_sq)), 0.0, float('nan'))) + tl.where((exp_avg_sq_new > max_exp_avg_sq), exp_avg_sq_new, tl.where((exp_avg_sq_new <= max_exp_avg_sq), 0.0, float('nan'))) + tl.where((max_exp_avg_sq > exp_avg_sq_new), max_exp_avg_sq, tl.where((max_exp_avg_sq <= exp_avg_sq_new), 0.0, float('nan'))))
+        tl.store(max_exp_avg_sq_ptr + offs, max_exp_avg_sq_new.to(MAX_EXP_AVG_SQ_DTYPE), mask=mask)
+        p_new = ((-(_c6 * exp_avg_new / (((tl.sqrt(max_exp_avg_sq_new) / (_c4)) + _c5)))) + p)
+        tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
+        if HAS_MASTER:  # p is the fp32 master: the low-precision tensor gets its rounding
+            tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+    else:
+        mask = offs < size
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        exp_avg_new = ((_c1 * ((-exp_avg) + (_c0 * p) + g)) + exp_avg)
+        tl.store(exp_avg_ptr + offs, exp_avg_new.to(EXP_AVG_DTYPE), mask=mask)
+        exp_avg_sq_new = ((_c2 * exp_avg_sq) + (_c3 * (((_c0 * p) + g) * ((_c0 * p) + g))))
+        tl.store(exp_avg_sq_ptr + offs, exp_avg_sq_new.to(EXP_AVG_SQ_DTYPE), mask=mask)
+        max_exp_avg_sq_new = (tl.where((exp_avg_sq_new == max_exp_avg_sq), ((exp_avg_sq_new / (2.0)) + (max_exp_avg_sq / (2.0))), tl.where(((exp_avg_sq_new > max_exp_avg_sq) | (exp_avg_sq_new < max_exp_avg_sq)), 0.0, float('nan'))) + tl.where((exp_avg_sq_new > max_exp_avg_sq), exp_avg_sq_new, tl.where((exp_avg_sq_new <= max_exp_avg_sq), 0.0, float('nan'))) + tl.where((max_exp_avg_sq > exp_avg_sq_new), max_exp_avg_sq, tl.where((max_exp_avg_sq <= exp_avg_sq_new), 0.0, float('nan'))))
+        tl.store(max_exp_avg_sq_ptr + offs, max_exp_avg_sq_new.to(MAX_EXP_AVG_SQ_DTYPE), mask=mask)
+        p_new = ((-(_c6 * exp_avg_new / (((tl.sqrt(max_exp_avg_sq_new) / (_c4)) + _c5)))) + p)
+        tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
+        if HAS_MASTER:  # p is the fp32 master: the low-precision tensor gets its rounding
+            tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def update(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, t, *, master=None, **params):
     """One step, in place, in one launch: exp_avg, exp_avg_sq, max_exp_avg_sq, p (lists of tensors, one per parameter) take
     their new values. ``lr`` and ``t``: a number or a device tensor (one entry, or one per
-    parameter for ``t``). ``master``: fp32 copies of bf16/fp16 parameters ``p``, updated in their
+    parameter). ``master``: fp32 copies of bf16/fp16 ``p``, updated in their
     place while ``p`` gets their rounding. Returns None."""
     values = _mt.bind_params(OP, PARAMS, params)
     _mt.check_params(OP, dict(zip(PARAMS, values)), _PARAM_DOMAINS)
-    launch = _mt.plan_launch(OP, TENSORS, tuple(UPDATED), (p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, ), master)
-    if launch is None:
-        return
-    scalars = _mt.scalars(OP, launch, lr, t)
-    _update[(launch.blocks,)](
-        launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count, *scalars,
-        _mt.param_table(values, launch.device), *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
-    )
+    _mt.run_update(OP, _update, TENSORS, tuple(UPDATED), (p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, ), SCALARS,
+                   (lr, t, ), values, master)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from symgrad.runtime import triton_support as _rt
+from symgrad.runtime import multi_tensor as _mt
 from symgrad.runtime.triton_support import sg_expm1, sg_log1p, sg_pow, sg_sigmoid, sg_softplus, sg_tanh  # noqa: F401
 
 OP = 'clip_by_norm'
@@ -288,3 +289,59 @@ def apply(g, total_norm, max_norm=1.0, ):
     """g*min(1, max_norm/(total_norm + 1e-6)): the scale of torch.nn.utils.clip_grad_norm_ (NaN where total_norm is NaN, 0 where it is inf), differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(g, total_norm, *_params(max_norm, ))
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor launch (symgrad.plan_multi): the outputs of many tensors, in one launch
+
+MULTI = 'map'
+TENSORS = ('g', )
+SCALARS = ('total_norm', )
+
+
+@triton.jit
+def _multi_map(
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
+    total_norm_ptr, total_norm_stride, param_ptr,
+    G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out[n] = (max_norm*Iverson(max_norm/(total_norm + 1.0e-6) < 1)/(total_norm + 1.0e-6) + Iverson(max_norm/(total_norm + 1.0e-6) >= 1))*g[n]    (into out)
+    pid = tl.program_id(0)
+    tid = tl.load(block_tensor_ptr + pid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
+    # scalars in fp32, as forward computes them, each once per program
+    total_norm = tl.load(total_norm_ptr + tid * total_norm_stride).to(tl.float32)
+    max_norm = tl.load(param_ptr + 0).to(tl.float32)
+    _c0 = (tl.where(((max_norm / ((1e-06 + total_norm))) < 1.0), (max_norm / ((1e-06 + total_norm))), tl.where(((max_norm / ((1e-06 + total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((max_norm / ((1e-06 + total_norm))) >= 1.0), 1.0, tl.where(((max_norm / ((1e-06 + total_norm))) < 1.0), 0.0, float('nan'))))
+    g_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
+    out_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (_c0 * g)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (_c0 * g)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+
+
+def forward_multi(g, total_norm, *, out=None, **params):
+    """``forward`` of every position of the lists ``g`` (tensors of any shape,
+    flattened), in one launch per combination of dtypes. ``total_norm``: a number or a device
+    tensor (one entry, or one per position), read on the device. ``out``: a list of
+    contiguous tensors to write into (an input list itself: in place); by default new tensors.
+    Returns the output list."""
+    _mt.bind_params(OP, PARAMS, params)  # an unknown name is a TypeError
+    values = tuple(float(v) for v in _params(**{**PARAMS, **params}))
+    return _mt.run_map(OP, _multi_map, TENSORS, (g, ), SCALARS, (total_norm, ), values,
+                       out, OUTPUTS)
+

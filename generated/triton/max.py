@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from symgrad.runtime import triton_support as _rt
+from symgrad.runtime import multi_tensor as _mt
 from symgrad.runtime.triton_support import sg_expm1, sg_log1p, sg_pow, sg_sigmoid, sg_softplus, sg_tanh  # noqa: F401
 
 OP = 'max'
@@ -315,3 +316,57 @@ def apply(x, ):
     _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})
     res = Function.apply(x, *_params())
     return _rt.unfold(res, _lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor launch (symgrad.plan_multi): the op's value over many tensors at once, in two launches
+
+MULTI = 'reduce'
+TENSORS = ('x', )
+SCALARS = ()
+
+
+@triton.jit
+def _multi_reduce(
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, part_ptr, part_first, span,
+    param_ptr,
+    X_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out = ReduceMax(x[k], k, 0, C - 1)
+    # each program: the value over its span of one tensor (max of the entries' terms, in fp32)
+    pid = tl.program_id(0)
+    tid = tl.load(block_tensor_ptr + pid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
+    x_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(X_DTYPE), bitcast=True)
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+    acc = tl.full([BLOCK], float('-inf'), tl.float32)
+    end = tl.minimum(start + span, size)
+    if end - start == span:  # a whole span: no mask, so accesses stay 128 bits wide
+        for o in range(0, span, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK).to(tl.int64)
+            x = tl.load(x_ptr + offs).to(tl.float32)
+            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        for o in range(0, span, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK).to(tl.int64)
+            mask = offs < end
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.where(mask, x, float('-inf')), propagate_nan=tl.PropagateNan.ALL)
+    tot = tl.max(acc, 0) + tl.sum(tl.where(acc != acc, acc, 0.0), 0)  # NaN once any entry is (tl.max skips NaN)
+    out = tot
+    tl.store(part_ptr + part_first + pid, out.to(part_ptr.dtype.element_ty))
+
+
+def forward_multi(x, **params):
+    """``forward`` of all the tensors of the list ``x`` together (each flattened: one row), as
+    a 0-dim tensor of their promoted dtype: stage one, one launch per dtype, writes the value over
+    each span of each tensor; stage two, one launch, the op over those values (the op is its own
+    combiner). No host sync."""
+    _mt.bind_params(OP, PARAMS, params)  # an unknown name is a TypeError
+    values = tuple(float(v) for v in _params(**{**PARAMS, **params}))
+    return _mt.run_reduce(OP, _multi_reduce, 'x', x, SCALARS, (), values, 1)
+

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from symgrad.runtime import triton_support as _rt
+from symgrad.runtime import multi_tensor as _mt
 from symgrad.runtime.triton_support import sg_expm1, sg_log1p, sg_pow, sg_sigmoid, sg_softplus, sg_tanh  # noqa: F401
 
 OP = 'mul'
@@ -324,3 +325,58 @@ def apply(p, q, ):
     _lead, (p, q, ) = _rt.fold(OP, {'p': p, 'q': q}, {'p': 2, 'q': 2})
     res = Function.apply(p, q, *_params())
     return _rt.unfold(res, _lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor launch (symgrad.plan_multi): the outputs of many tensors, in one launch
+
+MULTI = 'map'
+TENSORS = ('p', 'q', )
+SCALARS = ()
+
+
+@triton.jit
+def _multi_map(
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
+    param_ptr,
+    P_DTYPE: tl.constexpr, Q_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out[i] = p[i]*q[i]    (into out)
+    pid = tl.program_id(0)
+    tid = tl.load(block_tensor_ptr + pid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
+    p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
+    q_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(Q_DTYPE), bitcast=True)
+    out_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        q_ptr = tl.multiple_of(q_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (p * q)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (p * q)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+
+
+def forward_multi(p, q, *, out=None, **params):
+    """``forward`` of every position of the lists ``p``, ``q`` (tensors of any shape,
+    flattened), in one launch per combination of dtypes. ``out``: a list of
+    contiguous tensors to write into (an input list itself: in place); by default new tensors.
+    Returns the output list."""
+    _mt.bind_params(OP, PARAMS, params)  # an unknown name is a TypeError
+    values = tuple(float(v) for v in _params(**{**PARAMS, **params}))
+    return _mt.run_map(OP, _multi_map, TENSORS, (p, q, ), SCALARS, (), values,
+                       out, OUTPUTS)
+

@@ -18,6 +18,7 @@ OP = 'sgd_momentum'
 KIND = "update"
 INPUTS = ('p', 'g', 'momentum_buffer', 'lr', 't', )
 TENSORS = ('p', 'g', 'momentum_buffer', )
+SCALARS = ('lr', 't', )
 UPDATED = {'momentum_buffer': 'momentum_buffer_new', 'p': 'p_new'}
 PARAMS = {'momentum': 0.9, 'dampening': 0.0, 'weight_decay': 0.0}
 _PARAM_DOMAINS = {'momentum': (0.0, float('inf'), True, False, 'in [0, inf)'), 'dampening': (0.0, 1.0, True, True, 'in [0, 1]'), 'weight_decay': (0.0, float('inf'), True, False, 'in [0, inf)')}
@@ -26,17 +27,20 @@ _PARAM_DOMAINS = {'momentum': (0.0, float('inf'), True, False, 'in [0, inf)'), '
 
 @triton.jit
 def _update(
-    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, lr_ptr, t_ptr, t_stride, param_ptr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MOMENTUM_BUFFER_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
+    lr_ptr, lr_stride, t_ptr, t_stride, param_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MOMENTUM_BUFFER_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LOW_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # momentum_buffer_new[i] = momentum*momentum_buffer[i] + (-dampening*Iverson(t > 1) + 1)*(weight_decay*p[i] + g[i])    (written over momentum_buffer)
     # p_new[i] = -lr*momentum_buffer_new[i] + p[i]    (written over p)
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(size_ptr + tid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
     # scalars in float64 (params from a float64 table), each computed once and rounded to fp32 once
-    lr = tl.load(lr_ptr).to(tl.float64)
+    lr = tl.load(lr_ptr + tid * lr_stride).to(tl.float64)
     t = tl.load(t_ptr + tid * t_stride).to(tl.float64)
     momentum = tl.load(param_ptr + 0)
     dampening = tl.load(param_ptr + 1)
@@ -46,32 +50,45 @@ def _update(
     _c2 = ((1.0 - tl.where((t > 1.0), dampening, tl.where((t <= 1.0), 0.0, float('nan'))))).to(tl.float32)
     _c3 = (lr).to(tl.float32)
     p_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(P_DTYPE), bitcast=True)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     momentum_buffer_ptr = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(MOMENTUM_BUFFER_DTYPE), bitcast=True)
-    momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    momentum_buffer_new = ((_c0 * momentum_buffer) + (_c2 * ((_c1 * p) + g)))
-    tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
-    p_new = ((-(_c3 * momentum_buffer_new)) + p)
-    tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
-    if HAS_MASTER:  # p is the fp32 master: the parameter gets its rounding
-        low_ptr = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
-        tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+    low_ptr = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(LOW_DTYPE), bitcast=True)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        momentum_buffer_ptr = tl.multiple_of(momentum_buffer_ptr, 16)
+        low_ptr = tl.multiple_of(low_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        momentum_buffer_new = ((_c0 * momentum_buffer) + (_c2 * ((_c1 * p) + g)))
+        tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
+        p_new = ((-(_c3 * momentum_buffer_new)) + p)
+        tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
+        if HAS_MASTER:  # p is the fp32 master: the low-precision tensor gets its rounding
+            tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+    else:
+        mask = offs < size
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        momentum_buffer = tl.load(momentum_buffer_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        momentum_buffer_new = ((_c0 * momentum_buffer) + (_c2 * ((_c1 * p) + g)))
+        tl.store(momentum_buffer_ptr + offs, momentum_buffer_new.to(MOMENTUM_BUFFER_DTYPE), mask=mask)
+        p_new = ((-(_c3 * momentum_buffer_new)) + p)
+        tl.store(p_ptr + offs, p_new.to(P_DTYPE), mask=mask)
+        if HAS_MASTER:  # p is the fp32 master: the low-precision tensor gets its rounding
+            tl.store(low_ptr + offs, p_new.to(LOW_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def update(p, g, momentum_buffer, lr, t, *, master=None, **params):
     """One step, in place, in one launch: momentum_buffer, p (lists of tensors, one per parameter) take
     their new values. ``lr`` and ``t``: a number or a device tensor (one entry, or one per
-    parameter for ``t``). ``master``: fp32 copies of bf16/fp16 parameters ``p``, updated in their
+    parameter). ``master``: fp32 copies of bf16/fp16 ``p``, updated in their
     place while ``p`` gets their rounding. Returns None."""
     values = _mt.bind_params(OP, PARAMS, params)
     _mt.check_params(OP, dict(zip(PARAMS, values)), _PARAM_DOMAINS)
-    launch = _mt.plan_launch(OP, TENSORS, tuple(UPDATED), (p, g, momentum_buffer, ), master)
-    if launch is None:
-        return
-    scalars = _mt.scalars(OP, launch, lr, t)
-    _update[(launch.blocks,)](
-        launch.addresses, launch.sizes, launch.block_tensor, launch.block_start, launch.count, *scalars,
-        _mt.param_table(values, launch.device), *launch.dtypes, HAS_MASTER=launch.master, LOW_DTYPE=launch.low_dtype, BLOCK=launch.block,
-    )
+    _mt.run_update(OP, _update, TENSORS, tuple(UPDATED), (p, g, momentum_buffer, ), SCALARS,
+                   (lr, t, ), values, master)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from symgrad.runtime import triton_support as _rt
+from symgrad.runtime import multi_tensor as _mt
 from symgrad.runtime.triton_support import sg_expm1, sg_log1p, sg_pow, sg_sigmoid, sg_softplus, sg_tanh  # noqa: F401
 
 OP = 'silu'
@@ -302,3 +303,54 @@ def apply(x, ):
     _lead, (x, ) = _rt.fold(OP, {'x': x}, {'x': 2})
     res = Function.apply(x, *_params())
     return _rt.unfold(res, _lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor launch (symgrad.plan_multi): the outputs of many tensors, in one launch
+
+MULTI = 'map'
+TENSORS = ('x', )
+SCALARS = ()
+
+
+@triton.jit
+def _multi_map(
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
+    param_ptr,
+    X_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out[i] = sigmoid(x[i])*x[i]    (into out)
+    pid = tl.program_id(0)
+    tid = tl.load(block_tensor_ptr + pid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
+    x_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(X_DTYPE), bitcast=True)
+    out_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(OUT_DTYPE), bitcast=True)
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (sg_sigmoid(x) * x)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = (sg_sigmoid(x) * x)
+        tl.store(out_ptr + offs, out.to(OUT_DTYPE), mask=mask)
+
+
+def forward_multi(x, *, out=None, **params):
+    """``forward`` of every position of the lists ``x`` (tensors of any shape,
+    flattened), in one launch per combination of dtypes. ``out``: a list of
+    contiguous tensors to write into (an input list itself: in place); by default new tensors.
+    Returns the output list."""
+    _mt.bind_params(OP, PARAMS, params)  # an unknown name is a TypeError
+    values = tuple(float(v) for v in _params(**{**PARAMS, **params}))
+    return _mt.run_map(OP, _multi_map, TENSORS, (x, ), SCALARS, (), values,
+                       out, OUTPUTS)
+

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from symgrad.runtime import triton_support as _rt
+from symgrad.runtime import multi_tensor as _mt
 from symgrad.runtime.triton_support import sg_expm1, sg_log1p, sg_pow, sg_sigmoid, sg_softplus, sg_tanh  # noqa: F401
 
 OP = 'warmup_cosine'
@@ -308,3 +309,68 @@ def apply(t, lr=0.1, warmup=5, cosine_steps=20, start_factor=0.3333333333333333,
     """linear warmup from lr*start_factor to lr over `warmup` steps, then cosine decay to eta_min over `cosine_steps` (SequentialLR of LinearLR and CosineAnnealingLR, milestone warmup), differentiable by torch.autograd and traceable by torch.compile."""
     res = Function.apply(t, *_params(lr, warmup, cosine_steps, start_factor, eta_min, ))
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor launch (symgrad.plan_multi): the outputs of many tensors, in one launch
+
+MULTI = 'map'
+TENSORS = ('t', )
+SCALARS = ()
+
+
+@triton.jit
+def _multi_map(
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors,
+    param_ptr,
+    T_DTYPE: tl.constexpr, LR_T_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # lr_t[s] = lr*(start_factor + (1 - start_factor)*t[s]/warmup)*Iverson(t[s] < warmup) + (eta_min + (-eta_min + lr)*(cos(pi*(-warmup + t[s])/cosine_steps) + 1)/2)*Iverson(t[s] >= warmup)    (into lr_t)
+    pid = tl.program_id(0)
+    tid = tl.load(block_tensor_ptr + pid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
+    # scalars in fp32, as forward computes them, each once per program
+    lr = tl.load(param_ptr + 0).to(tl.float32)
+    warmup = tl.load(param_ptr + 1).to(tl.float32)
+    cosine_steps = tl.load(param_ptr + 2).to(tl.float32)
+    start_factor = tl.load(param_ptr + 3).to(tl.float32)
+    eta_min = tl.load(param_ptr + 4).to(tl.float32)
+    _c0 = (-warmup)
+    _c1 = (3.141592653589793 / (cosine_steps))
+    _c2 = (lr - eta_min)
+    _c3 = eta_min
+    _c4 = warmup
+    _c5 = ((1.0 - start_factor) / (warmup))
+    _c6 = start_factor
+    _c7 = lr
+    t_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(T_DTYPE), bitcast=True)
+    lr_t_ptr = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(LR_T_DTYPE), bitcast=True)
+    if ALIGNED:
+        t_ptr = tl.multiple_of(t_ptr, 16)
+        lr_t_ptr = tl.multiple_of(lr_t_ptr, 16)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if start + BLOCK <= size:  # a whole block: an all-true mask keeps accesses 128 bits wide
+        mask = tl.full([BLOCK], 1, tl.int1)
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lr_t = (tl.where((t >= _c4), ((_c2 * (tl.cos((_c1 * (t + _c0))) + 1.0) / (2.0)) + _c3), tl.where((t < _c4), 0.0, float('nan'))) + tl.where((t < _c4), (_c7 * ((_c5 * t) + _c6)), tl.where((t >= _c4), 0.0, float('nan'))))
+        tl.store(lr_t_ptr + offs, lr_t.to(LR_T_DTYPE), mask=mask)
+    else:
+        mask = offs < size
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lr_t = (tl.where((t >= _c4), ((_c2 * (tl.cos((_c1 * (t + _c0))) + 1.0) / (2.0)) + _c3), tl.where((t < _c4), 0.0, float('nan'))) + tl.where((t < _c4), (_c7 * ((_c5 * t) + _c6)), tl.where((t >= _c4), 0.0, float('nan'))))
+        tl.store(lr_t_ptr + offs, lr_t.to(LR_T_DTYPE), mask=mask)
+
+
+def forward_multi(t, *, out=None, **params):
+    """``forward`` of every position of the lists ``t`` (tensors of any shape,
+    flattened), in one launch per combination of dtypes. ``out``: a list of
+    contiguous tensors to write into (an input list itself: in place); by default new tensors.
+    Returns the output list."""
+    _mt.bind_params(OP, PARAMS, params)  # an unknown name is a TypeError
+    values = tuple(float(v) for v in _params(**{**PARAMS, **params}))
+    return _mt.run_map(OP, _multi_map, TENSORS, (t, ), SCALARS, (), values,
+                       out, OUTPUTS)
+

@@ -1,17 +1,25 @@
 """Gradient clipping from generated code, with torch.nn.utils' contract.
 
 The math is declared in ``symgrad/ops/clipping.py`` (``grad_norm2``, ``grad_norm_inf``,
-``clip_by_norm``, ``clip_by_value``); this module is the host side: it walks the gradients, calls
-the generated modules and writes the results back in place, as torch's ``clip_grad_norm_`` and
-``clip_grad_value_`` do.
+``clip_by_norm``, ``clip_by_value``); this module is the host side: it hands the gradients to the
+generated modules' multi-tensor entries (``forward_multi``, :mod:`symgrad.plan_multi`) and lets
+them write the results back in place, as torch's ``clip_grad_norm_`` and ``clip_grad_value_`` do.
 
-The global norm is a two-stage reduction, as torch computes it: the norm of each gradient (stage
-one), then the norm of the vector of those norms (stage two, the same generated kernel), then one
-map per gradient multiplies by ``min(1, max_norm/(total + 1e-6))`` read from the total-norm
-tensor, so the scale never leaves the device (only ``error_if_nonfinite`` reads it back, as torch's
-check does). Stage one and the scale are one launch per tensor: the plan's multi-tensor launch
-serves update rules, and its emitters cannot take these yet (the Triton one expects the parameter
-``p`` as the first input, the NumPy one prints no brackets, which ``min`` and the clamp are).
+What is launched (Triton; the NumPy modules run the same stages as chunked loops), whatever the
+number of gradients:
+
+1. stage one of the global norm: ONE multi-tensor launch per gradient dtype (torch's ``foreach``
+   grouping; one launch when all gradients share a dtype) over every gradient, each program
+   writing the norm of its span of one gradient (``grad_norm2``/``grad_norm_inf`` of that span);
+2. stage two: ONE launch of one program, the same declared op over those partial norms (a norm
+   is the norm of its parts' norms: the plan proves the op is its own combiner), into the total;
+3. the scale: ONE multi-tensor launch per dtype of ``clip_by_norm`` over every gradient, in place,
+   ``g*min(1, max_norm/(total + 1e-6))`` with the total read from its device tensor: nothing comes
+   back to the host, except where ``error_if_nonfinite`` reads the total, as torch's check does.
+
+``clip_grad_value_`` is one multi-tensor launch of ``clip_by_value`` per dtype, in place. A
+gradient that is not contiguous is clipped in a contiguous copy and copied back (one more copy
+for that tensor alone).
 
 ``clip_grad_norm_``/``clip_grad_value_`` take what torch's take (tensors with ``.grad``) and run
 the Triton modules; ``clip_grad_norm_arrays``/``clip_grad_value_arrays`` take NumPy gradient
@@ -46,56 +54,40 @@ def _check_max_norm(max_norm) -> float:
     return v
 
 
-class _Flat:
-    """How one target views a gradient as the flat vector (or one row) the declarations take,
-    stacks the per-tensor norms, and writes a result back into the caller's gradient."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def flat(self, g, p: float):
-        return g.reshape(1, -1) if p == math.inf else g.reshape(-1)
-
-    def stack(self, norms, p: float):
-        if self.target == "numpy":
-            v = np.stack([np.asarray(n).reshape(()) for n in norms])
-        else:
-            import torch
-
-            v = torch.stack([n.reshape(()) for n in norms])
-        return v.reshape(1, -1) if p == math.inf else v
-
-    def scalar(self, norm):
-        return norm.reshape(())
-
-    def write(self, g, new):
-        if self.target == "numpy":
-            g[...] = new.reshape(g.shape)
-        else:
-            g.copy_(new.view(g.shape))
-
-    def empty_norm(self):
-        if self.target == "numpy":
-            return np.array(0.0)
-        import torch
-
-        return torch.tensor(0.0)
-
-    def nonfinite(self, total) -> bool:
-        return not math.isfinite(float(total))  # a host sync, as torch's check is
+def _size(g) -> int:
+    return g.size if isinstance(g, np.ndarray) else g.numel()
 
 
-def _total_norm(grads, p: float, flat: _Flat, error_if_nonfinite: bool):
+def _empty_norm(target: str):
+    if target == "numpy":
+        return np.array(0.0)
+    import torch
+
+    return torch.tensor(0.0)
+
+
+def _in_place(module, grads, *scalars, **params) -> None:
+    """``module.forward_multi`` over every gradient, written over them: contiguous tensors in
+    place; any other through a contiguous copy, copied back (NumPy writes any layout itself)."""
+    if grads and isinstance(grads[0], np.ndarray):
+        module.forward_multi(grads, *scalars, out=grads, **params)
+        return
+    work = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    module.forward_multi(work, *scalars, out=work, **params)
+    for g, w in zip(grads, work):
+        if w is not g:
+            g.copy_(w)
+
+
+def _total_norm(grads, p: float, target: str, error_if_nonfinite: bool):
     if not grads:
-        return flat.empty_norm()
-    norm = load_module(_NORM_OPS[p], flat.target)
+        return _empty_norm(target)
     if p == math.inf:
         for i, g in enumerate(grads):
-            if (g.size if flat.target == "numpy" else g.numel()) == 0:
+            if _size(g) == 0:
                 raise ValueError(f"gradient {i} is empty: its inf-norm (a max) is undefined, as torch refuses it")
-    norms = [norm.forward(flat.flat(g, p)) for g in grads]  # stage one: each tensor's norm
-    total = flat.scalar(norm.forward(flat.stack(norms, p)))  # stage two: the norm of the norms
-    if error_if_nonfinite and flat.nonfinite(total):
+    total = load_module(_NORM_OPS[p], target).forward_multi(grads)  # stage one and stage two
+    if error_if_nonfinite and not math.isfinite(float(total)):  # a host sync, as torch's check is
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
@@ -105,19 +97,15 @@ def _total_norm(grads, p: float, flat: _Flat, error_if_nonfinite: bool):
 
 def _clip_norm(grads, max_norm, norm_type, error_if_nonfinite, target):
     p, max_norm = _norm_type(norm_type), _check_max_norm(max_norm)
-    flat = _Flat(target)
-    total = _total_norm(grads, p, flat, error_if_nonfinite)
-    scale = load_module("clip_by_norm", target)
-    for g in grads:
-        flat.write(g, scale.forward(g.reshape(-1), total, max_norm=max_norm))
+    total = _total_norm(grads, p, target, error_if_nonfinite)
+    if grads:
+        _in_place(load_module("clip_by_norm", target), grads, total, max_norm=max_norm)
     return total
 
 
 def _clip_value(grads, clip_value, target):
-    clamp = load_module("clip_by_value", target)
-    v = float(clip_value)
-    for g in grads:
-        _Flat(target).write(g, clamp.forward(g.reshape(-1), clip_value=v))
+    if grads:
+        _in_place(load_module("clip_by_value", target), grads, clip_value=float(clip_value))
 
 
 def _torch_grads(parameters) -> list:

@@ -80,12 +80,30 @@ parameter), ``UPDATED`` (input -> the output whose value it takes), ``PARAMS``, 
     Inputs positional in ``INPUTS`` order: each tensor input a list with one array (NumPy) or
     tensor (Triton) per parameter, the i-th of every list with the same number of entries (any
     shape: a rule is a map over entries); each scalar input (``lr``, the step count ``t``) a number
-    or a one-entry array/tensor (Triton: a device tensor, and ``t`` may hold one count per
-    parameter). Writes the new values over the ``UPDATED`` inputs, in place, in one pass over
+    or a one-entry array/tensor (Triton: a device tensor, which may hold one value per parameter,
+    as the step counts ``t`` do). Writes the new values over the ``UPDATED`` inputs, in place, in one pass over
     every tensor (one launch on Triton); writes nothing else and returns None. Updated tensors
     must be contiguous and writable; NumPy computes in their dtype (float32 or float64), Triton in
     fp32 with each tensor stored back in its own dtype, and takes ``master=``, fp32 copies of
     bf16/fp16 parameters that are updated instead of them while the parameters get their rounding.
+An op whose plan has a multi-tensor form (``KernelPlan.multi``, :mod:`symgrad.plan_multi`: its
+tensor inputs are per-tensor vectors, its forward a map or a reduction that is its own combiner)
+also has, on every target:
+
+``MULTI`` (``"map"`` or ``"reduce"``), ``TENSORS`` (its tensor inputs), ``SCALARS`` (the others).
+
+``forward_multi(*inputs, out=None, **params)`` (a reduction takes no ``out``)
+    Inputs positional in ``INPUTS`` order: each tensor input a list of arrays/tensors (any shape,
+    seen flat; the i-th of every list with the same number of entries), each scalar input a number
+    or a one-entry array/tensor (Triton: a device tensor, read in the kernel, which for a map may
+    hold one value per position). A map returns each output of each position, as ``forward`` would (a list,
+    or a tuple of lists for several outputs), written into ``out`` (lists, which may be an input's
+    own: in place) or new arrays; a reduction returns the op's value over all the tensors together,
+    0-dim, in their promoted dtype. Triton runs a map as one launch per combination of dtypes and a
+    reduction as one such launch (stage one) plus one (stage two), with no host sync; NumPy walks
+    the tensors in cache-sized chunks, computing each position in float64 if any of its arrays is,
+    else float32.
+
 Conventions: reading a tensor outside its extent gives 0 (zero padding); Iverson brackets, one-hots
 and weights of zero are strong zeros (``0 * inf == 0``), so a masked entry never turns into NaN.
 Each target documents its dtypes (the NumPy reference computes in float64 when any float input is

@@ -36,7 +36,7 @@ import sympy as sp
 from ..declare import Role
 from ..functions import ReduceMax
 from ..plan import KernelPlan, LoweringError, Statement
-from . import declaration_file, numpy_update
+from . import declaration_file, numpy_multi
 from .numpy_printer import DTYPE, Env, NumPyPrinter, lower_row_form_lines, lower_statement_lines, mask_buffers, row_form_applies
 from .statements import common_subexpressions, prepare, row_form
 
@@ -89,13 +89,13 @@ def render(plan: KernelPlan, command: str) -> str:
         "backward_body": _blocks(plan.backward, plan, env, set(plan.backward.returns)),
         "gradients": _gradients(plan),
     }
-    return _template().render(**context)
+    return _template().render(**context) + _multi_section(plan)
 
 
 def _render_update(plan: KernelPlan, command: str) -> str:
-    """An update rule's module: one in-place, chunked ``update()`` (:mod:`.numpy_update`)."""
+    """An update rule's module: one in-place, chunked ``update()`` (:mod:`.numpy_multi`)."""
     op = plan.op
-    body, hoisted, rows, _ = numpy_update.chunk_body(plan)
+    body, hoisted, rows, _ = numpy_multi.chunk_body(plan)
     tensors = tuple(t.name for t in op.inputs if t.dims)
     scalars = [t.name for t in op.inputs if not t.dims]
     updated = {v: k for k, v in plan.updates.items()}
@@ -103,11 +103,36 @@ def _render_update(plan: KernelPlan, command: str) -> str:
         op=op.name, source=declaration_file(op), command=command, doc=_module_doc(plan), repr=repr,
         inputs=repr(tuple(plan.inputs)), tensors=repr(tensors), updated=repr(updated),
         params="{" + ", ".join(f"{p.name!r}: {float(p.default)!r}" for p in plan.params) + "}",
-        domains=_domain_table(plan.params) if plan.params else "", chunk=numpy_update.CHUNK, rows=max(rows, 1),
+        domains=_domain_table(plan.params) if plan.params else "", chunk=numpy_multi.CHUNK, rows=max(rows, 1),
         args=", ".join(plan.inputs), tensor_args=", ".join(tensors), views=", ".join(f"{n}_" for n in tensors),
         updated_names=", ".join(updated), scalar_names=" and ".join(scalars), scalar_count=len(scalars), scalar_list=scalars,
         param_names=[p.name for p in plan.params], hoisted=hoisted, body=body,
     )
+
+
+def _multi_section(plan: KernelPlan) -> str:
+    """An op's ``forward_multi`` (:mod:`.numpy_multi`), or '' when its plan has no multi form."""
+    if plan.multi is None:
+        return ""
+    op = plan.op
+    tensors = tuple(t.name for t in op.inputs if t.dims)
+    scalars = tuple(t.name for t in op.inputs if not t.dims)
+    params = [p.name for p in plan.params]
+    common = dict(
+        repr=repr, tensors=tensors, scalars=scalars, outputs=list(plan.outputs), chunk=numpy_multi.CHUNK,
+        param_names=params, domains=bool(plan.params), args="".join(f"{n}, " for n in plan.inputs),
+    )
+    if plan.multi.kind == "multi_reduce":
+        rest = [*scalars, *params]
+        return _template("multi.py.j2").render(
+            kind="reduce", body=numpy_multi.value_lines(plan), value_args=", ".join([tensors[0], *rest]),
+            call_args=lambda first: ", ".join([first, *rest]),
+            least=max((d.min_size for t in op.inputs for d in t.dims[-1:]), default=0), **common)
+    body, hoisted, rows, _ = numpy_multi.chunk_body(plan)
+    return _template("multi.py.j2").render(
+        kind="map", body=body, hoisted=hoisted, rows=max(rows, 1), tensor_args=", ".join(tensors),
+        views=", ".join(f"{n}_" for n in (*tensors, *plan.outputs)), tensor_names=", ".join(f"``{n}``" for n in tensors),
+        scalar_names=", ".join(f"``{n}``" for n in scalars), **common)
 
 
 # ------------------------------------------------------------------------------------------------

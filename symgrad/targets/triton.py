@@ -10,7 +10,10 @@ The module it writes takes and returns torch tensors (CUDA, or CPU under ``TRITO
   ``vjp(*inputs, *cotangents, **params)``;
 - ``Function`` (a ``torch.autograd.Function``) and ``apply(*inputs, **params)``; forward and
   backward are ``torch.library`` custom ops with fake (meta) implementations and
-  ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces a model that uses them.
+  ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces a model that uses them;
+- where the plan has a multi-tensor form (``KernelPlan.multi``: a map, or a self-combining
+  reduction), ``MULTI`` and ``forward_multi(*lists, ...)``: ``forward`` of many tensors at once
+  (:mod:`.triton_multi`, which also prints update rules' whole modules).
 
 Layout follows Liger-Kernel: forward kernel(s), backward kernel(s), host wrappers, autograd.
 Lowering is planned once in :mod:`symgrad.plan` and emitted per kernel class by ``triton_kernels``
@@ -26,7 +29,7 @@ import sympy as sp
 from ..declare import Role
 from ..plan import KernelPlan, LoweringError
 from .triton_expr import HELPERS, print_expr
-from . import triton_update
+from . import triton_multi
 from .triton_gemm import emit_gemm
 from .triton_kernels import Context, emit_map, emit_rows, emit_scale
 
@@ -81,7 +84,7 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
     command = command or f"symgrad generate {op.name} --target triton"
     env = _env()
     if op.kind == "update":
-        return triton_update.render(plan, command, env)
+        return triton_multi.render(plan, command, env)
     ctx = Context(plan, env)
     kernels = {"forward": [], "backward": []}
     host = {"forward": [], "backward": []}
@@ -181,4 +184,5 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         label_checks=[f"_rt.check_labels(OP, {f.label!r}, t_{f.label}, n_{f.dim.name}, {'p_' + f.ignore if f.ignore else 'None'})"
                       for f in op.facts],
         scaled=scaled, scaled_names=tuple(scaled), returned=[g for g in grads if g not in scaled], overwritable=overwritable,
+        multi_section=triton_multi.section(plan, env),
     )
