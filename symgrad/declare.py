@@ -55,6 +55,9 @@ class Dim:
     # give empty (or empty-sum) results as torch does. 1 where torch refuses an empty dim (a max
     # over an empty row, a convolution's kernel or output channels); a derived dim is always >= 1.
     min_size: int | None = field(default=None, compare=False)  # a check on sizes, not part of the dim's identity
+    # Dims whose emptiness excuses min_size (torch takes a conv2d input of height 0 only when its
+    # batch or channels are empty): ``Dim("H", "h", min_size=1, empty_with=("N", "Cin"))``.
+    empty_with: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
         if self.min_size is None:
@@ -63,6 +66,12 @@ class Dim:
     @property
     def symbol(self) -> sp.Symbol:
         return sp.Symbol(self.name, integer=True, positive=True)
+
+    @property
+    def least(self):
+        """The least size as the generated size checks take it: ``min_size``, or ``(min_size,
+        empty_with)`` (``symgrad.runtime.domains.check_sizes``)."""
+        return (self.min_size, tuple(self.empty_with)) if self.empty_with else self.min_size
 
     @property
     def size(self) -> sp.Expr:

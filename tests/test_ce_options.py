@@ -157,6 +157,33 @@ def test_empty_batch(target, reduction):
 
 
 @pytest.mark.parametrize("target", ["numpy", "triton"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_classes(target, weighted, reduction):
+    """C = 0, as torch: no rows (mean NaN, sum 0, none empty), rows all ignored (the same, with
+    none's rows 0), and a label that names no class refused as out of bounds (torch: "Target 0 is
+    out of bounds"). The row kernels meet rows of no columns: their max is -inf, their sum 0."""
+    m = mod(target, op_name(weighted, False, reduction))
+    for labels in ([], [-100, -100]):
+        x, y = torch.zeros(len(labels), 0), torch.tensor(labels, dtype=torch.int64)
+        ins = (x, y) + ((torch.zeros(0),) if weighted else ())
+        xr = x.clone().requires_grad_()
+        want = cross_entropy(reduction)(xr, y, *ins[2:])
+        (want_dx,) = torch.autograd.grad(want.sum(), [xr])
+        if target == "numpy":
+            got, dx = m.forward(*[t.numpy() for t in ins]), m.vjp(*[t.numpy() for t in ins], np.ones(tuple(want.shape), np.float32))[0]
+        else:
+            got, dx = m.forward(*ins), m.vjp(*ins, torch.ones(tuple(want.shape)))[0]
+        np.testing.assert_array_equal(np.asarray(got, np.float64), want.detach().double().numpy())
+        assert tuple(dx.shape) == tuple(want_dx.shape) == (len(labels), 0)
+    ins = (torch.zeros(2, 0), torch.tensor([-100, 0])) + ((torch.zeros(0),) if weighted else ())
+    with pytest.raises(IndexError, match="Target 0 is out of bounds"):
+        cross_entropy(reduction)(*ins)
+    with pytest.raises(ValueError, match=r"label y\[1\] = 0 is out of bounds: labels must lie in \[0, 0\)"):
+        m.forward(*[t.numpy() for t in ins]) if target == "numpy" else m.forward(*ins)
+
+
+@pytest.mark.parametrize("target", ["numpy", "triton"])
 @pytest.mark.parametrize("eps", [0.1, 0.3, 0.7])
 def test_one_class_with_smoothing_has_an_exactly_zero_gradient(target, eps):
     """p = 1 and t = 1 for a single class: the fused gradient p - t is 0, not a rounding error."""

@@ -19,6 +19,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import symgrad.ops  # noqa: F401  (registers the library)
 from symgrad.declare import REGISTRY, DeclarationError, Domain, Param, Role
@@ -353,9 +354,12 @@ def _given_dims(op):
 
 
 EMPTY_CASES = [(op.name, d) for op in REGISTRY.of_kind("op") for d in _given_dims(op)]
-TORCH_REFUSES = {("max", "C"), ("conv2d", "Cout"), ("conv2d", "R"), ("conv2d", "S"), ("conv2d", "H"), ("conv2d", "W"),
-                 *((op.name, "C") for op in REGISTRY if op.name.startswith("softmax_cross_entropy")),  # with rows, every label is out of bounds
+TORCH_REFUSES = {("max", "C"), ("conv2d", "Cout"), ("conv2d", "R"), ("conv2d", "S"),
+                 ("conv2d", "H"), ("conv2d", "W"),  # unless N or Cin is 0 too (test_conv2d_empty_height_as_torch)
                  ("grad_norm_inf", "N")}  # no max of an empty gradient
+# no classes: with rows, a label that is not ignore_index names no class (torch: "Target 0 is out of
+# bounds"); all rows ignored: tests/test_ce_options.py::test_no_classes
+LABELS_OUT_OF_BOUNDS = {(op.name, "C") for op in REGISTRY if op.name.startswith("softmax_cross_entropy")}
 
 
 def _torch_run(op, args, pv):
@@ -390,6 +394,10 @@ def test_empty_batches_follow_torch(name, dim, target):
         with pytest.raises(ValueError, match=rf"^{name}: dim \w+ .*is -?\d+"):
             mod.forward(*[conv(a) for a in args], **pv)
         return
+    if (name, dim) in LABELS_OUT_OF_BOUNDS:
+        with pytest.raises(ValueError, match=rf"^{name}: label y\[0\] = 0 is out of bounds: labels must lie in \[0, 0\)"):
+            mod.forward(*[conv(a) for a in args], **pv)
+        return
     if (name, dim) == ("conv2d", "Cin"):
         # torch returns a (N, 0, Ho, Wo) tensor here, against its own output shape (N, Cout, Ho, Wo):
         # we return the sum over no input channels, zeros of the declared shape
@@ -406,6 +414,25 @@ def test_empty_batches_follow_torch(name, dim, target):
     for t, g in zip(op.inputs, grads):
         if t.role is Role.DIFF:
             _check(g, next(want), f"{name} {dim}=0 {target}: gradient of {t.name}")
+
+
+@pytest.mark.parametrize("target", ["numpy", "triton"])
+def test_conv2d_empty_height_as_torch(target):
+    """An input of height or width 0: torch refuses it ("Only zero batch or zero channel inputs are
+    supported") unless the batch or the channels are empty too (then an empty output); so do ours
+    (Dim(empty_with=("N", "Cin"))). Ours read only padding there before, and gave zeros."""
+    mod = np_module("conv2d") if target == "numpy" else tr_module("conv2d")
+    conv = (lambda a: a) if target == "numpy" else (lambda a: torch.tensor(a))
+    W = np.ones((2, 1, 1, 1), np.float32)
+    for shape in ((1, 1, 0, 3), (2, 1, 3, 0)):
+        with pytest.raises(RuntimeError, match="Only zero batch or zero channel inputs"):
+            F.conv2d(torch.ones(shape), torch.tensor(W), padding=1)
+        dim = "H" if shape[2] == 0 else "W"
+        with pytest.raises(ValueError, match=rf"^conv2d: dim {dim} is 0; it must be at least 1 unless N or Cin is 0"):
+            mod.forward(conv(np.ones(shape, np.float32)), conv(W), pad=1)
+    X = np.ones((0, 1, 0, 3), np.float32)
+    want = F.conv2d(torch.tensor(X), torch.tensor(W), padding=1)
+    assert tuple(mod.forward(conv(X), conv(W), pad=1).shape) == tuple(want.shape) == (0, 2, 2, 5)
 
 
 @pytest.mark.parametrize("name", ["relu", "sum", "mean", "softmax", "linear", "layer_norm", "softmax_cross_entropy", "mse_mean"])

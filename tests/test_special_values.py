@@ -4,7 +4,11 @@
   where their comparison is unordered: ``relu(-inf) = 0``, ``leaky_relu(+-inf) = +-inf``,
   ``relu(nan) = nan``;
 * a row max is NaN when the row holds a NaN, on both targets, in one block or several;
-* ``silu(a)*g`` multiplies the saturated ``sigmoid(a) = 0`` into ``a`` first (``a = g = -1e30``: 0);
+* ``silu(a)*g`` multiplies the saturated ``sigmoid(a) = 0`` into ``a`` first (``a = g = -1e30``: 0),
+  and its gradient is finite where ``silu(a)*g`` overflows (``a = g = 1e30``: out is not reused);
+* a convolution's padding contributes nothing: one inf or NaN in the filter is non-finite only in
+  the outputs and input gradients whose windows read it inside ``X`` (``0*inf`` was NaN);
+* a norm's ``y = x*w*rstd`` multiplies ``rstd*w`` first (Triton gave inf for x and w near 1e30);
 * log-softmax and cross-entropy keep ``x - max`` exact: at +-1e4 and +-1e30 in float32 their
   gradients match torch in float64 to float32 rounding (they were off by 1e-4 and 0.5 before).
 
@@ -28,7 +32,7 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.torch_reference import REFERENCES  # noqa: E402
+from tests.torch_reference import REFERENCES, conv2d_padding_skipped  # noqa: E402
 
 TARGETS = ("numpy", "triton")
 F32 = np.float32
@@ -94,8 +98,10 @@ def test_max_propagates_nan(target, cols):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_swiglu_saturated(target):
-    a = np.array([[-1e30, -1e30, -INF, 3.0]], F32)
-    g = np.array([[-1e30, 1e30, 1.0, 2.0]], F32)
+    # out = silu(a)*g overflows at a = g = 1e30 (and a = 30, g = 1e38) while da = g*dout*(...) is
+    # finite: da must not be (1 - sigmoid(a))*out, 0*inf (the saved out reused), as it once was
+    a = np.array([[-1e30, -1e30, -INF, 3.0, 1e30, 30.0, -30.0]], F32)
+    g = np.array([[-1e30, 1e30, 1.0, 2.0, 1e30, 1e38, 1e38]], F32)
     dout = np.ones_like(a)
     out, grads = run(target, "swiglu", [a, g], dout)
     want, wgrads = reference("swiglu", [a, g], dout, torch.float32)
@@ -103,6 +109,7 @@ def test_swiglu_saturated(target):
     for got, w in zip(grads, wgrads):
         same(got, w)
     assert out[0, 0] == 0 and not np.isnan(grads[0][0, :2]).any()
+    assert np.isinf(out[0, 4:6]).all() and np.isfinite(grads[0][0, 4:]).all()
 
 
 def large_logits(scale):
@@ -158,6 +165,58 @@ def test_conv2d_filter_gradient_meets_only_the_windows(target, value, stride, pa
     _, (_, dW) = run(target, "conv2d", [X, W], dY, stride=stride, pad=pad)
     _, (_, wdW) = reference("conv2d", [X, W], dY, stride=stride, pad=pad)
     same(dW, wdW, rtol=1e-4, atol=1e-5)
+
+
+# NumPy: every case; Triton (interpreted, a few seconds each): one case per re-sum path
+CONV_CASES = [("numpy", False, v, st, p) for v in (np.inf, np.nan) for st, p in ((1, 1), (2, 1), (1, 2))] + [
+    ("triton", False, np.inf, 2, 1), ("triton", False, np.nan, 1, 2), ("triton", True, np.inf, 1, 1)]
+
+
+@pytest.mark.parametrize("target, tf32, value, stride, pad", CONV_CASES)
+def test_conv2d_padding_meets_an_infinite_filter(target, tf32, value, stride, pad):
+    """One inf or NaN in the filter: the output and the input gradient are non-finite only where a
+    window reads it inside X; a read of the padding contributes nothing (it was 0*inf = NaN). The
+    input gradient is torch's; torch's forward multiplies its padding's zeros on CPU, so the output
+    is torch computing the padding as a zero that contributes nothing. Triton: the NaN tile is
+    summed again exactly (stencil.j2), with tl.dot (TF32 allowed) or with FMAs."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((2, 2, 5, 4)).astype(F32)
+    W = rng.standard_normal((3, 2, 3, 3)).astype(F32)
+    W[1, 0, 0, 2] = value
+    ho, wo = (5 + 2 * pad - 3) // stride + 1, (4 + 2 * pad - 3) // stride + 1
+    dY = rng.standard_normal((2, 3, ho, wo)).astype(F32)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        out, (dX, dW) = run(target, "conv2d", [X, W], dY, stride=stride, pad=pad)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    _, (wdX, wdW) = reference("conv2d", [X, W], dY, stride=stride, pad=pad)
+    want = conv2d_padding_skipped(*(torch.tensor(a, dtype=torch.float64) for a in (X, W)), stride, pad).numpy()
+    tol = dict(rtol=2e-3, atol=2e-3) if tf32 else dict(rtol=1e-4, atol=1e-5)
+    same(out, want, **tol)
+    same(dX, wdX, **tol)
+    same(dW, wdW, **tol)
+    assert np.isfinite(out[:, 0]).all() and not np.isfinite(out[:, 1]).all()  # only channel 1 reads it
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norms_weight_and_input_near_1e30(target, op):
+    """x and w both near 1e30: y = x*w*rstd is (rstd*w)*x, finite as torch's float64 (Triton gave
+    +-inf: it multiplied x*w before the row's scale)."""
+    x = np.array([[1e30, -2e30, 3e29, 0.5, 1e30], [1.0, 2.0, 3.0, 4.0, 5.0]], F32)
+    w = np.array([1e30, 2e29, -1e30, 3.0, 1e30], F32)
+    b = np.array([0.1, 0.2, 0.3, 0.4, 0.5], F32)
+    inputs = [x, w, b] if op == "layer_norm" else [x, w]
+    dout = np.random.default_rng(2).standard_normal(x.shape).astype(F32)
+    eps = {"layer_norm": 1e-5, "rms_norm": 1e-6}[op]
+    out, grads = run(target, op, inputs, dout, eps=eps)
+    want, wgrads = reference(op, inputs, dout, torch.float64, eps=eps)
+    assert np.isfinite(want).all() and np.isfinite(out).all()
+    for got, ref in zip([out, *grads], [want, *wgrads]):
+        finite = np.isfinite(ref)
+        np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-6 * np.abs(ref[finite]).max())
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -8,8 +8,10 @@ convolution declared here in a fresh registry) gets it as conv2d does; values ag
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -23,10 +25,11 @@ from symgrad.declare import Dim, Op, Param, Tensor, idx, output  # noqa: E402
 from symgrad.derive import derive  # noqa: E402
 from symgrad.plan import lower  # noqa: E402
 from symgrad.runtime import triton_support as rt  # noqa: E402
+from symgrad.targets import numpy as numpy_target  # noqa: E402
 from symgrad.targets import triton as triton_target  # noqa: E402
 
 
-def _conv1d_module(tmp_path):
+def _conv1d_module(tmp_path, target="triton"):
     stride = Param("stride", 1, integer=True, domain="[1, inf)")
     pad = Param("pad", 0, integer=True, domain="[0, inf)")
     Nb, Ci, Co = Dim("N", "n"), Dim("Cin", "c"), Dim("Cout", "o", min_size=1)
@@ -44,8 +47,9 @@ def _conv1d_module(tmp_path):
         ))
     finally:
         declare.REGISTRY = saved
-    src = triton_target.render(lower(derive(op, trace=False)))
-    path = tmp_path / "user_triton_conv1d.py"
+    plan = lower(derive(op, trace=False))
+    src = triton_target.render(plan) if target == "triton" else numpy_target.render(plan, "symgrad generate user_conv1d")
+    path = tmp_path / f"user_{target}_conv1d.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
@@ -134,3 +138,42 @@ def test_conv2d_forward_and_input_gradient_split_k_against_torch():
     torch.testing.assert_close(Y.double(), Yr.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dX.double(), Xr.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dW.double(), Wr.grad, rtol=1e-4, atol=1e-4)
+
+
+def _conv1d_padding_skipped(X, W, dY, stride, pad):
+    """Y, dX, dW of a 1-D convolution by loops, each read outside X contributing nothing (float64)."""
+    N, C, L = X.shape
+    O, _, K = W.shape
+    Y, dX, dW = np.zeros(dY.shape), np.zeros(X.shape), np.zeros(W.shape)
+    for n, o, t, c, k in itertools.product(range(N), range(O), range(dY.shape[2]), range(C), range(K)):
+        i = t * stride + k - pad
+        if 0 <= i < L:
+            Y[n, o, t] += X[n, c, i] * W[o, c, k]
+            dX[n, c, i] += dY[n, o, t] * W[o, c, k]
+            dW[o, c, k] += dY[n, o, t] * X[n, c, i]
+    return Y, dX, dW
+
+
+@pytest.mark.parametrize("target", ["numpy", "triton"])
+@pytest.mark.parametrize("where", ["Wt", "dY"])
+def test_user_stencil_padding_contributes_nothing(tmp_path, target, where):
+    """A user's stencil, as conv2d: an inf in the filter (forward, dX) or in dY (dW, whose filter
+    gradient splits K under the interpreter) meets the padding's zeros, and they contribute nothing
+    (0*inf was NaN). NumPy: _m.contract; Triton: the NaN tile's exact re-sum (stencil.j2)."""
+    _, mod = _conv1d_module(tmp_path, target)
+    rng = np.random.default_rng(4)
+    stride, pad = 2, 2
+    X, W = rng.standard_normal((3, 2, 40)).astype(np.float32), rng.standard_normal((3, 2, 3)).astype(np.float32)
+    dY = rng.standard_normal((3, 3, (40 + 2 * pad - 3) // stride + 1)).astype(np.float32)
+    (W if where == "Wt" else dY)[1, 0, 0] = np.inf
+    with np.errstate(invalid="ignore"):
+        want = _conv1d_padding_skipped(*(a.astype(np.float64) for a in (X, W, dY)), stride, pad)
+    if target == "numpy":
+        Y, saved = mod.forward_with_saved(X, W, stride=stride, pad=pad)
+        got = (Y, *mod.backward(saved, dY))
+    else:
+        Y, saved = mod.forward_with_saved(torch.tensor(X), torch.tensor(W), stride=stride, pad=pad)
+        got = [t.numpy() for t in (Y, *mod.backward(saved, torch.tensor(dY)))]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=1e-4, atol=1e-4)
+    assert np.isinf(want[2 if where == "dY" else 0]).any()  # the inf is there, where windows read it

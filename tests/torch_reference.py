@@ -105,3 +105,17 @@ PARAM_CASES = {
     "layer_norm_nobias": ({"eps": 0.1},),
     "rms_norm_noaffine": ({"eps": 0.1},),
 }
+
+
+def conv2d_padding_skipped(X, Wt, stride, pad):
+    """F.conv2d's output with each read of the padding a zero that contributes nothing: torch's
+    own CPU forward multiplies the padding's zeros by the filter (0*inf = NaN) in float64 and on
+    its float32 im2col path, while its input gradient skips them, as symgrad does everywhere.
+    Written with F.unfold and a mask of the reads that fall inside X."""
+    n, _, h, w = X.shape
+    o, c, r, s = Wt.shape
+    cols = F.unfold(X, (r, s), padding=pad, stride=stride)  # [N, C*R*S, L]
+    inside = F.unfold(torch.ones((1, c, h, w), dtype=X.dtype), (r, s), padding=pad, stride=stride) > 0
+    terms = torch.where(inside[:, None], Wt.reshape(o, -1)[None, :, :, None] * cols[:, None], 0.0)  # [N, O, C*R*S, L]
+    ho, wo = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    return terms.sum(2).reshape(n, o, ho, wo)

@@ -60,7 +60,7 @@ def _forward_with_saved(X, Wt, **params):
     Wt = _m.float_array(OP, 'input Wt', Wt)
     dims = _m.bind_dims(OP, {'X': X, 'Wt': Wt}, _INPUT_DIMS)
     N, Cin, H, W, Cout, R, S = dims['N'], dims['Cin'], dims['H'], dims['W'], dims['Cout'], dims['R'], dims['S']
-    _m.check_sizes(OP, dims, {'Cout': 1, 'R': 1, 'S': 1})
+    _m.check_sizes(OP, dims, {'H': (1, ('N', 'Cin')), 'W': (1, ('N', 'Cin')), 'Cout': 1, 'R': 1, 'S': 1})
     Ho = _m.derived_dim(OP, 'Ho', 'floor((H - R + 2*pad)/stride) + 1', lambda: (H - R + 2*pad)//stride + 1)
     Wo = _m.derived_dim(OP, 'Wo', 'floor((-S + W + 2*pad)/stride) + 1', lambda: (-S + W + 2*pad)//stride + 1)
     _dt = _m.float_dtype(X, Wt)
@@ -73,7 +73,7 @@ def _forward_with_saved(X, Wt, **params):
     _r = np.arange(R)
     _s = np.arange(S)
     _w = np.arange(Wo)
-    Y = np.einsum("ocrs,nchwrs->nohw", Wt, _m.gather(X, _m.ALL, _m.ALL, ((_h*stride)[:, None] - pad + _r[None, :])[:, None, :, None], (-pad + _s[None, :] + (stride*_w)[:, None])[None, :, None, :]), optimize=True)
+    Y = _m.contract("ocrs,nchwrs->nohw", Wt, _m.reads(X, _m.ALL, _m.ALL, ((_h*stride)[:, None] - pad + _r[None, :])[:, None, :, None], (-pad + _s[None, :] + (stride*_w)[:, None])[None, :, None, :]))
 
     saved = {'X': X, 'Wt': Wt, 'stride': stride, 'pad': pad, 'N': N, 'Cin': Cin, 'H': H, 'W': W, 'Cout': Cout, 'R': R, 'S': S, 'Ho': Ho, 'Wo': Wo}
     return Y, saved
@@ -96,7 +96,7 @@ def backward(saved, dY):
     _r_v = np.arange(R)
     _s_v = np.arange(S)
     _w = np.arange(W)
-    dX = np.einsum("kcab,nkhwab->nchw", Wt, _m.gather(dY, _m.ALL, _m.ALL, np.where(((_h[:, None] + pad - _r_v[None, :]) % stride == 0)[:, None, :, None] & ((pad - _s_v[None, :] + _w[:, None]) % stride == 0)[None, :, None, :], ((_h[:, None] + pad - _r_v[None, :])//stride)[:, None, :, None], -1), ((pad - _s_v[None, :] + _w[:, None])//stride)[None, :, None, :]), optimize=True)
+    dX = _m.contract("kcab,nkhwab->nchw", Wt, _m.reads(dY, _m.ALL, _m.ALL, np.where(((_h[:, None] + pad - _r_v[None, :]) % stride == 0)[:, None, :, None] & ((pad - _s_v[None, :] + _w[:, None]) % stride == 0)[None, :, None, :], ((_h[:, None] + pad - _r_v[None, :])//stride)[:, None, :, None], -1), ((pad - _s_v[None, :] + _w[:, None])//stride)[None, :, None, :]))
 
     # dWt[o, c, r, s] = Sum(X[k, c, j*stride - pad + r, l*stride - pad + s]*dY[k, o, j, l], (k, 0, N -
     #     1), (j, 0, floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))  [stencil]
@@ -104,7 +104,7 @@ def backward(saved, dY):
     _r = np.arange(R)
     _l = np.arange(Wo)
     _s = np.arange(S)
-    dWt = np.einsum("kcrsjl,kojl->ocrs", _m.gather(X, _m.ALL, _m.ALL, ((_j*stride)[None, :] - pad + _r[:, None])[:, None, :, None], ((_l*stride)[None, :] - pad + _s[:, None])[None, :, None, :]), dY, optimize=True)
+    dWt = _m.contract("kcrsjl,kojl->ocrs", _m.reads(X, _m.ALL, _m.ALL, ((_j*stride)[None, :] - pad + _r[:, None])[:, None, :, None], ((_l*stride)[None, :] - pad + _s[:, None])[None, :, None, :]), dY)
 
     return (dX, dWt)
 

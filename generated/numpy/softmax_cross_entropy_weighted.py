@@ -63,7 +63,6 @@ def _forward_with_saved(x, y, weight, **params):
     weight = _m.float_array(OP, 'input weight', weight)
     dims = _m.bind_dims(OP, {'x': x, 'y': y, 'weight': weight}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
-    _m.check_sizes(OP, dims, {'C': 1})
     _m.check_labels(OP, 'y', y, C, ignore_index)
     _dt = _m.float_dtype(x, weight)
     x = x.astype(_dt, copy=False)
@@ -92,7 +91,7 @@ def _forward_with_saved(x, y, weight, **params):
     _t1 = 1/w_sum
     _b = np.arange(B)
     _w0 = 1/n_valid
-    loss = np.array((_t1*(1 - eps)*np.einsum("b,b->", np.where((y != ignore_index), (-_m.gather(x, _b, y) + row_max0 + np.log(row_sum0)), 0), _m.gather(weight, y), optimize=True) if 1 - eps != 0 else _dt.type(0)) + (np.where((_w0 != 0), z_loss*np.sum(np.where((y != ignore_index), (np.log(row_sum0) + row_max0)**2, 0), axis=0)*_w0, 0) if z_loss != 0 else _dt.type(0)) + (_t1*eps*np.sum(np.where((y != ignore_index), np.einsum("bi,i->b", -x + row_max0[:, None] + np.log(row_sum0)[:, None], weight, optimize=True), 0), axis=0)/_m.divisor(C) if eps != 0 else _dt.type(0)), dtype=_dt)
+    loss = np.array((_t1*(1 - eps)*_m.contract("b,b->", np.where((y != ignore_index), (-_m.gather(x, _b, y) + row_max0 + np.log(row_sum0)), 0), _m.reads(weight, y)) if 1 - eps != 0 else _dt.type(0)) + (np.where((_w0 != 0), z_loss*np.sum(np.where((y != ignore_index), (np.log(row_sum0) + row_max0)**2, 0), axis=0)*_w0, 0) if z_loss != 0 else _dt.type(0)) + (_t1*eps*np.sum(np.where((y != ignore_index), np.einsum("bi,i->b", -x + row_max0[:, None] + np.log(row_sum0)[:, None], weight, optimize=True), 0), axis=0)/_m.divisor(C) if eps != 0 else _dt.type(0)), dtype=_dt)
 
     # dx_fused[b, i] = ((1 - eps)*exp(-row_max0[b] + x[b, i])*weight[y[b]]/(w_sum*row_sum0[b]) - (1 -
     #     eps)*KroneckerDelta(i, y[b])*weight[i]/w_sum + 2*z_loss*(log(row_sum0[b]) +

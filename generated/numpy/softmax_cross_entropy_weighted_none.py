@@ -63,7 +63,6 @@ def _forward_with_saved(x, y, weight, **params):
     weight = _m.float_array(OP, 'input weight', weight)
     dims = _m.bind_dims(OP, {'x': x, 'y': y, 'weight': weight}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
-    _m.check_sizes(OP, dims, {'C': 1})
     _m.check_labels(OP, 'y', y, C, ignore_index)
     _dt = _m.float_dtype(x, weight)
     x = x.astype(_dt, copy=False)

@@ -64,7 +64,6 @@ def _forward_with_saved(x, y, weight, **params):
     weight = _m.float_array(OP, 'input weight', weight)
     dims = _m.bind_dims(OP, {'x': x, 'y': y, 'weight': weight}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
-    _m.check_sizes(OP, dims, {'C': 1})
     _m.check_labels(OP, 'y', y, C, ignore_index)
     _dt = _m.float_dtype(x, weight)
     x = x.astype(_dt, copy=False)
@@ -96,7 +95,7 @@ def _forward_with_saved(x, y, weight, **params):
     _t2 = 1/softcap
     _b = np.arange(B)
     _w0 = 1/n_valid
-    loss = np.array((_t1*(1 - eps)*np.einsum("b,b->", np.where((y != ignore_index), (-(softcap*np.tanh((_t2*_m.gather(x, _b, y) if _t2 != 0 else np.zeros((B,), dtype=_dt))) if softcap != 0 else np.zeros((B,), dtype=_dt)) + np.log(row_sum0) + row_max0), 0), _m.gather(weight, y), optimize=True) if 1 - eps != 0 else _dt.type(0)) + (np.where((_w0 != 0), z_loss*np.sum(np.where((y != ignore_index), (np.log(row_sum0) + row_max0)**2, 0), axis=0)*_w0, 0) if z_loss != 0 else _dt.type(0)) + (_t1*eps*np.sum(np.where((y != ignore_index), np.einsum("bi,i->b", -(softcap*np.tanh((_t2*x if _t2 != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)) + (np.log(row_sum0) + row_max0)[:, None], weight, optimize=True), 0), axis=0)/_m.divisor(C) if eps != 0 else _dt.type(0)), dtype=_dt)
+    loss = np.array((_t1*(1 - eps)*_m.contract("b,b->", np.where((y != ignore_index), (-(softcap*np.tanh((_t2*_m.gather(x, _b, y) if _t2 != 0 else np.zeros((B,), dtype=_dt))) if softcap != 0 else np.zeros((B,), dtype=_dt)) + np.log(row_sum0) + row_max0), 0), _m.reads(weight, y)) if 1 - eps != 0 else _dt.type(0)) + (np.where((_w0 != 0), z_loss*np.sum(np.where((y != ignore_index), (np.log(row_sum0) + row_max0)**2, 0), axis=0)*_w0, 0) if z_loss != 0 else _dt.type(0)) + (_t1*eps*np.sum(np.where((y != ignore_index), np.einsum("bi,i->b", -(softcap*np.tanh((_t2*x if _t2 != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)) + (np.log(row_sum0) + row_max0)[:, None], weight, optimize=True), 0), axis=0)/_m.divisor(C) if eps != 0 else _dt.type(0)), dtype=_dt)
 
     # dx_fused[b, i] = (1 - tanh(x[b, i]/softcap)**2)*((1 - eps)*exp(softcap*tanh(x[b, i]/softcap) -
     #     row_max0[b])*weight[y[b]]/(w_sum*row_sum0[b]) - (1 - eps)*KroneckerDelta(i,

@@ -64,7 +64,6 @@ def _forward_with_saved(x, y, weight, **params):
     weight = _m.float_array(OP, 'input weight', weight)
     dims = _m.bind_dims(OP, {'x': x, 'y': y, 'weight': weight}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
-    _m.check_sizes(OP, dims, {'C': 1})
     _m.check_labels(OP, 'y', y, C, ignore_index)
     _dt = _m.float_dtype(x, weight)
     x = x.astype(_dt, copy=False)
@@ -87,7 +86,7 @@ def _forward_with_saved(x, y, weight, **params):
     #     row_max0[b])*weight[i], (i, 0, C - 1)), (b, 0, B - 1))/C  [row_reduction]
     _t1 = 1/softcap
     _b = np.arange(B)
-    loss = np.array((z_loss*np.sum(np.where((y != ignore_index), (np.log(row_sum0) + row_max0)**2, 0), axis=0) if z_loss != 0 else _dt.type(0)) + ((1 - eps)*np.einsum("b,b->", np.where((y != ignore_index), (-(softcap*np.tanh((_t1*_m.gather(x, _b, y) if _t1 != 0 else np.zeros((B,), dtype=_dt))) if softcap != 0 else np.zeros((B,), dtype=_dt)) + np.log(row_sum0) + row_max0), 0), _m.gather(weight, y), optimize=True) if 1 - eps != 0 else _dt.type(0)) + (eps*np.sum(np.where((y != ignore_index), np.einsum("bi,i->b", -(softcap*np.tanh((_t1*x if _t1 != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)) + (np.log(row_sum0) + row_max0)[:, None], weight, optimize=True), 0), axis=0)/_m.divisor(C) if eps != 0 else _dt.type(0)), dtype=_dt)
+    loss = np.array((z_loss*np.sum(np.where((y != ignore_index), (np.log(row_sum0) + row_max0)**2, 0), axis=0) if z_loss != 0 else _dt.type(0)) + ((1 - eps)*_m.contract("b,b->", np.where((y != ignore_index), (-(softcap*np.tanh((_t1*_m.gather(x, _b, y) if _t1 != 0 else np.zeros((B,), dtype=_dt))) if softcap != 0 else np.zeros((B,), dtype=_dt)) + np.log(row_sum0) + row_max0), 0), _m.reads(weight, y)) if 1 - eps != 0 else _dt.type(0)) + (eps*np.sum(np.where((y != ignore_index), np.einsum("bi,i->b", -(softcap*np.tanh((_t1*x if _t1 != 0 else np.zeros((B, C,), dtype=_dt))) if softcap != 0 else np.zeros((B, C,), dtype=_dt)) + (np.log(row_sum0) + row_max0)[:, None], weight, optimize=True), 0), axis=0)/_m.divisor(C) if eps != 0 else _dt.type(0)), dtype=_dt)
 
     # dx_fused[b, i] = (1 - tanh(x[b, i]/softcap)**2)*(2*z_loss*(log(row_sum0[b]) +
     #     row_max0[b])*exp(softcap*tanh(x[b, i]/softcap) - row_max0[b])/row_sum0[b] + (1 -

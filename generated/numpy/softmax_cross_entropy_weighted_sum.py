@@ -63,7 +63,6 @@ def _forward_with_saved(x, y, weight, **params):
     weight = _m.float_array(OP, 'input weight', weight)
     dims = _m.bind_dims(OP, {'x': x, 'y': y, 'weight': weight}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
-    _m.check_sizes(OP, dims, {'C': 1})
     _m.check_labels(OP, 'y', y, C, ignore_index)
     _dt = _m.float_dtype(x, weight)
     x = x.astype(_dt, copy=False)
@@ -84,7 +83,7 @@ def _forward_with_saved(x, y, weight, **params):
     #     ignore_index))*Sum((log(row_sum0[b]) + row_max0[b] - x[b, i])*weight[i], (i, 0, C - 1)), (b, 0,
     #     B - 1))/C  [row_reduction]
     _b = np.arange(B)
-    loss = np.array((z_loss*np.sum(np.where((y != ignore_index), (np.log(row_sum0) + row_max0)**2, 0), axis=0) if z_loss != 0 else _dt.type(0)) + ((1 - eps)*np.einsum("b,b->", np.where((y != ignore_index), (-_m.gather(x, _b, y) + row_max0 + np.log(row_sum0)), 0), _m.gather(weight, y), optimize=True) if 1 - eps != 0 else _dt.type(0)) + (eps*np.sum(np.where((y != ignore_index), np.einsum("bi,i->b", -x + row_max0[:, None] + np.log(row_sum0)[:, None], weight, optimize=True), 0), axis=0)/_m.divisor(C) if eps != 0 else _dt.type(0)), dtype=_dt)
+    loss = np.array((z_loss*np.sum(np.where((y != ignore_index), (np.log(row_sum0) + row_max0)**2, 0), axis=0) if z_loss != 0 else _dt.type(0)) + ((1 - eps)*_m.contract("b,b->", np.where((y != ignore_index), (-_m.gather(x, _b, y) + row_max0 + np.log(row_sum0)), 0), _m.reads(weight, y)) if 1 - eps != 0 else _dt.type(0)) + (eps*np.sum(np.where((y != ignore_index), np.einsum("bi,i->b", -x + row_max0[:, None] + np.log(row_sum0)[:, None], weight, optimize=True), 0), axis=0)/_m.divisor(C) if eps != 0 else _dt.type(0)), dtype=_dt)
 
     # dx_fused[b, i] = (2*z_loss*(log(row_sum0[b]) + row_max0[b])*exp(-row_max0[b] + x[b,
     #     i])/row_sum0[b] + (1 - eps)*exp(-row_max0[b] + x[b, i])*weight[y[b]]/row_sum0[b] - (1 -

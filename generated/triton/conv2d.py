@@ -114,8 +114,10 @@ def _for0_gemm(
         k_r = kr2 % n_R
         kr1 = kr2 // n_R
         k_c = kr1
-        a = tl.load(X_ptr + (m_n[:, None]) * X_s0 + (k_c[None, :]) * X_s1 + ((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) * X_s2 + ((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) * X_s3, mask=m_mask[:, None] & k_mask[None, :] & (((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) >= 0) & (((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) < n_H) & (((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) >= 0) & (((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) < n_W), other=0.0)
-        b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a_in = m_mask[:, None] & k_mask[None, :] & (((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) >= 0) & (((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) < n_H) & (((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) >= 0) & (((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) < n_W)
+        a = tl.load(X_ptr + (m_n[:, None]) * X_s0 + (k_c[None, :]) * X_s1 + ((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) * X_s2 + ((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) * X_s3, mask=a_in, other=0.0)
+        b_in = k_mask[:, None] & n_mask[None, :]
+        b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=b_in, other=0.0)
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -126,6 +128,54 @@ def _for0_gemm(
             else:
                 b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
+    # A read outside its tensor (the padding, a stride's gap) is a zero that contributes nothing,
+    # but inside tl.dot it meets the other operand: 0*inf and 0*nan are NaN. Only a tile that came
+    # out NaN can hold such a term; it is summed again one k at a time, each outer product kept
+    # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
+    # path: it runs for tiles that meet an inf or NaN.
+    if tl.max(tl.where(acc != acc, 1, 0)) > 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi):
+            # which reads of this k fall inside: a column of M and a row of N
+            offs_k = k0 + tl.arange(0, 1)
+            if IDX64:
+                offs_k = offs_k.to(tl.int64)
+            k_mask = offs_k < k_hi
+            k_s = offs_k % n_S
+            kr2 = offs_k // n_S
+            k_r = kr2 % n_R
+            kr1 = kr2 // n_R
+            k_c = kr1
+            a_in = m_mask[:, None] & k_mask[None, :] & (((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) >= 0) & (((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) < n_H) & (((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) >= 0) & (((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) < n_W)
+            b_in = k_mask[:, None] & n_mask[None, :]
+            inside = a_in & b_in
+            if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
+                a = tl.load(X_ptr + (m_n[:, None]) * X_s0 + (k_c[None, :]) * X_s1 + ((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) * X_s2 + ((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) * X_s3, mask=a_in, other=0.0)
+                b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=b_in, other=0.0)
+                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+            else:  # tensor cores: a tl.dot whose K tile holds this k alone
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                if IDX64:
+                    offs_k = offs_k.to(tl.int64)
+                k_mask = offs_k == k0
+                k_s = offs_k % n_S
+                kr2 = offs_k // n_S
+                k_r = kr2 % n_R
+                kr1 = kr2 // n_R
+                k_c = kr1
+                a_in = m_mask[:, None] & k_mask[None, :] & (((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) >= 0) & (((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) < n_H) & (((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) >= 0) & (((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) < n_W)
+                a = tl.load(X_ptr + (m_n[:, None]) * X_s0 + (k_c[None, :]) * X_s1 + ((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) * X_s2 + ((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) * X_s3, mask=a_in, other=0.0)
+                b_in = k_mask[:, None] & n_mask[None, :]
+                b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=b_in, other=0.0)
+                if DOT_F32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                elif a.dtype != b.dtype:
+                    if a.dtype == tl.float32:
+                        a = a.to(b.dtype)
+                    else:
+                        b = b.to(a.dtype)
+                acc += tl.where(inside, tl.dot(a, b, input_precision=PREC), 0.0)
     if SPLIT:
         ws_row = pid_k * M_tot + offs_m
         if not IDX64:
@@ -225,8 +275,10 @@ def _bac0_gemm(
         k_r_v = kr2 % n_R
         kr1 = kr2 // n_R
         k_k = kr1
-        a = tl.load(dY_ptr + (m_n[:, None]) * dY_s0 + (k_k[None, :]) * dY_s1 + ((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) * dY_s2 + ((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) * dY_s3, mask=m_mask[:, None] & k_mask[None, :] & ((((m_h[:, None] + p_pad - k_r_v[None, :])) % (p_stride)) == 0) & ((((p_pad + m_w[:, None] - k_s_v[None, :])) % (p_stride)) == 0) & (((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) >= 0) & (((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) < n_Ho) & (((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) >= 0) & (((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) < n_Wo), other=0.0)
-        b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a_in = m_mask[:, None] & k_mask[None, :] & ((((m_h[:, None] + p_pad - k_r_v[None, :])) % (p_stride)) == 0) & ((((p_pad + m_w[:, None] - k_s_v[None, :])) % (p_stride)) == 0) & (((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) >= 0) & (((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) < n_Ho) & (((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) >= 0) & (((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) < n_Wo)
+        a = tl.load(dY_ptr + (m_n[:, None]) * dY_s0 + (k_k[None, :]) * dY_s1 + ((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) * dY_s2 + ((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) * dY_s3, mask=a_in, other=0.0)
+        b_in = k_mask[:, None] & n_mask[None, :]
+        b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=b_in, other=0.0)
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -237,6 +289,54 @@ def _bac0_gemm(
             else:
                 b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
+    # A read outside its tensor (the padding, a stride's gap) is a zero that contributes nothing,
+    # but inside tl.dot it meets the other operand: 0*inf and 0*nan are NaN. Only a tile that came
+    # out NaN can hold such a term; it is summed again one k at a time, each outer product kept
+    # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
+    # path: it runs for tiles that meet an inf or NaN.
+    if tl.max(tl.where(acc != acc, 1, 0)) > 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi):
+            # which reads of this k fall inside: a column of M and a row of N
+            offs_k = k0 + tl.arange(0, 1)
+            if IDX64:
+                offs_k = offs_k.to(tl.int64)
+            k_mask = offs_k < k_hi
+            k_s_v = offs_k % n_S
+            kr2 = offs_k // n_S
+            k_r_v = kr2 % n_R
+            kr1 = kr2 // n_R
+            k_k = kr1
+            a_in = m_mask[:, None] & k_mask[None, :] & ((((m_h[:, None] + p_pad - k_r_v[None, :])) % (p_stride)) == 0) & ((((p_pad + m_w[:, None] - k_s_v[None, :])) % (p_stride)) == 0) & (((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) >= 0) & (((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) < n_Ho) & (((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) >= 0) & (((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) < n_Wo)
+            b_in = k_mask[:, None] & n_mask[None, :]
+            inside = a_in & b_in
+            if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
+                a = tl.load(dY_ptr + (m_n[:, None]) * dY_s0 + (k_k[None, :]) * dY_s1 + ((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) * dY_s2 + ((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) * dY_s3, mask=a_in, other=0.0)
+                b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=b_in, other=0.0)
+                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+            else:  # tensor cores: a tl.dot whose K tile holds this k alone
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                if IDX64:
+                    offs_k = offs_k.to(tl.int64)
+                k_mask = offs_k == k0
+                k_s_v = offs_k % n_S
+                kr2 = offs_k // n_S
+                k_r_v = kr2 % n_R
+                kr1 = kr2 // n_R
+                k_k = kr1
+                a_in = m_mask[:, None] & k_mask[None, :] & ((((m_h[:, None] + p_pad - k_r_v[None, :])) % (p_stride)) == 0) & ((((p_pad + m_w[:, None] - k_s_v[None, :])) % (p_stride)) == 0) & (((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) >= 0) & (((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) < n_Ho) & (((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) >= 0) & (((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) < n_Wo)
+                a = tl.load(dY_ptr + (m_n[:, None]) * dY_s0 + (k_k[None, :]) * dY_s1 + ((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) * dY_s2 + ((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) * dY_s3, mask=a_in, other=0.0)
+                b_in = k_mask[:, None] & n_mask[None, :]
+                b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=b_in, other=0.0)
+                if DOT_F32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                elif a.dtype != b.dtype:
+                    if a.dtype == tl.float32:
+                        a = a.to(b.dtype)
+                    else:
+                        b = b.to(a.dtype)
+                acc += tl.where(inside, tl.dot(a, b, input_precision=PREC), 0.0)
     if SPLIT:
         ws_row = pid_k * M_tot + offs_m
         if not IDX64:
@@ -331,8 +431,10 @@ def _bac1_gemm(
         k_j = kr2 % n_Ho
         kr1 = kr2 // n_Ho
         k_k = kr1
-        a = tl.load(dY_ptr + (k_k[None, :]) * dY_s0 + (m_o[:, None]) * dY_s1 + (k_j[None, :]) * dY_s2 + (k_l[None, :]) * dY_s3, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=k_mask[:, None] & n_mask[None, :] & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) >= 0) & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) < n_H) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) >= 0) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) < n_W), other=0.0)
+        a_in = m_mask[:, None] & k_mask[None, :]
+        a = tl.load(dY_ptr + (k_k[None, :]) * dY_s0 + (m_o[:, None]) * dY_s1 + (k_j[None, :]) * dY_s2 + (k_l[None, :]) * dY_s3, mask=a_in, other=0.0)
+        b_in = k_mask[:, None] & n_mask[None, :] & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) >= 0) & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) < n_H) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) >= 0) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) < n_W)
+        b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=b_in, other=0.0)
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -343,6 +445,54 @@ def _bac1_gemm(
             else:
                 b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
+    # A read outside its tensor (the padding, a stride's gap) is a zero that contributes nothing,
+    # but inside tl.dot it meets the other operand: 0*inf and 0*nan are NaN. Only a tile that came
+    # out NaN can hold such a term; it is summed again one k at a time, each outer product kept
+    # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
+    # path: it runs for tiles that meet an inf or NaN.
+    if tl.max(tl.where(acc != acc, 1, 0)) > 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi):
+            # which reads of this k fall inside: a column of M and a row of N
+            offs_k = k0 + tl.arange(0, 1)
+            if IDX64:
+                offs_k = offs_k.to(tl.int64)
+            k_mask = offs_k < k_hi
+            k_l = offs_k % n_Wo
+            kr2 = offs_k // n_Wo
+            k_j = kr2 % n_Ho
+            kr1 = kr2 // n_Ho
+            k_k = kr1
+            a_in = m_mask[:, None] & k_mask[None, :]
+            b_in = k_mask[:, None] & n_mask[None, :] & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) >= 0) & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) < n_H) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) >= 0) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) < n_W)
+            inside = a_in & b_in
+            if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
+                a = tl.load(dY_ptr + (k_k[None, :]) * dY_s0 + (m_o[:, None]) * dY_s1 + (k_j[None, :]) * dY_s2 + (k_l[None, :]) * dY_s3, mask=a_in, other=0.0)
+                b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=b_in, other=0.0)
+                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+            else:  # tensor cores: a tl.dot whose K tile holds this k alone
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                if IDX64:
+                    offs_k = offs_k.to(tl.int64)
+                k_mask = offs_k == k0
+                k_l = offs_k % n_Wo
+                kr2 = offs_k // n_Wo
+                k_j = kr2 % n_Ho
+                kr1 = kr2 // n_Ho
+                k_k = kr1
+                a_in = m_mask[:, None] & k_mask[None, :]
+                a = tl.load(dY_ptr + (k_k[None, :]) * dY_s0 + (m_o[:, None]) * dY_s1 + (k_j[None, :]) * dY_s2 + (k_l[None, :]) * dY_s3, mask=a_in, other=0.0)
+                b_in = k_mask[:, None] & n_mask[None, :] & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) >= 0) & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) < n_H) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) >= 0) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) < n_W)
+                b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=b_in, other=0.0)
+                if DOT_F32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                elif a.dtype != b.dtype:
+                    if a.dtype == tl.float32:
+                        a = a.to(b.dtype)
+                    else:
+                        b = b.to(a.dtype)
+                acc += tl.where(inside, tl.dot(a, b, input_precision=PREC), 0.0)
     if SPLIT:
         ws_row = pid_k * M_tot + offs_m
         if not IDX64:
@@ -380,7 +530,7 @@ def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
     n_S = dims['S']
     n_Ho = (1 + (((n_H - n_R + (2 * p_pad))) // (p_stride)))
     n_Wo = (1 + (((n_W - n_S + (2 * p_pad))) // (p_stride)))
-    _rt.check_sizes(OP, {'N': n_N, 'Cin': n_Cin, 'H': n_H, 'W': n_W, 'Cout': n_Cout, 'R': n_R, 'S': n_S, 'Ho': n_Ho, 'Wo': n_Wo}, {'Cout': 1, 'R': 1, 'S': 1, 'Ho': 1, 'Wo': 1})
+    _rt.check_sizes(OP, {'N': n_N, 'Cin': n_Cin, 'H': n_H, 'W': n_W, 'Cout': n_Cout, 'R': n_R, 'S': n_S, 'Ho': n_Ho, 'Wo': n_Wo}, {'H': (1, ('N', 'Cin')), 'W': (1, ('N', 'Cin')), 'Cout': 1, 'R': 1, 'S': 1, 'Ho': 1, 'Wo': 1})
     # _for0_gemm: Y (gemm)
     t_Y = torch.empty((n_N, n_Cout, n_Ho, n_Wo, ), dtype=dtype, device=device)
     M_tot = n_N * n_Ho * n_Wo

@@ -107,7 +107,7 @@ def _bac0_rows(
             cmask = cols < n_N
             cv2 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(tl.float32)
             st0 = tl.sum(tl.where(cmask, tl.where((tl.abs(cv2) == rv0), 1.0, tl.where(((tl.abs(cv2) > rv0) | (tl.abs(cv2) < rv0)), 0.0, float('nan'))), 0.0), 0)
-            tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv2) == rv0), (rv1 * tl.where((cv2) > 0.0, 1.0, tl.where((cv2) < 0.0, -1.0, 0.0)) / (st0)), tl.where(((tl.abs(cv2) > rv0) | (tl.abs(cv2) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
+            tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv2) == rv0), ((rv1 / (st0)) * tl.where((cv2) > 0.0, 1.0, tl.where((cv2) < 0.0, -1.0, 0.0))), tl.where(((tl.abs(cv2) > rv0) | (tl.abs(cv2) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], 0.0, tl.float32)
@@ -121,7 +121,7 @@ def _bac0_rows(
                 cols = col0 + cols0
                 cmask = cols < n_N
                 cv1 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(tl.float32)
-                tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv1) == rv0), (rv1 * tl.where((cv1) > 0.0, 1.0, tl.where((cv1) < 0.0, -1.0, 0.0)) / (st0)), tl.where(((tl.abs(cv1) > rv0) | (tl.abs(cv1) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv1) == rv0), ((rv1 / (st0)) * tl.where((cv1) > 0.0, 1.0, tl.where((cv1) < 0.0, -1.0, 0.0))), tl.where(((tl.abs(cv1) > rv0) | (tl.abs(cv1) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
 
 
 

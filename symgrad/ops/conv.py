@@ -9,9 +9,12 @@ from ..declare import Dim, Op, Param, Tensor, output, register, idx
 
 stride = Param("stride", 1, integer=True, domain="[1, inf)", doc="as torch: a non-positive stride is refused")
 pad = Param("pad", 0, integer=True, domain="[0, inf)", doc="zero padding on each side; as torch, not negative")
-# As torch: a batch (N) or input channels (Cin) may be empty; output channels and the kernel may not.
+# As torch: a batch (N) or input channels (Cin) may be empty; output channels and the kernel may
+# not; nor may the input's height and width, unless the batch or the channels are empty too
+# (torch: "Only zero batch or zero channel inputs are supported").
 Nb, Ci, Co = Dim("N", "n"), Dim("Cin", "c"), Dim("Cout", "o", min_size=1)
-H, Wd, R, S = Dim("H", "h"), Dim("W", "w"), Dim("R", "r", min_size=1), Dim("S", "s", min_size=1)
+H, Wd = Dim("H", "h", min_size=1, empty_with=("N", "Cin")), Dim("W", "w", min_size=1, empty_with=("N", "Cin"))
+R, S = Dim("R", "r", min_size=1), Dim("S", "s", min_size=1)
 Ho = Dim("Ho", "h", sp.floor((H.symbol + 2 * pad - R.symbol) / stride) + 1)
 Wo = Dim("Wo", "w", sp.floor((Wd.symbol + 2 * pad - S.symbol) / stride) + 1)
 

@@ -1,7 +1,7 @@
 """Losses: mean squared error, sigmoid + binary cross-entropy, softmax + cross-entropy."""
 import sympy as sp
 
-from ..declare import Dim, LabelRange, Op, Param, Role, Tensor, output, register, idx
+from ..declare import LabelRange, Op, Param, Role, Tensor, output, register, idx
 from ..functions import Iverson, onehot, sigmoid
 from .dims import B, C
 
@@ -55,8 +55,9 @@ register(Op(
 #             smoothing term included; z-loss averages over the counted rows, as Liger's)
 #   sum       Sum_b l[b] + z_loss*Sum_b valid[b]*lse[b]**2
 #   none      l[b] + z_loss*valid[b]*lse[b]**2  per row: 0 for ignored rows, as torch
-# classes may not be empty (min_size=1): with rows, torch refuses every label as out of bounds
-logits, labels = Tensor("x", (B, Dim(C.name, C.index, min_size=1)), domain=(-4.0, 4.0)), Tensor("y", (B,), Role.LABEL)
+# classes may be empty, as torch's: then every row's label must be ignore_index (the label check
+# refuses any other as out of bounds, as torch does), and the mean over no counted rows is NaN
+logits, labels = Tensor("x", (B, C), domain=(-4.0, 4.0)), Tensor("y", (B,), Role.LABEL)
 class_weight = Tensor("weight", (C,), Role.CONST, domain=(0.2, 2.0))
 eps = Param("eps", 0.0, doc="label smoothing", domain="[0, 1]")  # torch: label_smoothing in [0.0, 1.0]
 ignore = Param("ignore_index", -100, integer=True, doc="label of rows to skip", domain="finite")  # any integer

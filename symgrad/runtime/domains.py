@@ -26,7 +26,13 @@ def label_error(op: str, name: str, row, value, n: int, ignore) -> ValueError:
 
 def check_sizes(op: str, dims: dict, minimum: dict) -> None:
     """Dims may be empty (0) unless the op declares a least size (``Dim(min_size=1)``, e.g. a max
-    over an empty row, which torch refuses too): a ``ValueError`` naming the dim and its size."""
+    over an empty row, which torch refuses too): a ``ValueError`` naming the dim and its size.
+
+    A least size may come with dims that excuse it (``(1, ("N", "Cin"))``, ``Dim(empty_with=...)``):
+    a conv2d input of height 0 is refused, as torch refuses it, unless its batch or channels are
+    empty too."""
     for name, least in minimum.items():
-        if name in dims and dims[name] < least:
-            raise ValueError(f"{op}: dim {name} is {dims[name]}; it must be at least {least} (check the input shapes and params)")
+        least, excused_by = least if isinstance(least, tuple) else (least, ())
+        if name in dims and dims[name] < least and not any(dims.get(e) == 0 for e in excused_by):
+            unless = f" unless {' or '.join(excused_by)} is 0" if excused_by else ""
+            raise ValueError(f"{op}: dim {name} is {dims[name]}; it must be at least {least}{unless} (check the input shapes and params)")

@@ -11,9 +11,10 @@ import numpy as np
 
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the Triton modules)
 from .domains import check_params, check_sizes, label_error  # noqa: F401  (param domains and least sizes, shared with the Triton modules)
+from .gather import ALL, Reads, contract, gather, reads  # noqa: F401  (reads outside a tensor)
 
 __all__ = [
-    "ALL", "erf", "sigmoid", "gather", "add_onehot", "zero_unless",
+    "ALL", "erf", "sigmoid", "gather", "reads", "contract", "add_onehot", "zero_unless",
     "bind_params", "positional_params", "sum_rows", "bind_dims", "derived_dim", "check_shape", "float_dtype", "float_array", "label_array", "check_labels",
 ]
 
@@ -90,60 +91,6 @@ def sigmoid(x):
 
 # ------------------------------------------------------------------------------------------------
 # indexing
-
-
-ALL = slice(None)  # a gather position read whole (a plain index over the tensor's extent)
-
-
-def gather(t: np.ndarray, *index) -> np.ndarray:
-    """``t[index]``, where reads outside ``t``'s extent give 0: the zero-extension convention (a
-    convolution's zero padding, ignored labels).
-
-    Each entry of ``index`` is :data:`ALL` (keep that axis) or an integer array; the arrays
-    broadcast together, and the result lays out axes as NumPy indexing does (the broadcast block
-    in place of the array positions when they are adjacent, else first). Small overhangs (a
-    convolution's padding) are served by zero-padding ``t``; large ones (a label of -100) by a mask.
-    """
-    empty = [k for k, ix in enumerate(index) if not isinstance(ix, slice) and t.shape[k] == 0]
-    if empty:
-        # every read along an empty axis falls outside it (a conv2d input of height 0, padded):
-        # reads of one zero entry there, in the shape the reads give
-        t = np.zeros([1 if k in empty else n for k, n in enumerate(t.shape)], dtype=t.dtype)
-        index = tuple(np.zeros_like(np.asarray(ix)) if k in empty else ix for k, ix in enumerate(index))
-    arrays = [(k, np.asarray(ix)) for k, ix in enumerate(index) if not isinstance(ix, slice)]
-    pads = [(0, 0)] * t.ndim
-    shifted = list(index)
-    for k, ix in arrays:
-        n = t.shape[k]
-        lo, hi = (int(ix.min()), int(ix.max())) if ix.size else (0, 0)
-        below, above = max(0, -lo), max(0, hi - (n - 1))
-        pads[k] = (below, above)
-        shifted[k] = ix + below if below else ix
-    block = np.broadcast_shapes(*(ix.shape for _, ix in arrays))
-    result = int(np.prod(block)) * int(np.prod([t.shape[k] for k, ix in enumerate(index) if isinstance(ix, slice)]))
-    padded = int(np.prod([n + a + b for n, (a, b) in zip(t.shape, pads)]))
-    # Padding copies the tensor once: worth it when the result is at least that big (im2col), not
-    # for a few reads far outside (a label of -100 picking one logit per row).
-    if padded <= max(result, t.size) or all(p == (0, 0) for p in pads):
-        if any(p != (0, 0) for p in pads):
-            t = np.pad(t, pads)
-        return t[tuple(shifted)]
-    ok = True
-    clipped = list(index)
-    for k, ix in arrays:
-        n = t.shape[k]
-        ok = ok & (ix >= 0) & (ix < n)
-        clipped[k] = np.clip(ix, 0, n - 1)
-    values = t[tuple(clipped)]
-    # the mask has the broadcast block's shape: put it where indexing put the block
-    positions = [k for k, _ in arrays]
-    block = np.ndim(ok)
-    if positions == list(range(positions[0], positions[0] + len(positions))):
-        before = sum(1 for k in range(positions[0]) if isinstance(index[k], slice))
-    else:
-        before = 0
-    ok = np.reshape(ok, (1,) * before + np.shape(ok) + (1,) * (values.ndim - before - block))
-    return np.where(ok, values, 0)
 
 
 def add_onehot(out: np.ndarray, axis: int, labels, values) -> np.ndarray:

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -86,6 +87,14 @@ def sg_pow(b, e):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fdim(n: int) -> float:
+    """A dim as a float kernel argument (``x/D``, ``eps/C``). Compiled, it is fp32 and ``eps/0.0``
+    is IEEE's inf; the interpreter computes with the Python float, where ``eps/0.0`` raises
+    ZeroDivisionError (cross-entropy with no classes): there an empty dim is NumPy's float64 zero,
+    a Python float whose quotients (and those of products with it) are IEEE's."""
+    return np.float64(0.0) if n == 0 and interpreting() else float(n)
 
 
 def _max_block() -> int:

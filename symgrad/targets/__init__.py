@@ -64,7 +64,8 @@ GPU the Triton modules check it with a device-side assert instead, at no host sy
 (``symgrad.runtime.triton_support.check_labels``).
 
 Empty batches: any dim may be 0 unless the op declares a least size (``Dim(min_size=1)``, where
-torch refuses an empty dim too: a max over an empty row, a convolution's kernel); results are then
+torch refuses an empty dim too: a max over an empty row, a convolution's kernel; with
+``empty_with``, unless one of the dims named is 0 too: a convolution's input height); results are then
 torch's: empty outputs and gradients of the right shapes, sums over nothing 0, means over nothing
 NaN. Derived dims (a convolution's output size) must be at least 1.
 

@@ -274,7 +274,7 @@ def _forward_prologue(plan: KernelPlan) -> str:
     lines.append(f"dims = _m.bind_dims(OP, {{{', '.join(f'{t.name!r}: {t.name}' for t in op.inputs)}}}, _INPUT_DIMS)")
     given = [s.dim.name for s in plan.dims if s.formula is None]
     lines.append(f"{', '.join(given)} = {', '.join(f'dims[{n!r}]' for n in given)}")
-    least = {s.dim.name: s.dim.min_size for s in plan.dims if s.formula is None and s.dim.min_size}
+    least = {s.dim.name: s.dim.least for s in plan.dims if s.formula is None and s.dim.min_size}
     if least:  # dims may be empty unless declared otherwise; derived dims check themselves
         lines.append(f"_m.check_sizes(OP, dims, {least!r})")
     for fact in op.facts:  # labels in range, as torch checks them: an error, never a loss

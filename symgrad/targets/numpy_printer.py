@@ -11,7 +11,9 @@ How each node lowers:
   ``_m.gather(T, i0, i1, ...)`` whose index arrays are printed from the index expressions; reads
   outside the extent give 0;
 * ``Sum`` over a product of arrays -> ``np.einsum`` (contractions and stencils: no product of all
-  axes is ever formed); over anything else -> ``np.sum(..., axis=...)``; ``ReduceMax`` -> ``np.max``;
+  axes is ever formed); with a gathered operand, ``_m.contract``, where a term that reads outside
+  a tensor contributes nothing (``0*inf`` would be NaN: a conv's padding against an infinite
+  filter entry); over anything else -> ``np.sum(..., axis=...)``; ``ReduceMax`` -> ``np.max``;
 * an index used as a value -> an ``np.arange`` over its range (one-hots ``KroneckerDelta(i, y[b])``
   become ``_i[None, :] == y[:, None]``);
 * Iverson brackets, one-hots and weights (factors that read only params and brackets, such as a
@@ -42,6 +44,13 @@ from ..primitives import Iverson, ReduceMax
 from .statements import LoweringError, Prepared, RowForm, common_subexpressions
 
 DTYPE = "_dt"  # the local holding the float dtype the kernel computes in
+
+READS = "_m.reads"  # a gathered einsum operand that keeps where it read inside its tensor
+
+
+def _reads(operands) -> bool:
+    return any(code.startswith(READS + "(") for code, _ in operands)
+
 
 _RELATIONS = {sp.StrictGreaterThan: ">", sp.GreaterThan: ">=", sp.StrictLessThan: "<", sp.LessThan: "<=", sp.Eq: "==", sp.Ne: "!="}
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -304,13 +313,14 @@ class NumPyPrinter(Printer):
         perm = tuple(have.index(a) for a in want)
         return f"{wrap(code)}.T" if len(perm) == 2 else f"{wrap(code)}.transpose{perm}"
 
-    def entry(self, e: sp.Indexed, guards=()) -> tuple[str, tuple]:
+    def entry(self, e: sp.Indexed, guards=(), fn: str = "_m.gather") -> tuple[str, tuple]:
         """A tensor entry as ``(code, axes)``, the axes in the order the code lays them out: the
         tensor itself for plain indices; else a gather whose plain positions stay whole axes
         (``_m.ALL``) and whose other positions are index arrays printed from their expressions.
 
         ``guards`` are brackets over the gather's index axes (a stride's divisibility): they go
-        into the index as -1, always out of range, so the gather reads 0 there; no full-size mask."""
+        into the index as -1, always out of range, so the gather reads 0 there; no full-size mask.
+        ``fn`` is ``_m.gather``, or ``_m.reads`` for an operand of ``_m.contract``."""
         name = str(e.base)
         if name not in self.env.tensors:
             raise LoweringError(f"{self.where}: reads unknown tensor {name}")
@@ -332,7 +342,7 @@ class NumPyPrinter(Printer):
             have = tuple(before) + block + tuple(kept[len(before):])
         else:
             have = block + tuple(kept)
-        return f"_m.gather({name}, {', '.join(index)})", have
+        return f"{fn}({name}, {', '.join(index)})", have
 
     def gather_block(self, e: sp.Indexed) -> tuple | None:
         """The axes of a gathered entry's index arrays (None when ``e`` is read plainly)."""
@@ -605,7 +615,7 @@ class NumPyPrinter(Printer):
         an axis one row at a time, an error growing with the batch; ``_m.sum_rows`` adds blocks of
         rows, then the blocks' sums in float64, so the error stays within torch's at any batch.
         A matrix product (BLAS blocks its sums already) is left as it is."""
-        if len(reduce) != 1 or not out_axes or self._matmul(operands, out_axes):
+        if len(reduce) != 1 or not out_axes or self._matmul(operands, out_axes) or _reads(operands):
             return None
         (v,) = reduce
         n = self.extent(v)
@@ -650,19 +660,20 @@ class NumPyPrinter(Printer):
             block = self.gather_block(v) if isinstance(v, sp.Indexed) else None
             inside = [g for g in masks[v] if block is not None and self.is_bracket(g) and set(self.axes(g)) <= set(block)]
             if inside and len(inside) == len(masks[v]):
-                ops.append(self.entry(v, inside))
+                ops.append(self.entry(v, inside, READS))
             elif masks[v]:
                 expr = sp.Mul(v, *masks[v])
                 ops.append((self._print(expr), self.axes(expr)))
             elif isinstance(v, sp.Indexed):
-                ops.append(self.entry(v))  # as laid out: no transposed copy for einsum
+                # as laid out: no transposed copy for einsum; a gather keeps where it read inside
+                ops.append(self.entry(v, (), READS) if block is not None else self.entry(v))
             else:
                 ops.append((self._print(v), self.axes(v)))
         ops += [(self._print(f), self.axes(f)) for f in loose]
         return ops, scalars
 
     def _einsum(self, operands, out_axes) -> str:
-        matmul = self._matmul(operands, out_axes)
+        matmul = None if _reads(operands) else self._matmul(operands, out_axes)
         if matmul:
             return matmul
         subs = ",".join("".join(self.letters[a] for a in ax) for _, ax in operands)
@@ -672,8 +683,9 @@ class NumPyPrinter(Printer):
         # (a batch axis, as in sum over rows of dy*xhat): then its path is ~100x slower than the
         # plain loop. More than two operands always want the path search.
         batch = len(operands) == 2 and set(operands[0][1]) & set(operands[1][1]) & set(out_axes)
+        if _reads(operands):  # a term that reads outside a tensor (a conv's padding) contributes nothing
+            return f'_m.contract("{subs}->{out}", {args}{", optimize=False" if batch else ""})'
         return f'np.einsum("{subs}->{out}", {args})' if batch else f'np.einsum("{subs}->{out}", {args}, optimize=True)'
-
 
     @staticmethod
     def _matmul(operands, out_axes) -> str | None:

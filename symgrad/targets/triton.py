@@ -179,7 +179,7 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         kinds=sorted({s.kind.name for s in plan.forward.statements + plan.backward.statements}),
         plan=plan, str=str, len=len, float=float, zip=zip, range=range,
         leading=leading, ranks=ranks, leading_outputs=leading_outputs, apply_return=apply_return,
-        least_sizes={d.name: d.min_size for d in dims if d.min_size},
+        least_sizes={d.name: d.least for d in dims if d.min_size},
         # labels in range, as torch checks them (symgrad.runtime.triton_support.check_labels)
         label_checks=[f"_rt.check_labels(OP, {f.label!r}, t_{f.label}, n_{f.dim.name}, {'p_' + f.ignore if f.ignore else 'None'})"
                       for f in op.facts],

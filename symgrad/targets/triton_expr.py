@@ -51,11 +51,20 @@ def _float(v) -> str:
     return repr(f)
 
 
+def _axes(factor) -> frozenset:
+    """The index symbols a factor varies along (a row statistic or a param: none)."""
+    return frozenset().union(*(ix.free_symbols for e in factor.atoms(sp.Indexed) for ix in e.indices))
+
+
 class TritonPrinter(Printer):
     printmethod = "_tritoncode"
 
-    def __init__(self, names: Mapping[sp.Basic, str], index_mode: bool = False, maxes=None):
+    def __init__(self, names: Mapping[sp.Basic, str], index_mode: bool = False, maxes=None, rows: bool = False):
         super().__init__()
+        # In a row kernel, factors that vary along fewer axes (a row's statistics, then per-column
+        # vectors) multiply, and divide, before the full tiles, as in the NumPy printer: a norm's
+        # y = x*w*rstd with rstd = 1/(s*sqrt(...)) is (rstd*w)*x there, finite where x*w overflows.
+        self.rows = rows
         self.names = dict(names)
         self.maxes = dict(maxes or {})  # row-max symbol -> the entry it is the max of
         self.index_mode = index_mode
@@ -125,8 +134,22 @@ class TritonPrinter(Printer):
                 fs = " | ".join(self._print(f) for f in falses if f is not None)
                 zero = f"tl.where({fs}, 0.0, float('nan'))"
             return f"tl.where({' & '.join(conds)}, {rest}, {zero})"
+        factors = primitives.saturating_first(expr.args)
+        if self.rows and len(factors) > 2:
+            axes = [_axes(f) for f in factors]
+            most = max(len(a) for a in axes)
+            small = [f for f, a in zip(factors, axes) if len(a) < most]
+            big = [f for f, a in zip(factors, axes) if len(a) == most]
+            below = [f for f in small if isinstance(f, sp.Pow) and f.exp.is_negative or f.is_Rational and not f.is_Integer]
+            moved = below or factors[:len(small)] != small  # else the plain order is this order already
+            if small and big and moved and any(not f.is_number for f in small):
+                return f"({self._fraction(small)} * {self._fraction(big)[1:-1]})"
+        return self._fraction(factors)
+
+    def _fraction(self, factors) -> str:
+        """``(a * b / (c * d))``: negative integer powers and rational coefficients below the line."""
         num, den = [], []
-        for f in primitives.saturating_first(expr.args):
+        for f in factors:
             if isinstance(f, sp.Pow) and f.exp.is_Integer and f.exp < 0 and not self.index_mode:
                 den.append(f.base ** (-f.exp))
             elif f.is_Rational and not f.is_Integer and not self.index_mode:
@@ -220,5 +243,5 @@ class TritonPrinter(Printer):
         return "False"
 
 
-def print_expr(expr: sp.Basic, names: Mapping[sp.Basic, str], index_mode: bool = False, maxes=None) -> str:
-    return TritonPrinter(names, index_mode, maxes).doprint(expr)
+def print_expr(expr: sp.Basic, names: Mapping[sp.Basic, str], index_mode: bool = False, maxes=None, rows: bool = False) -> str:
+    return TritonPrinter(names, index_mode, maxes, rows).doprint(expr)

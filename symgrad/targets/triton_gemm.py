@@ -162,7 +162,11 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
             same = e in plain and (fdims.get(e) == axis_dim or (e in kext and dim_of_extent(kext[e], dims) == axis_dim))
             if not same:
                 masks.append(f"(({code}) >= 0) & (({code}) < {sig.idim(axis_dim.name)})")
-        lines.append(f"{var} = tl.load({sig.buf(name)} + {' + '.join(offs) or '0'}, mask={' & '.join(masks)}, other=0.0)")
+        mask = " & ".join(masks)
+        if st.kind is KernelClass.STENCIL:  # the mask is named: the stencil's exact re-sum reads it (stencil.j2)
+            lines.append(f"{var}_in = {mask}")
+            mask = f"{var}_in"
+        lines.append(f"{var} = tl.load({sig.buf(name)} + {' + '.join(offs) or '0'}, mask={mask}, other=0.0)")
         return lines
 
     a_lines = tile(a_op, mnames, knames, "m_mask[:, None] & k_mask[None, :]", "a")

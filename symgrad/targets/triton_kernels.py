@@ -101,7 +101,7 @@ class Sig:
             out.append(f"t_{b}")
             out += [f"t_{b}.stride({a})" for a in range(self.bufs[b])]
         out += [f"n_{d}" for d in sorted(self.idims)]
-        out += [f"float(n_{d})" for d in sorted(self.fdims)]
+        out += [f"_rt.fdim(n_{d})" for d in sorted(self.fdims)]
         out += [f"p_{p}" for p in sorted(self.params)]
         out += [h for _, h in self.extra]
         out += [f"{a}={h}" for a, h in self.constexpr]
@@ -142,11 +142,17 @@ def _maximum(a: str, b: str) -> str:
     return f"tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"
 
 
-def pr(ctx: Context, expr, names, what: str, maxes=None) -> str:
+def pr(ctx: Context, expr, names, what: str, maxes=None, rows: bool = False) -> str:
     try:
-        return print_expr(expr, names, maxes=maxes)
+        return print_expr(expr, names, maxes=maxes, rows=rows)
     except TritonPrintError as e:
         raise LoweringError(f"op {ctx.op.name}: cannot print {what}: {e}") from None
+
+
+def pr_rows(ctx: Context, expr, names, what: str, maxes=None) -> str:
+    """:func:`pr` in a row kernel: a product's row statistics and per-column vectors multiply
+    before its full tiles (``TritonPrinter.rows``)."""
+    return pr(ctx, expr, names, what, maxes, rows=True)
 
 
 def _skip_when_param_zero(ctx: Context, e):
@@ -608,13 +614,13 @@ class RowBuilder:
                 extra = {}
                 onl = [o for o in members if o.online is s]
                 names = self._printer_names(s.body, loads, load_lines, row_loads, row_lines, extra, True)
-                v = pr(ctx, s.body, names, f"row statistic {s.body}")
+                v = pr_rows(ctx, s.body, names, f"row statistic {s.body}")
                 if s.kind == "max":
                     if onl:
                         body.append(f"m_new = {_maximum(s.var, _rowmax(v))}")
                         for o in onl:
                             onames = self._printer_names(o.body, loads, load_lines, row_loads, row_lines, {s.sym: "m_new"}, True)
-                            ov = pr(ctx, o.body, onames, f"row statistic {o.body}")
+                            ov = pr_rows(ctx, o.body, onames, f"row statistic {o.body}")
                             body.append(f"{o.var} = {o.var} * tl.exp({s.var} - m_new) + tl.sum(tl.where(cmask, {ov}, 0.0), 0)")
                         body.append(f"{s.var} = m_new")
                     else:
@@ -630,7 +636,7 @@ class RowBuilder:
         for s in late:
             init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, tl.float32)")
             names = self._printer_names(s.body, loads, load_lines, row_loads, row_lines, {}, True)
-            v = pr(ctx, s.body, names, f"row statistic {s.body}")
+            v = pr_rows(ctx, s.body, names, f"row statistic {s.body}")
             if s.kind == "max":
                 body.append(f"{s.var} = {_maximum(s.var, _rowmax(v))}")
             else:
@@ -639,7 +645,7 @@ class RowBuilder:
             if role != "rowcol":
                 continue
             names = self._printer_names(e, loads, load_lines, row_loads, row_lines, {}, True)
-            v = pr(ctx, e, names, st.formula, self.maxes())
+            v = pr_rows(ctx, e, names, st.formula, self.maxes())
             ptr = sig.buf(st.target)
             line = f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)}, mask=cmask)"
             body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
@@ -648,7 +654,7 @@ class RowBuilder:
             j = str(sym)[1:]
             if coldep:
                 names = self._printer_names(b, loads, load_lines, row_loads, row_lines, {}, True)
-                v = pr(ctx, b, names, f"partial sum {b}", self.maxes())
+                v = pr_rows(ctx, b, names, f"partial sum {b}", self.maxes())
                 ncol = sig.idim(self.coldim.name)
                 # Several column blocks: read-modify-write this program's own partial row, whose
                 # first row writes it (so the buffer needs no zeroing). (The single-block path
@@ -678,14 +684,15 @@ class RowBuilder:
         for st, role, e in self.entries:
             if role != "row":
                 continue
+            e = _skip_when_param_zero(ctx, e)  # a per-row loss's eps*sum(...) with eps = 0, as the finished total
             names = self._printer_names(e, {}, [], row_loads, row_lines, {}, False)
-            v = pr(ctx, e, names, st.formula, self.maxes())
+            v = pr_rows(ctx, e, names, st.formula, self.maxes())
             ptr = sig.buf(st.target)
             row_after.append(f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)})")
         for sym, b, coldep in self.crosses:
             if not coldep:
                 names = self._printer_names(b, {}, [], row_loads, row_lines, {}, False)
-                row_after.append(f"acc{str(sym)[1:]} += {pr(ctx, b, names, f'partial sum {b}', self.maxes())}")
+                row_after.append(f"acc{str(sym)[1:]} += {pr_rows(ctx, b, names, f'partial sum {b}', self.maxes())}")
         nrow, nrow_host, row_decomp = self._rows()
         ncol = sig.idim(self.coldim.name) if self.coldim is not None else None
         sig.extra.append(("RPP", "rpp"))
@@ -751,7 +758,7 @@ class RowBuilder:
         # pass number and comes after it, so (pass, creation) order is a dependency order.
         early = sorted((s for s in self.stats if not s.late), key=lambda s: s.pass_no)
         for s in early + [s for s in self.stats if s.late]:
-            v = pr(ctx, s.body, names_of(s.body), f"row statistic {s.body}")
+            v = pr_rows(ctx, s.body, names_of(s.body), f"row statistic {s.body}")
             if s.kind == "max":
                 body.append(f"{s.var} = {_rowmax(v)}")
             else:
@@ -759,13 +766,13 @@ class RowBuilder:
         for st, role, e in self.entries:
             if role != "rowcol":
                 continue
-            v = pr(ctx, e, names_of(e), st.formula, self.maxes())
+            v = pr_rows(ctx, e, names_of(e), st.formula, self.maxes())
             ptr = self.sig.buf(st.target)
             line = f"tl.store({ptr} + {self._offset(st.target)}, {store_value(ptr, v)}, mask=cmask)"
             body += ["if WRITE_GRAD:", "    " + line] if st.fused else [line]
         for sym, b, coldep in self.crosses:
             if coldep:
-                v = pr(ctx, b, names_of(b), f"partial sum {b}", self.maxes())
+                v = pr_rows(ctx, b, names_of(b), f"partial sum {b}", self.maxes())
                 body.append(f"pacc{str(sym)[1:]} += tl.where(cmask, {v}, 0.0)")
         hoist = [line for node, line in zip(loads, load_lines) if not node.has(*self.rowsyms)]
         per_row = [line for node, line in zip(loads, load_lines) if node.has(*self.rowsyms)]
@@ -808,7 +815,7 @@ class RowBuilder:
                 names[node] = loads[node]
             e = _skip_when_param_zero(ctx, e)
             names = sig.names_for(e, names)
-            v = pr(ctx, e, names, st.formula, self.maxes())
+            v = pr_rows(ctx, e, names, st.formula, self.maxes())
             ptr = sig.buf(st.target)
             if role == "col":
                 stores.append(f"tl.store({ptr} + cols * {sig.stride(st.target, 0)}, {store_value(ptr, v)}, mask=cmask)")
