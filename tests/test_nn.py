@@ -236,6 +236,73 @@ def test_rms_norm(c):
         torch.testing.assert_close(mod(x), sg(x, mod.weight))
 
 
+
+# ---------------------------------------------------------------------------------------------
+# outputs changed in place: allowed where torch allows it, torch's error where backward reads them
+
+
+_INPLACE_OK = {
+    # name: (symgrad op, torch op, input shape); none of them saves its output for backward
+    "silu": (SF.silu, TF.silu, (2, 3, 5)),
+    "gelu": (SF.gelu, TF.gelu, (3, 5)),
+    "linear": (lambda x: SF.linear(x, *_LIN), lambda x: TF.linear(x, *_LIN), (2, 3, 5)),
+    "layer_norm": (lambda x: SF.layer_norm(x, (5,), _LIN[1], -_LIN[1]), lambda x: TF.layer_norm(x, (5,), _LIN[1], -_LIN[1]), (3, 5)),
+    "rms_norm": (lambda x: SF.rms_norm(x, (5,), _LIN[1]), lambda x: TF.rms_norm(x, (5,), _LIN[1]), (2, 3, 5)),
+}
+_LIN = (rand((5, 5), torch.float32, seed=11), rand((5,), torch.float32, seed=12))  # weight [out, in], bias
+
+
+@pytest.mark.parametrize("name", sorted(_INPLACE_OK))
+def test_output_changed_in_place_as_torch(name):
+    """``y = F.silu(x); y.mul_(2)`` (and a following ``ReLU(inplace=True)``): the op's real output
+    reaches autograd, so torch's in-place rules apply, with torch's gradient."""
+    sg, ref, shape = _INPLACE_OK[name]
+
+    def run(fn):
+        x = rand(shape, torch.float32, seed=2).requires_grad_(True)
+        y = fn(x)
+        y.mul_(2).relu_()
+        (y * torch.arange(y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)).sum().backward()
+        return y.detach(), x.grad
+
+    (ya, ga), (yb, gb) = run(sg), run(ref)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_relu_inplace_after_linear_trains_as_torch():
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(inplace=True), torch.nn.Linear(6, 3)).to(DEVICE)
+    mod = torch.nn.Sequential(snn.Linear(5, 6), torch.nn.ReLU(inplace=True), snn.Linear(6, 3)).to(DEVICE)
+    mod.load_state_dict(ref.state_dict())
+    x = rand((2, 4, 5), torch.float32)
+    ref(x).square().sum().backward()
+    mod(x).square().sum().backward()
+    for (k, a), b in zip(mod.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("kind, dim, shape", [("softmax", -1, (3, 5)), ("log_softmax", 1, (2, 5, 3)), ("softmax", 0, (4,))])
+def test_saved_output_changed_in_place_raises_as_torch(kind, dim, shape):
+    """softmax and log_softmax save their output for backward, in torch as in symgrad: changing it
+    in place makes backward raise torch's error (never a gradient at values forward never saw)."""
+    for fn in (getattr(SF, kind), getattr(TF, kind)):
+        x = rand(shape, torch.float32).requires_grad_(True)
+        y = fn(x, dim=dim)
+        y.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_saved_input_changed_in_place_raises_as_torch():
+    for fn in (SF.silu, TF.silu):
+        x = rand((3, 5), torch.float32).requires_grad_(True)
+        h = x * 1.0
+        y = fn(h)
+        h.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
 # ---------------------------------------------------------------------------------------------
 # losses
 
