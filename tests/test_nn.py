@@ -344,6 +344,51 @@ def test_cross_entropy(c):
         run()
 
 
+@pytest.mark.parametrize("c", sample("CrossEntropyLoss(return_z_loss)", 6, reduction=("mean", "sum", "none"), weight=(False, True),
+                                     softcap=(None, 5.0), spatial=(False, True), dtype=(torch.float32, torch.float64)))
+def test_cross_entropy_return_z_loss(c):
+    """Liger's return_z_loss: (loss, z) with z the z-loss term the loss includes, reduced as the loss
+    (mean: over the counted rows, class weights or not), without a gradient; the loss is unchanged."""
+    n, classes, zl = 5, 7, 0.05
+    shape = (n, classes, 2) if c["spatial"] else (n, classes)
+    x = rand(shape, c["dtype"], scale=3.0).requires_grad_(True)
+    g = torch.Generator().manual_seed(8)
+    y = torch.randint(0, classes, (n, 2) if c["spatial"] else (n,), generator=g).to(DEVICE)
+    y.view(-1)[2] = -100
+    w = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(DEVICE, c["dtype"]) if c["weight"] else None
+    opts = dict(reduction=c["reduction"], label_smoothing=0.1, z_loss=zl, softcap=c["softcap"])
+    if c["dtype"] == torch.float64 and not FP64:
+        return
+    loss, z = snn.CrossEntropyLoss(w, **opts, return_z_loss=True)(x, y)
+    # the reference: torch's logsumexp of the (capped) logits, classes on axis 1
+    xc = x.detach() if c["softcap"] is None else c["softcap"] * torch.tanh(x.detach() / c["softcap"])
+    counted = y != -100
+    rows = zl * torch.where(counted, torch.logsumexp(xc, 1) ** 2, 0.0)
+    want = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / counted.sum()}[c["reduction"]]
+    rtol, atol = TOL[c["dtype"]]
+    assert z.shape == loss.shape == want.shape and z.dtype == c["dtype"] and not z.requires_grad
+    torch.testing.assert_close(z, want, rtol=rtol, atol=atol)
+    # the loss is the same as without return_z_loss, and z is the part z_loss adds to it
+    plain = SF.cross_entropy(x, y, w, **opts)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    no_z = SF.cross_entropy(x, y, w, **{**opts, "z_loss": 0.0})
+    torch.testing.assert_close(loss - z, no_z, rtol=rtol, atol=atol)
+    (ga,) = torch.autograd.grad(loss.sum(), x)
+    (gb,) = torch.autograd.grad(plain.sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on the mean's 0/0
+def test_cross_entropy_return_z_loss_edges():
+    x, y = rand((3, 4), torch.float32), torch.tensor([1, -100, 2], device=DEVICE)
+    loss, z = SF.cross_entropy(x, y, return_z_loss=True)  # z_loss 0: a zero term, and no extra pass
+    assert float(z) == 0.0 and torch.equal(loss, SF.cross_entropy(x, y))
+    _, z = SF.cross_entropy(x, torch.full((3,), -100, device=DEVICE), z_loss=1e-4, return_z_loss=True)
+    assert z.isnan()  # a mean over no counted rows, as the loss's own (torch's NaN)
+    _, z = SF.cross_entropy(x[0], y[0], z_loss=1e-4, reduction="none", return_z_loss=True)  # unbatched
+    torch.testing.assert_close(z, 1e-4 * torch.logsumexp(x[0], 0) ** 2)
+
+
 @pytest.mark.parametrize("c", sample("BCEWithLogitsLoss", 6, reduction=("mean", "sum", "none"), shape=((7,), (2, 3, 5)),
                                      dtype=(torch.float32, torch.float64)))
 def test_bce_with_logits(c):
@@ -515,7 +560,7 @@ def test_unsupported_options_are_refused_at_construction():
 
 def test_counts_cover_every_module():
     assert set(COUNTS) >= {"GELU", "SiLU", "swiglu", "Softmax/LogSoftmax", "Linear", "Conv2d", "LayerNorm", "RMSNorm",
-                           "CrossEntropyLoss", "BCEWithLogitsLoss", "MSELoss"}
+                           "CrossEntropyLoss", "CrossEntropyLoss(return_z_loss)", "BCEWithLogitsLoss", "MSELoss"}
 
 
 def test_cpu_without_interpreter_says_how(tmp_path):

@@ -359,7 +359,7 @@ TORCH_REFUSES = {("max", "C"), ("conv2d", "Cout"), ("conv2d", "R"), ("conv2d", "
                  ("grad_norm_inf", "N")}  # no max of an empty gradient
 # no classes: with rows, a label that is not ignore_index names no class (torch: "Target 0 is out of
 # bounds"); all rows ignored: tests/test_ce_options.py::test_no_classes
-LABELS_OUT_OF_BOUNDS = {(op.name, "C") for op in REGISTRY if op.name.startswith("softmax_cross_entropy")}
+LABELS_OUT_OF_BOUNDS = {(op.name, "C") for op in REGISTRY if op.name.startswith(("softmax_cross_entropy", "softmax_z_loss"))}
 
 
 def _torch_run(op, args, pv):
