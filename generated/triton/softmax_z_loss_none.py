@@ -63,6 +63,8 @@ def _for0_rows(
     # loss[b] = z_loss*(log(row_sum0[b]) + row_max0[b])**2*Iverson(Ne(y[b], ignore_index))
     # dx_fused[b, i] = 2*z_loss*(log(row_sum0[b]) + row_max0[b])*exp(-row_max0[b] + x[b, i])*Iverson(Ne(y[b],
     #     ignore_index))/row_sum0[b]
+    ACC: tl.constexpr = tl.float64 if dx_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_z_loss = tl.full([], p_z_loss, ACC)
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -75,19 +77,19 @@ def _for0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = (tl.max(tl.where(cmask, cv2, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv2 != cv2), cv2, 0.0), 0))
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
             if WRITE_GRAD:
                 tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp((cv2 - st0)) / (st1)), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], float("-inf"), tl.float32)
-            st1 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], float("-inf"), ACC)
+            st1 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 m_new = tl.maximum(st0, (tl.max(tl.where(cmask, cv0, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv0 != cv0), cv0, 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
                 st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
                 st0 = m_new
@@ -95,7 +97,7 @@ def _for0_rows(
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 if WRITE_GRAD:
                     tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp((cv1 - st0)) / (st1)), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         tl.store(row_max0_ptr + row * row_max0_s0, (st0).to(row_max0_ptr.dtype.element_ty))
@@ -126,6 +128,7 @@ def _bac0_map(
     FLAT: tl.constexpr,
 ):
     # dx[b, i] = dloss[b]*dx_fused[b, i]
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -140,13 +143,13 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(ACC)
+        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(ACC)
+        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -177,8 +180,8 @@ def _forward(t_x, t_y, p_ignore_index, p_z_loss, write_grad, inplace=False):
     _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: row_max0, row_sum0, loss, dx_fused (rows)
-    t_row_max0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
-    t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
+    t_row_max0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
+    t_row_sum0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
     t_loss = torch.empty((n_B, ), dtype=dtype, device=device)
     t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 2)

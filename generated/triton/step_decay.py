@@ -48,6 +48,10 @@ def _for0_map(
 ):
     # lr_t[s] = gamma**Floor((-warmup + t[s])/step_size)*lr*Iverson(t[s] >= warmup) + lr*(start_factor + (1 -
     #     start_factor)*t[s]/(warmup*Iverson(warmup > 1) + Iverson(warmup <= 1)))*Iverson(t[s] < warmup)
+    ACC: tl.constexpr = tl.float64 if lr_t_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_gamma = tl.full([], p_gamma, ACC)
+    p_lr = tl.full([], p_lr, ACC)
+    p_start_factor = tl.full([], p_start_factor, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -59,11 +63,11 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_lr * sg_pow(p_gamma, tl.floor((((-p_warmup) + ld0) / (p_step_size))))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_lr * sg_pow(p_gamma, tl.floor((((-p_warmup) + ld0) / (p_step_size))))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,6 +95,9 @@ def _bac0_map(
 ):
     # dt[s] = lr*(1 - start_factor)*Iverson(t[s] < warmup)*dlr_t[s]/(warmup*Iverson(warmup > 1) + Iverson(warmup
     #     <= 1))
+    ACC: tl.constexpr = tl.float64 if dt_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_lr = tl.full([], p_lr, ACC)
+    p_start_factor = tl.full([], p_start_factor, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -102,13 +109,13 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))), tl.where((ld1 >= p_warmup), 0.0, float('nan')))).to(dt_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))), tl.where((ld1 >= p_warmup), 0.0, float('nan')))).to(dt_ptr.dtype.element_ty), mask=mask)
 
 

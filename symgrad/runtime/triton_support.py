@@ -22,12 +22,21 @@ import triton.language as tl
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the NumPy modules)
 from .domains import check_params, check_sizes, label_error  # noqa: F401  (param domains and least sizes, shared with the NumPy modules)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op's kernels compute and accumulate in (and its intermediates, partial sums
+    and split-K workspaces are allocated in): float64 for float64 tensors, else float32. The
+    kernels read the same choice from their buffers (``ACC``, the first line of each)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
-# Device helpers (fp32 in, fp32 out)
+# Device helpers (in and out in the kernel's ACC dtype: fp32, or fp64 for float64 tensors)
 
 
 @triton.jit
@@ -117,7 +126,7 @@ def row_block(n_cols: int, itemsize: int = 4, live: int = 1) -> int:
     their live values in half the register file (two programs per SM), up to the loop cap.
     ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block (tests force several blocks with it)."""
     want = triton.next_power_of_2(max(int(n_cols), 1))
-    live = max(int(live), 1)
+    live = max(int(live), 1) * (2 if itemsize >= 8 else 1)  # a float64 value takes two 32-bit registers
     if os.environ.get("SYMGRAD_TRITON_MAX_BLOCK"):
         return max(16, min(want, _max_block()))
     if want <= SINGLE_BLOCK_MAX and want * live <= REGISTER_FILE:
@@ -238,7 +247,7 @@ def prune_gemm_configs(configs, nargs, **kwargs) -> list:
 
     m, n = cap(nargs["M_tot"]), cap(nargs["N_tot"])
     itemsize = max((t.element_size() for t in nargs.values() if isinstance(t, torch.Tensor)), default=2)
-    fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and itemsize == 4
+    fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and itemsize >= 4
     keep = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -295,7 +304,7 @@ def check_inputs(op: str, specs) -> tuple[torch.dtype, torch.device]:
                 raise ValueError(f"{op}: input {name} holds integer labels; got dtype {t.dtype}")
             continue
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{op}: input {name} must have dtype float32, float16 or bfloat16; got {t.dtype}")
+            raise ValueError(f"{op}: input {name} must have dtype float32, float16, bfloat16 or float64; got {t.dtype}")
         if dtype is None:
             dtype = t.dtype
         elif t.dtype != dtype:
@@ -365,6 +374,18 @@ def check_cotangent(op: str, name: str, t, shape, device) -> None:
         raise ValueError(f"{op}: cotangent {name} is on {t.device}, the saved values on {device}")
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: cotangent {name} must be a float tensor; got {t.dtype}")
+
+
+def check_constants(op: str, tensors: dict) -> None:
+    """``apply``'s constant inputs (a loss's targets, class weights) get no gradient: one that
+    requires grad while autograd records is refused, never left silently without its gradient
+    (torch differentiates a loss's targets, and refuses cross-entropy's class weights)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(f"{op}: input {name} requires grad, but {op} takes it as a constant: no gradient is "
+                               f"derived for it. Pass {name}.detach() (or declare {name} differentiable in the op)")
 
 
 def check_int_param(op: str, name: str, value) -> int:
@@ -506,9 +527,9 @@ def split_k(m: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(k, per), per
 
 
-def split_workspace(splits: int, m: int, n: int, device: torch.device) -> torch.Tensor:
-    """The fp32 partial sums of a split-K launch, one (M, N) tile set per split."""
-    return torch.empty((splits, m, n), dtype=torch.float32, device=device)
+def split_workspace(splits: int, m: int, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The partial sums of a split-K launch (fp32; fp64 for float64 tensors), one (M, N) tile set per split."""
+    return torch.empty((splits, m, n), dtype=acc_dtype(dtype), device=device)
 
 
 def finish_split(ws: torch.Tensor, out: torch.Tensor, shape: tuple, perm: tuple) -> None:
@@ -538,7 +559,7 @@ def prune_stencil_configs(configs, nargs, **kwargs) -> list:
     :func:`prune_gemm_configs`' cut to the problem size."""
     if interpreting():
         return prune_gemm_configs(configs, nargs, **kwargs)
-    wide = max((t.element_size() for k, t in nargs.items() if isinstance(t, torch.Tensor) and k != "WS_ptr"), default=2) == 4
+    wide = max((t.element_size() for k, t in nargs.items() if isinstance(t, torch.Tensor) and k != "WS_ptr"), default=2) >= 4
     tiles = STENCIL_TILES_32 if wide else STENCIL_TILES_16
     keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
     return prune_gemm_configs(keep or configs, nargs, **kwargs)

@@ -107,6 +107,25 @@ class Sig:
         out += [f"{a}={h}" for a, h in self.constexpr]
         return out
 
+    def acc_lines(self) -> list[str]:
+        """The kernel's first lines. ``ACC``: the dtype its math and accumulations run in, float64
+        when the op's tensors are float64, else float32 (fp32, fp16 and bf16 inputs alike), read at
+        compile time from a float buffer the host allocates in the op's dtype or its accumulation
+        dtype (never a label, never a cotangent, whose dtype is the caller's). Then the float
+        params and float dims as ``ACC`` scalars: compiled they arrive as fp32 scalars (a no-op
+        cast in an fp32 kernel, so fp32 and 16-bit kernels compile exactly as with a literal
+        ``tl.float32``), interpreted as Python floats, which a ``tl.where`` of two scalars would
+        otherwise round to fp32 in a float64 kernel."""
+        plan = self.ctx.plan
+        skip = set(plan.labels) | set(plan.cotangents)
+        ptrs = [f"{b}_ptr" for b in sorted(self.bufs) if b not in skip] + [a for a, _ in self.extra if a.endswith("_ptr")]
+        if not ptrs:
+            raise LoweringError(f"op {self.ctx.op.name}: a kernel with no float buffer of the op's own dtype")
+        params = self.ctx.params
+        floats = [f"p_{p}" for p in sorted(self.params) if not params[p].integer] + [f"f_{d}" for d in sorted(self.fdims)]
+        return ([f"ACC: tl.constexpr = tl.float64 if {ptrs[0]}.dtype.element_ty == tl.float64 else tl.float32"]
+                + [f"{v} = tl.full([], {v}, ACC)" for v in floats])
+
     def names_for(self, expr: sp.Expr, names: dict) -> dict:
         """Complete ``names`` with dims, params and scalar buffers that ``expr`` reads."""
         out = dict(names)
@@ -124,7 +143,7 @@ class Sig:
                 out[s] = f"f_{n}"
             elif n in buffers and not buffers[n]:
                 self.buf(n)
-                self.scalar_loads[n] = f"v_{n} = tl.load({n}_ptr).to(tl.float32)"
+                self.scalar_loads[n] = f"v_{n} = tl.load({n}_ptr).to(ACC)"
                 out[s] = f"v_{n}"
             else:
                 raise LoweringError(f"op {self.ctx.op.name}: symbol {n} has no meaning in a kernel")
@@ -250,7 +269,7 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     if any(s.fused for s in stmts):
         sig.constexpr.append(("WRITE_GRAD", "write_grad"))
     src = ctx.env.get_template("map.j2").render(
-        name=kname, args=sig.kernel_args(), formulas=_formula_lines(stmts),
+        name=kname, args=sig.kernel_args(), acc=sig.acc_lines(), formulas=_formula_lines(stmts),
         decompose=decompose, scalar_loads=sorted(sig.scalar_loads.values()), loads=load_lines, body=body,
     )
     host = [
@@ -302,7 +321,7 @@ def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: 
         off = _flat_or(off)
     label = name in ctx.plan.labels
     m = f", mask={' & '.join(masks)}, other=0" if masks else ""
-    conv = "" if label else ".to(tl.float32)"
+    conv = "" if label else ".to(ACC)"
     return f"{var} = tl.load({ptr} + {off}{m}){conv}"
 
 
@@ -607,7 +626,7 @@ class RowBuilder:
             init, loads, load_lines, body = [], {}, [], []
             members = [s for s in self.stats if not s.late and s.pass_no == p]
             for s in members:
-                init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, tl.float32)")
+                init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, ACC)")
             for s in members:
                 if s.online is not None:
                     continue  # emitted with its max
@@ -634,7 +653,7 @@ class RowBuilder:
         init, loads, load_lines, body = [], {}, [], []
         late = [s for s in self.stats if s.late]
         for s in late:
-            init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, tl.float32)")
+            init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, ACC)")
             names = self._printer_names(s.body, loads, load_lines, row_loads, row_lines, {}, True)
             v = pr_rows(ctx, s.body, names, f"row statistic {s.body}")
             if s.kind == "max":
@@ -661,14 +680,14 @@ class RowBuilder:
                 # keeps the partial sums in registers across the program's rows.)
                 body += [f"pp{j} = part{j}_ptr + pid64 * {ncol} + cols",
                          f"tl.store(pp{j}, tl.load(pp{j}, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, {v}, 0.0), mask=cmask)"]
-                part_init.append(f"pacc{j} = tl.zeros([BLOCK], tl.float32)")
+                part_init.append(f"pacc{j} = tl.zeros([BLOCK], ACC)")
                 part_store += ["if SINGLE_BLOCK:", f"    tl.store(part{j}_ptr + pid64 * {ncol} + cols0, pacc{j}, mask=cols0 < {ncol})"]
                 # every program writes its whole partial row unless it has no rows (an empty batch)
-                part_host.append(f"part{j} = (torch.empty if {{nrows}} else torch.zeros)((n_prog, n_{self.coldim.name}), dtype=torch.float32, device=device)")
+                part_host.append(f"part{j} = (torch.empty if {{nrows}} else torch.zeros)((n_prog, n_{self.coldim.name}), dtype=_rt.acc_dtype(dtype), device=device)")
             else:
-                part_init.append(f"acc{j} = tl.full([], 0.0, tl.float32)")
+                part_init.append(f"acc{j} = tl.full([], 0.0, ACC)")
                 part_store.append(f"tl.store(part{j}_ptr + pid64, acc{j})")
-                part_host.append(f"part{j} = torch.zeros((n_prog,), dtype=torch.float32, device=device)")
+                part_host.append(f"part{j} = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)")
             sig.extra.append((f"part{j}_ptr", f"part{j}"))
         if body or late:
             final = dict(init=init, loads=load_lines, body=body)
@@ -703,7 +722,7 @@ class RowBuilder:
         if single is not None:
             sig.constexpr.append(("SINGLE_BLOCK", f"n_{self.coldim.name} <= blk"))
         main = ctx.env.get_template("rows.j2").render(
-            name=self.kname, args=sig.kernel_args(), formulas=_formula_lines(self.launch.statements),
+            name=self.kname, args=sig.kernel_args(), acc=sig.acc_lines(), formulas=_formula_lines(self.launch.statements),
             scalar_loads=sorted(sig.scalar_loads.values()), nrow=nrow, ncol=ncol,
             part_init=part_init, row_lines=row_lines, single=single, passes=passes, final=final,
             row_after=row_after, part_store=part_store, row_decomp=row_decomp,
@@ -789,11 +808,11 @@ class RowBuilder:
             j = str(sym)[1:]
             sig.extra.append((f"part{j}_ptr", f"part{j}"))
             if coldep:
-                lines += [f"tot{j} = tl.zeros([BLOCK], tl.float32)",
+                lines += [f"tot{j} = tl.zeros([BLOCK], ACC)",
                           "for p in range(0, P):",
                           f"    tot{j} += tl.load(part{j}_ptr + p * {ncol} + cols, mask=cmask, other=0.0)"]
             else:
-                lines += [f"acc{j} = tl.zeros([BLOCK], tl.float32)",
+                lines += [f"acc{j} = tl.zeros([BLOCK], ACC)",
                           "for p0 in range(0, P, BLOCK):",
                           "    po = p0 + tl.arange(0, BLOCK)",
                           f"    acc{j} += tl.load(part{j}_ptr + po, mask=po < P, other=0.0)",
@@ -824,7 +843,7 @@ class RowBuilder:
         sig.extra.append(("P", "n_prog"))
         sig.constexpr.append(("BLOCK", "fblk"))
         src = ctx.env.get_template("finish.j2").render(
-            name=fname, args=sig.kernel_args(), formulas=[f"finish: {s.formula}"[:110] for s, r, _ in self.entries if r in ("col", "scalar")],
+            name=fname, args=sig.kernel_args(), acc=sig.acc_lines(), formulas=[f"finish: {s.formula}"[:110] for s, r, _ in self.entries if r in ("col", "scalar")],
             ncol=ncol, scalar_loads=sorted(sig.scalar_loads.values()), lines=lines, loads=load_lines,
             stores=stores, scalar_stores=scalar_stores,
         )
@@ -861,9 +880,9 @@ def emit_scale(ctx: Context, launch: Launch, kname: str):
     sig.extra += [("n_total", "n_total"), ("CHUNK", "chunk")]
     sig.constexpr += [("BLOCK", "blk"), ("IDX64", "n_total + chunk >= 2**31")]
     src = ctx.env.get_template("scale.j2").render(
-        name=kname, args=sig.kernel_args(), formulas=_formula_lines([st]), target=st.target,
+        name=kname, args=sig.kernel_args(), acc=sig.acc_lines(), formulas=_formula_lines([st]), target=st.target,
         scalar_loads=sorted(sig.scalar_loads.values()), cot=f"v_{cot}",
-        load=f"v = tl.load({ptr} + offs, mask=mask, other=0).to(tl.float32)",
+        load=f"v = tl.load({ptr} + offs, mask=mask, other=0).to(ACC)",
         store=f"tl.store({ptr} + offs, {store_value(ptr, value)}, mask=mask)",
     )
     host = [
