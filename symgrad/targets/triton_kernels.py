@@ -196,7 +196,7 @@ def _formula_lines(stmts) -> list[str]:
 def store_value(ptr: str, value: str) -> str:
     try:  # a number (a gradient that is identically 0 reads nothing): a Python float has no .to
         float(value)
-        value = f"tl.full([], {value}, tl.float32)"
+        value = f"tl.full([], {value}, ACC)"
     except ValueError:
         pass
     return f"({value}).to({ptr}.dtype.element_ty)"
