@@ -226,6 +226,7 @@ GEMM_TILES = (
     (64, 128, 64, 4, 4),
     (64, 64, 32, 4, 4),
 )
+GEMM_TILES_64 = ((64, 64, 16, 4, 3),)  # float64 (see prune_gemm_configs)
 GEMM_SMEM_BUDGET = 160 * 1024  # operand stages must fit sm_80's 163 KB too; sm_90 has 227 KB
 
 
@@ -241,13 +242,14 @@ def gemm_configs() -> list:
 def prune_gemm_configs(configs, nargs, **kwargs) -> list:
     """Configs worth timing for one launch: tiles no larger than the problem (next power of two,
     at least 16, as tl.dot needs), operand stages within the shared-memory budget, and, where fp32
-    runs on FMA units (PREC ieee), tiles of at most 128 x 128 x 32 (a larger fp32 accumulator spills)."""
+    runs on FMA units (PREC ieee), tiles of at most 128 x 128 x 32 (a larger fp32 accumulator spills);
+    float64 compiled runs ``GEMM_TILES_64``."""
     def cap(n) -> int:
         return max(16, triton.next_power_of_2(max(int(n), 1)))
 
     m, n = cap(nargs["M_tot"]), cap(nargs["N_tot"])
     itemsize = max((t.element_size() for t in nargs.values() if isinstance(t, torch.Tensor)), default=2)
-    fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and itemsize >= 4
+    fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and itemsize == 4
     keep = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -258,6 +260,11 @@ def prune_gemm_configs(configs, nargs, **kwargs) -> list:
         if fma and (bm * bn > 128 * 128 or bk > 32):
             continue
         keep.append(c)
+    if itemsize >= 8 and not interpreting():
+        # float64: an accumulator entry takes two registers and an operand entry twice the shared
+        # memory, so the fp32 tiles spill inside the K loop (sm_90); one smaller tile instead
+        keep = [triton.Config({"BLOCK_M": min(m, bm), "BLOCK_N": min(n, bn), "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in GEMM_TILES_64]
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
@@ -559,7 +566,7 @@ def prune_stencil_configs(configs, nargs, **kwargs) -> list:
     :func:`prune_gemm_configs`' cut to the problem size."""
     if interpreting():
         return prune_gemm_configs(configs, nargs, **kwargs)
-    wide = max((t.element_size() for k, t in nargs.items() if isinstance(t, torch.Tensor) and k != "WS_ptr"), default=2) >= 4
+    wide = max((t.element_size() for k, t in nargs.items() if isinstance(t, torch.Tensor) and k != "WS_ptr"), default=2) == 4
     tiles = STENCIL_TILES_32 if wide else STENCIL_TILES_16
     keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
     return prune_gemm_configs(keep or configs, nargs, **kwargs)
