@@ -87,3 +87,26 @@ def test_a_constant_that_requires_grad_is_refused(call):
     with torch.no_grad():
         call(x, t)  # nothing is recorded: no gradient is missing
     call(x, t.detach())
+
+
+def test_float64_kernels_take_float_params_as_fp64_arguments():
+    """Compiled, Triton passes a Python float as an fp32 argument; a float64 launch gets a variant
+    of the kernel whose float params are fp64 arguments (``_rt.float_params``), the same kernel
+    for every other dtype and under the interpreter (which passes Python floats unrounded).
+    `python bench/compile_report.py --dtypes float64 --sizes B=64 --ops softmax_cross_entropy`
+    compiles the variants for sm_90 (their PTX takes ``.param .f64``)."""
+    import inspect
+
+    from symgrad.nn._kernels import kernel
+    from symgrad.runtime import triton_support as rt
+
+    k = kernel("softmax_cross_entropy")._for1_rows
+    names = ("p_eps", "p_z_loss", "f_C")
+    assert rt.float_params(k, torch.float32, names) is k and rt.float_params(k, torch.bfloat16, names) is k
+    if rt.interpreting():
+        assert rt.float_params(k, torch.float64, names) is k
+    v = rt._fp64_variant(k, names)
+    assert v.fn.__name__ == k.fn.__name__ and v is rt._fp64_variant(k, names)
+    annotations = {n: p.annotation for n, p in inspect.signature(v.fn).parameters.items()}
+    assert {n: annotations[n] for n in names} == {n: "fp64" for n in names}
+    assert all(a is inspect.Parameter.empty or "constexpr" in str(a) for n, a in annotations.items() if n not in names)

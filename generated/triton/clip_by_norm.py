@@ -135,7 +135,7 @@ def _forward(t_g, t_total_norm, p_max_norm, write_grad):
     t_out = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_for0_map, dtype, ('p_max_norm',))[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
     saved = {
         'total_norm': t_total_norm,
         'max_norm': p_max_norm,
@@ -179,7 +179,7 @@ def backward(saved, dout, ):
     t_dg = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('p_max_norm',))[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout))
     return (t_dg, None, )
 
 

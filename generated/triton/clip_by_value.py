@@ -137,7 +137,7 @@ def _forward(t_g, p_clip_value, write_grad):
     t_out = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), n_N, p_clip_value, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_for0_map, dtype, ('p_clip_value',))[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), n_N, p_clip_value, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
     saved = {
         'g': t_g,
         'clip_value': p_clip_value,
@@ -181,7 +181,7 @@ def backward(saved, dout, ):
     t_dg = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_g, t_g.stride(0), n_N, p_clip_value, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout, t_g))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('p_clip_value',))[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_g, t_g.stride(0), n_N, p_clip_value, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout, t_g))
     return (t_dg, )
 
 

@@ -171,9 +171,9 @@ def _forward(t_x, t_y, write_grad, inplace=False):
     blk = _rt.row_block(n_C, dtype.itemsize, 3)
     n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_B', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
-    _for0_rows_finish[(1,)](t_loss, float(n_B), float(n_C), part0, n_prog, BLOCK=fblk)
+    _rt.float_params(_for0_rows_finish, dtype, ('f_B', 'f_C'))[(1,)](t_loss, float(n_B), float(n_C), part0, n_prog, BLOCK=fblk)
     saved = {
         'dx_fused': t_dx_fused,
         'B': n_B,

@@ -236,9 +236,9 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad, i
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     part1 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     part2 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, part0, part1, part2, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'p_softcap', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, part0, part1, part2, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
-    _for0_rows_finish[(1,)](t_loss, float(n_C), p_eps, p_z_loss, part0, part1, part2, n_prog, BLOCK=fblk)
+    _rt.float_params(_for0_rows_finish, dtype, ('p_eps', 'p_z_loss', 'f_C'))[(1,)](t_loss, float(n_C), p_eps, p_z_loss, part0, part1, part2, n_prog, BLOCK=fblk)
     saved = {
         'dx_fused': t_dx_fused,
         'eps': p_eps,

@@ -144,7 +144,7 @@ def _forward(t_t, p_lr, p_step_size, p_gamma, p_warmup, p_start_factor, write_gr
     t_lr_t = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_gamma, p_lr, p_start_factor, p_step_size, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_lr_t, t_t))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_for0_map, dtype, ('p_gamma', 'p_lr', 'p_start_factor'))[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_gamma, p_lr, p_start_factor, p_step_size, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_lr_t, t_t))
     saved = {
         't': t_t,
         'lr': p_lr,
@@ -196,7 +196,7 @@ def backward(saved, dlr_t, ):
     t_dt = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dlr_t, t_dt, t_t))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('p_lr', 'p_start_factor'))[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dlr_t, t_dt, t_t))
     return (t_dt, )
 
 

@@ -91,6 +91,44 @@ def sg_pow(b, e):
 
 
 # ---------------------------------------------------------------------------------------------
+# float64 params on a GPU
+
+
+def float_params(kernel, dtype: torch.dtype, names: tuple):
+    """``kernel``, or for float64 tensors compiled on a GPU a variant whose float params ``names``
+    (``p_eps``, ``f_C``...) are fp64 arguments: Triton passes a Python float as an fp32 argument,
+    which would give a float64 kernel a param with fp32's 24-bit mantissa (``label_smoothing=0.1``
+    acting as 0.1 + 1.5e-9). fp32 and 16-bit tensors launch ``kernel`` itself; the interpreter
+    hands Python floats to the kernel unrounded, so it launches ``kernel`` too."""
+    if dtype != torch.float64 or interpreting():
+        return kernel
+    return _fp64_variant(kernel, tuple(names))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp64_variant(kernel, names: tuple):
+    import copy
+    import inspect
+    import types
+
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        tuned = copy.copy(kernel)  # the same configs, key and pruning; its own cache of choices
+        tuned.cache = {}
+        tuned.fn = _fp64_variant(kernel.fn, names)
+        return tuned
+    fn = kernel.fn
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__module__ = fn.__module__
+    new.__qualname__ = f"{fn.__qualname__}__fp64_params"  # its own entry in Triton's registry of jit functions
+    sig = inspect.signature(fn)
+    new.__signature__ = sig.replace(parameters=[p.replace(annotation="fp64") if p.name in names else p
+                                                for p in sig.parameters.values()])
+    return triton.jit(new)
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch geometry
 
 

@@ -72,7 +72,8 @@ def _skip_empty(line: str) -> str:
     launches nothing (Triton refuses a grid of 0), and its outputs are empty already."""
     head, sep, _ = line.partition("](")
     name, bracket, grid = head.partition("[")
-    if not sep or not bracket or not name.isidentifier() or grid.strip("(),").isdigit():
+    kernel = name.isidentifier() or name.startswith("_rt.float_params(")
+    if not sep or not bracket or not kernel or grid.strip("(),").isdigit():
         return line
     return f"if _rt.programs({grid}): {line}"
 

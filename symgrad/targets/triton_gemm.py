@@ -215,6 +215,6 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
         f"K_tot = {' * '.join(k_ext)}",
         "grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N'])" + batches + ",)",
         # K_tot = 0 still launches: the output is the epilogue of a zero sum, as torch gives it
-        f"if _rt.programs((M_tot * N_tot{batches},)): {kname}[grid]({', '.join(sig.host_args())})",
+        f"if _rt.programs((M_tot * N_tot{batches},)): {sig.launcher(kname)}[grid]({', '.join(sig.host_args())})",
     ]
     return [src], host, [st.target]

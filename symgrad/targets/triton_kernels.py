@@ -121,10 +121,19 @@ class Sig:
         ptrs = [f"{b}_ptr" for b in sorted(self.bufs) if b not in skip] + [a for a, _ in self.extra if a.endswith("_ptr")]
         if not ptrs:
             raise LoweringError(f"op {self.ctx.op.name}: a kernel with no float buffer of the op's own dtype")
-        params = self.ctx.params
-        floats = [f"p_{p}" for p in sorted(self.params) if not params[p].integer] + [f"f_{d}" for d in sorted(self.fdims)]
         return ([f"ACC: tl.constexpr = tl.float64 if {ptrs[0]}.dtype.element_ty == tl.float64 else tl.float32"]
-                + [f"{v} = tl.full([], {v}, ACC)" for v in floats])
+                + [f"{v} = tl.full([], {v}, ACC)" for v in self.float_args()])
+
+    def float_args(self) -> list[str]:
+        """The kernel's float scalar arguments: float params and float dims."""
+        params = self.ctx.params
+        return [f"p_{p}" for p in sorted(self.params) if not params[p].integer] + [f"f_{d}" for d in sorted(self.fdims)]
+
+    def launcher(self, kname: str) -> str:
+        """What the host launches: the kernel, or where it takes float scalars the kernel the
+        tensors' dtype needs (``_rt.float_params``: fp64 arguments for float64 tensors on a GPU)."""
+        floats = tuple(self.float_args())
+        return f"_rt.float_params({kname}, dtype, {floats!r})" if floats else kname
 
     def names_for(self, expr: sp.Expr, names: dict) -> dict:
         """Complete ``names`` with dims, params and scalar buffers that ``expr`` reads."""
@@ -275,7 +284,7 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     host = [
         f"n_total = {total}",
         "blk = _rt.map_block(n_total)",
-        f"{kname}[(triton.cdiv(n_total, blk),)]({', '.join(sig.host_args())})",
+        f"{sig.launcher(kname)}[(triton.cdiv(n_total, blk),)]({', '.join(sig.host_args())})",
     ]
     return [src], host, [s.target for s in stmts]
 
@@ -751,7 +760,7 @@ class RowBuilder:
         else:
             host.append(f"n_prog, rpp = {nrows}, 1")
         host += [line.replace("{nrows}", nrows) for line in part_host]
-        host.append(f"{self.kname}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
+        host.append(f"{sig.launcher(self.kname)}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
         if self.crosses:
             fsrc, fhost = self._finish()
             srcs.append(fsrc)
@@ -849,9 +858,9 @@ class RowBuilder:
         )
         if col:
             host = [f"fblk = _rt.map_block(n_{self.coldim.name})",
-                    f"{fname}[(triton.cdiv(n_{self.coldim.name}, fblk),)]({', '.join(sig.host_args())})"]
+                    f"{sig.launcher(fname)}[(triton.cdiv(n_{self.coldim.name}, fblk),)]({', '.join(sig.host_args())})"]
         else:
-            host = ["fblk = _rt.map_block(n_prog)", f"{fname}[(1,)]({', '.join(sig.host_args())})"]
+            host = ["fblk = _rt.map_block(n_prog)", f"{sig.launcher(fname)}[(1,)]({', '.join(sig.host_args())})"]
         return src, host
 
 
@@ -889,6 +898,6 @@ def emit_scale(ctx: Context, launch: Launch, kname: str):
         f"t_{st.target} = _rt.take_fused(OP, saved, {buf!r})",
         f"n_total = t_{st.target}.numel()",
         "blk, n_prog, chunk = _rt.scale_geometry(n_total, device)",
-        f"{kname}[(n_prog,)]({', '.join(sig.host_args())})",
+        f"{sig.launcher(kname)}[(n_prog,)]({', '.join(sig.host_args())})",
     ]
     return [src], host, [st.target]

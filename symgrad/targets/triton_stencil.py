@@ -80,7 +80,7 @@ def emit_stencil(ctx, st: Statement, kname: str, sig, g: dict):
         f"t_ws = _rt.split_workspace(splits, M_tot, N_tot, device, dtype) if splits > 1 else t_{st.target}",
         "grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N'])" + batches + ", splits)",
         # K_tot = 0 still launches: the output is the epilogue of a zero sum, as torch gives it
-        f"if _rt.programs((M_tot * N_tot{batches},)): {kname}[grid]({', '.join(sig.host_args())})",
+        f"if _rt.programs((M_tot * N_tot{batches},)): {sig.launcher(kname)}[grid]({', '.join(sig.host_args())})",
     ]
     if split:
         order = list(g["m_idx"]) + list(g["n_idx"])
