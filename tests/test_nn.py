@@ -14,11 +14,9 @@ import torch.nn.functional as TF
 
 import symgrad.nn as snn
 import symgrad.nn.functional as SF
-from symgrad.runtime import triton_support
 
 # compiled on a CUDA GPU where there is one, else through the interpreter (conftest.py decides)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP64 = torch.float64 in triton_support.FLOAT_DTYPES  # float64 on the Triton modules (issue 8, part A)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-10), torch.bfloat16: (3e-2, 3e-2)}
 
@@ -80,15 +78,6 @@ def compare(sg_fn, ref_fn, inputs: dict, dtype, cot_seed=7):
                                        msg=lambda m: f"gradient of {k}: {m}")
 
 
-def needs_fp64(dtype, fn):
-    """float64 runs once the Triton modules take it; until then it must be a clear error."""
-    if dtype == torch.float64 and not FP64:
-        with pytest.raises(ValueError, match="float64|dtype"):
-            fn()
-        return True
-    return False
-
-
 # ---------------------------------------------------------------------------------------------
 # activations
 
@@ -97,24 +86,21 @@ def needs_fp64(dtype, fn):
 def test_gelu(c):
     x = rand(c["shape"], c["dtype"], c["strided"], scale=2.0)
     run = lambda: compare(lambda x: snn.GELU(c["approximate"])(x), lambda x: TF.gelu(x, approximate=c["approximate"]), {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("SiLU", 6, shape=((7,), (2, 3, 5)), dtype=DTYPES, strided=(False, True)))
 def test_silu(c):
     x = rand(c["shape"], c["dtype"], c["strided"], scale=2.0)
     run = lambda: compare(lambda x: snn.SiLU()(x), lambda x: TF.silu(x), {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("swiglu", 4, shape=((5,), (2, 3, 5)), dtype=DTYPES))
 def test_swiglu(c):
     a, g = rand(c["shape"], c["dtype"], seed=1), rand(c["shape"], c["dtype"], seed=2)
     run = lambda: compare(SF.swiglu, lambda gate, up: TF.silu(gate) * up, {"gate": a, "up": g}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("Softmax/LogSoftmax", 12, kind=("softmax", "log_softmax"), dim=(0, 1, -1),
@@ -124,8 +110,7 @@ def test_softmax(c):
     mod = (snn.Softmax if c["kind"] == "softmax" else snn.LogSoftmax)(dim=c["dim"])
     ref = getattr(TF, c["kind"])
     run = lambda: compare(lambda x: mod(x), lambda x: ref(x, dim=c["dim"]), {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 def test_softmax_implicit_dim_warns_as_torch():
@@ -153,10 +138,9 @@ def test_linear(c):
         return SF.linear(x, weight, bias)
 
     run = lambda: compare(sg, lambda x, weight, bias: TF.linear(x, weight, bias), {"x": x, **params}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
-        # the module gives the functional's result
-        torch.testing.assert_close(mod(x), SF.linear(x, ref.weight, ref.bias))
+    run()
+    # the module gives the functional's result
+    torch.testing.assert_close(mod(x), SF.linear(x, ref.weight, ref.bias))
 
 
 @pytest.mark.parametrize("c", sample("Conv2d", 10, bias=(True, False), stride=(1, 2), padding=(0, 1, "same"),
@@ -175,9 +159,8 @@ def test_conv2d(c):
     kw = dict(stride=c["stride"], padding=c["padding"])
     run = lambda: compare(lambda x, weight, bias: SF.conv2d(x, weight, bias, **kw),
                           lambda x, weight, bias: TF.conv2d(x, weight, bias, **kw), {"x": x, **p}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
-        torch.testing.assert_close(mod(x), ref(x), rtol=1e-4, atol=1e-5)
+    run()
+    torch.testing.assert_close(mod(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +182,8 @@ def test_layer_norm(c):
          "bias": None if ref.bias is None else ref.bias.detach()}
     run = lambda: compare(lambda x, weight, bias: SF.layer_norm(x, c["shape"], weight, bias, 1e-5),
                           lambda x, weight, bias: TF.layer_norm(x, c["shape"], weight, bias, 1e-5), {"x": x, **p}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
-        torch.testing.assert_close(mod(x).double(), ref(x).double(), rtol=TOL[c["dtype"]][0], atol=TOL[c["dtype"]][1])
+    run()
+    torch.testing.assert_close(mod(x).double(), ref(x).double(), rtol=TOL[c["dtype"]][0], atol=TOL[c["dtype"]][1])
 
 
 def _rms_ref(x, weight, shape, eps, offset):
@@ -231,9 +213,8 @@ def test_rms_norm(c):
     rf = ((lambda x, weight: TF.rms_norm(x, c["shape"], weight, c["eps"])) if not c["offset"]
           else (lambda x, weight: _rms_ref(x, weight, c["shape"], c["eps"], c["offset"])))
     run = lambda: compare(sg, rf, {"x": x, **p}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
-        torch.testing.assert_close(mod(x), sg(x, mod.weight))
+    run()
+    torch.testing.assert_close(mod(x), sg(x, mod.weight))
 
 
 
@@ -340,8 +321,7 @@ def test_cross_entropy(c):
     run = lambda: compare(lambda x: mod(x, y), lambda x: _ce_ref(x, y, None if w is None else w.to(x.dtype), c["ignore_index"], c["reduction"],
                                                                  c["label_smoothing"], c["z_loss"], c["softcap"]),
                           {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("CrossEntropyLoss(return_z_loss)", 6, reduction=("mean", "sum", "none"), weight=(False, True),
@@ -357,8 +337,6 @@ def test_cross_entropy_return_z_loss(c):
     y.view(-1)[2] = -100
     w = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(DEVICE, c["dtype"]) if c["weight"] else None
     opts = dict(reduction=c["reduction"], label_smoothing=0.1, z_loss=zl, softcap=c["softcap"])
-    if c["dtype"] == torch.float64 and not FP64:
-        return
     loss, z = snn.CrossEntropyLoss(w, **opts, return_z_loss=True)(x, y)
     # the reference: torch's logsumexp of the (capped) logits, classes on axis 1
     xc = x.detach() if c["softcap"] is None else c["softcap"] * torch.tanh(x.detach() / c["softcap"])
@@ -397,8 +375,7 @@ def test_bce_with_logits(c):
     mod = snn.BCEWithLogitsLoss(reduction=c["reduction"])
     run = lambda: compare(lambda x: mod(x, t), lambda x: TF.binary_cross_entropy_with_logits(x, t, reduction=c["reduction"]),
                           {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("MSELoss", 6, reduction=("mean", "sum", "none"), shape=((7,), (2, 3, 5)),
@@ -407,8 +384,7 @@ def test_mse(c):
     x, t = rand(c["shape"], c["dtype"], seed=5), rand(c["shape"], c["dtype"], seed=6)
     mod = snn.MSELoss(reduction=c["reduction"])
     run = lambda: compare(lambda x: mod(x, t), lambda x: TF.mse_loss(x, t, reduction=c["reduction"]), {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on the mean's 0/0, torch's NaN
