@@ -60,7 +60,6 @@ def _forward_with_saved(x, y, **params):
     y = _m.label_array(OP, 'y', y)
     dims = _m.bind_dims(OP, {'x': x, 'y': y}, _INPUT_DIMS)
     B, C = dims['B'], dims['C']
-    _m.check_sizes(OP, dims, {'C': 1})
     _m.check_labels(OP, 'y', y, C, ignore_index)
     _dt = _m.float_dtype(x)
     x = x.astype(_dt, copy=False)

@@ -135,7 +135,7 @@ def _for0_gemm(
     # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
     # path: it runs for tiles that meet an inf or NaN.
     if tl.max(tl.where(acc != acc, 1, 0)) > 0:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(k_lo, k_hi):
             # which reads of this k fall inside: a column of M and a row of N
             offs_k = k0 + tl.arange(0, 1)
@@ -153,7 +153,7 @@ def _for0_gemm(
             if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
                 a = tl.load(X_ptr + (m_n[:, None]) * X_s0 + (k_c[None, :]) * X_s1 + ((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) * X_s2 + ((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) * X_s3, mask=a_in, other=0.0)
                 b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=b_in, other=0.0)
-                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+                acc += tl.where(inside, a.to(ACC) * b.to(ACC), 0.0)
             else:  # tensor cores: a tl.dot whose K tile holds this k alone
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if IDX64:
@@ -169,8 +169,8 @@ def _for0_gemm(
                 b_in = k_mask[:, None] & n_mask[None, :]
                 b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=b_in, other=0.0)
                 if DOT_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
+                    a = a.to(ACC)
+                    b = b.to(ACC)
                 elif a.dtype != b.dtype:
                     if a.dtype == tl.float32:
                         a = a.to(b.dtype)
@@ -297,7 +297,7 @@ def _bac0_gemm(
     # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
     # path: it runs for tiles that meet an inf or NaN.
     if tl.max(tl.where(acc != acc, 1, 0)) > 0:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(k_lo, k_hi):
             # which reads of this k fall inside: a column of M and a row of N
             offs_k = k0 + tl.arange(0, 1)
@@ -315,7 +315,7 @@ def _bac0_gemm(
             if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
                 a = tl.load(dY_ptr + (m_n[:, None]) * dY_s0 + (k_k[None, :]) * dY_s1 + ((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) * dY_s2 + ((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) * dY_s3, mask=a_in, other=0.0)
                 b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=b_in, other=0.0)
-                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+                acc += tl.where(inside, a.to(ACC) * b.to(ACC), 0.0)
             else:  # tensor cores: a tl.dot whose K tile holds this k alone
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if IDX64:
@@ -331,8 +331,8 @@ def _bac0_gemm(
                 b_in = k_mask[:, None] & n_mask[None, :]
                 b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=b_in, other=0.0)
                 if DOT_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
+                    a = a.to(ACC)
+                    b = b.to(ACC)
                 elif a.dtype != b.dtype:
                     if a.dtype == tl.float32:
                         a = a.to(b.dtype)
@@ -454,7 +454,7 @@ def _bac1_gemm(
     # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
     # path: it runs for tiles that meet an inf or NaN.
     if tl.max(tl.where(acc != acc, 1, 0)) > 0:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(k_lo, k_hi):
             # which reads of this k fall inside: a column of M and a row of N
             offs_k = k0 + tl.arange(0, 1)
@@ -472,7 +472,7 @@ def _bac1_gemm(
             if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
                 a = tl.load(dY_ptr + (k_k[None, :]) * dY_s0 + (m_o[:, None]) * dY_s1 + (k_j[None, :]) * dY_s2 + (k_l[None, :]) * dY_s3, mask=a_in, other=0.0)
                 b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=b_in, other=0.0)
-                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+                acc += tl.where(inside, a.to(ACC) * b.to(ACC), 0.0)
             else:  # tensor cores: a tl.dot whose K tile holds this k alone
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if IDX64:
@@ -488,8 +488,8 @@ def _bac1_gemm(
                 b_in = k_mask[:, None] & n_mask[None, :] & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) >= 0) & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) < n_H) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) >= 0) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) < n_W)
                 b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=b_in, other=0.0)
                 if DOT_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
+                    a = a.to(ACC)
+                    b = b.to(ACC)
                 elif a.dtype != b.dtype:
                     if a.dtype == tl.float32:
                         a = a.to(b.dtype)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from symgrad.runtime import triton_support as _rt
+from symgrad.runtime import multi_tensor as _mt
 from symgrad.runtime.triton_support import sg_expm1, sg_log1p, sg_pow, sg_sigmoid, sg_softplus, sg_tanh  # noqa: F401
 
 OP = 'grad_norm_inf'
@@ -108,7 +109,7 @@ def _bac0_rows(
             cmask = cols < n_N
             cv2 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, tl.where((tl.abs(cv2) == rv0), 1.0, tl.where(((tl.abs(cv2) > rv0) | (tl.abs(cv2) < rv0)), 0.0, float('nan'))), 0.0), 0)
-            tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv2) == rv0), (rv1 * tl.where((cv2) > 0.0, 1.0, tl.where((cv2) < 0.0, -1.0, 0.0)) / (st0)), tl.where(((tl.abs(cv2) > rv0) | (tl.abs(cv2) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
+            tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv2) == rv0), ((rv1 / (st0)) * tl.where((cv2) > 0.0, 1.0, tl.where((cv2) < 0.0, -1.0, 0.0))), tl.where(((tl.abs(cv2) > rv0) | (tl.abs(cv2) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], 0.0, ACC)
@@ -122,7 +123,7 @@ def _bac0_rows(
                 cols = col0 + cols0
                 cmask = cols < n_N
                 cv1 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(ACC)
-                tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv1) == rv0), (rv1 * tl.where((cv1) > 0.0, 1.0, tl.where((cv1) < 0.0, -1.0, 0.0)) / (st0)), tl.where(((tl.abs(cv1) > rv0) | (tl.abs(cv1) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv1) == rv0), ((rv1 / (st0)) * tl.where((cv1) > 0.0, 1.0, tl.where((cv1) < 0.0, -1.0, 0.0))), tl.where(((tl.abs(cv1) > rv0) | (tl.abs(cv1) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
 
 
 
@@ -318,3 +319,57 @@ def apply(g, ):
     _lead, (g, ) = _rt.fold(OP, {'g': g}, {'g': 2})
     res = Function.apply(g, *_params())
     return _rt.unfold(res, _lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor launch (symgrad.plan_multi): the op's value over many tensors at once, in two launches
+
+MULTI = 'reduce'
+TENSORS = ('g', )
+SCALARS = ()
+
+
+@triton.jit
+def _multi_reduce(
+    addr_ptr, size_ptr, block_tensor_ptr, block_start_ptr, n_tensors, part_ptr, part_first, span,
+    param_ptr,
+    G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # norm = ReduceMax(Abs(g[n]), n, 0, N - 1)
+    # each program: the value over its span of one tensor (max of the entries' terms, in fp32)
+    pid = tl.program_id(0)
+    tid = tl.load(block_tensor_ptr + pid)
+    start = tl.load(block_start_ptr + pid)
+    size = tl.load(size_ptr + tid)
+    if ALIGNED:  # 16-byte aligned tensors, spans of whole blocks: 128-bit loads and stores
+        start = tl.multiple_of(start, 16)
+    g_ptr = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(G_DTYPE), bitcast=True)
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    acc = tl.full([BLOCK], float('-inf'), tl.float32)
+    end = tl.minimum(start + span, size)
+    if end - start == span:  # a whole span: no mask, so accesses stay 128 bits wide
+        for o in range(0, span, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK).to(tl.int64)
+            g = tl.load(g_ptr + offs).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(g), propagate_nan=tl.PropagateNan.ALL)
+    else:
+        for o in range(0, span, BLOCK):
+            offs = start + o + tl.arange(0, BLOCK).to(tl.int64)
+            mask = offs < end
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.where(mask, tl.abs(g), float('-inf')), propagate_nan=tl.PropagateNan.ALL)
+    tot = tl.max(acc, 0) + tl.sum(tl.where(acc != acc, acc, 0.0), 0)  # NaN once any entry is (tl.max skips NaN)
+    norm = tot
+    tl.store(part_ptr + part_first + pid, norm.to(part_ptr.dtype.element_ty))
+
+
+def forward_multi(g, **params):
+    """``forward`` of all the tensors of the list ``g`` together (each flattened: one row), as
+    a 0-dim tensor of their promoted dtype: stage one, one launch per dtype, writes the value over
+    each span of each tensor; stage two, one launch, the op over those values (the op is its own
+    combiner). No host sync."""
+    _mt.bind_params(OP, PARAMS, params)  # an unknown name is a TypeError
+    values = tuple(float(v) for v in _params(**{**PARAMS, **params}))
+    return _mt.run_reduce(OP, _multi_reduce, 'g', g, SCALARS, (), values, 1)
+

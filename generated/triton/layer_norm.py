@@ -87,7 +87,7 @@ def _for0_rows(
             st0 = tl.sum(tl.where(cmask, cv6, 0.0), 0)
             st1 = (tl.max(tl.where(cmask, tl.abs(((-(st0 / (f_D))) + cv6)), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(((-(st0 / (f_D))) + cv6)) != tl.abs(((-(st0 / (f_D))) + cv6))), tl.abs(((-(st0 / (f_D))) + cv6)), 0.0), 0))
             st2 = tl.sum(tl.where(cmask, (((((-(st0 / (f_D))) + cv6) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) * ((((-(st0 / (f_D))) + cv6) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
-            tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) * ((-(st0 / (f_D))) + cv6) * cv8 / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))) + cv7)).to(y_ptr.dtype.element_ty), mask=cmask)
+            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) * cv8 / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))) * ((-(st0 / (f_D))) + cv6)) + cv7)).to(y_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], 0.0, ACC)
@@ -117,7 +117,7 @@ def _for0_rows(
                 cv3 = tl.load(bias_ptr + cols * bias_s0, mask=cmask, other=0).to(ACC)
                 cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(ACC)
                 cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
-                tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) * ((-(st0 / (f_D))) + cv5) * cv4 / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))) + cv3)).to(y_ptr.dtype.element_ty), mask=cmask)
+                tl.store(y_ptr + row * y_s0 + cols * y_s1, (((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) * cv4 / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))) * ((-(st0 / (f_D))) + cv5)) + cv3)).to(y_ptr.dtype.element_ty), mask=cmask)
         tl.store(mean_ptr + row * mean_s0, ((st0 / (f_D))).to(mean_ptr.dtype.element_ty))
         tl.store(rstd_ptr + row * rstd_s0, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))).to(rstd_ptr.dtype.element_ty))
 
@@ -182,9 +182,9 @@ def _bac0_rows(
             cv6 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
             cv8 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, (cv7 * cv6), 0.0), 0)
-            st1 = tl.sum(tl.where(cmask, (((-rv0) + cv8) * rv1 * cv7 * cv6), 0.0), 0)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv7 * cv6) - (st0 / (f_D)) - (st1 * ((-rv0) + cv8) * rv1 / (f_D))) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
-            pacc0 += tl.where(cmask, (((-rv0) + cv8) * rv1 * cv6), 0.0)
+            st1 = tl.sum(tl.where(cmask, ((rv1 * cv7) * ((-rv0) + cv8) * cv6), 0.0), 0)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv7 * cv6) - (st0 / (f_D)) - ((st1 * rv1 / (f_D)) * ((-rv0) + cv8))) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
+            pacc0 += tl.where(cmask, ((rv1) * ((-rv0) + cv8) * cv6), 0.0)
             pacc1 += tl.where(cmask, cv6, 0.0)
         else:
             # pass 1: row statistics
@@ -197,7 +197,7 @@ def _bac0_rows(
                 cv1 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(ACC)
                 cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, (cv1 * cv0), 0.0), 0)
-                st1 += tl.sum(tl.where(cmask, (((-rv0) + cv2) * rv1 * cv1 * cv0), 0.0), 0)
+                st1 += tl.sum(tl.where(cmask, ((rv1 * cv1) * ((-rv0) + cv2) * cv0), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
@@ -205,9 +205,9 @@ def _bac0_rows(
                 cv3 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
                 cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(ACC)
                 cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
-                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv4 * cv3) - (st0 / (f_D)) - (st1 * ((-rv0) + cv5) * rv1 / (f_D))) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((cv4 * cv3) - (st0 / (f_D)) - ((st1 * rv1 / (f_D)) * ((-rv0) + cv5))) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
                 pp0 = part0_ptr + pid64 * n_D + cols
-                tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, (((-rv0) + cv5) * rv1 * cv3), 0.0), mask=cmask)
+                tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, ((rv1) * ((-rv0) + cv5) * cv3), 0.0), mask=cmask)
                 pp1 = part1_ptr + pid64 * n_D + cols
                 tl.store(pp1, tl.load(pp1, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv3, 0.0), mask=cmask)
     if SINGLE_BLOCK:
@@ -275,7 +275,7 @@ def _forward(t_x, t_w, t_bias, p_eps, write_grad):
     blk = _rt.row_block(n_D, dtype.itemsize, 4)
     hot = n_D * (t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'f_D'))[(n_prog,)](t_bias, t_bias.stride(0), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'f_D'))[(n_prog,)](t_bias, t_bias.stride(0), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'w': t_w,
@@ -336,7 +336,7 @@ def backward(saved, dy, ):
     n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_D), dtype=_rt.acc_dtype(dtype), device=device)
     part1 = (torch.empty if n_B else torch.zeros)((n_prog, n_D), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('f_D',))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), part0, part1, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('f_D',))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), part0, part1, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
     if _rt.programs((triton.cdiv(n_D, fblk),)): _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dbias, t_dbias.stride(0), t_dw, t_dw.stride(0), n_D, part0, part1, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dx, _lead), t_dw, t_dbias, )

@@ -75,7 +75,7 @@ def _for0_rows(
             st0 = tl.sum(tl.where(cmask, cv4, 0.0), 0)
             st1 = (tl.max(tl.where(cmask, tl.abs(((-(st0 / (f_D))) + cv4)), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(((-(st0 / (f_D))) + cv4)) != tl.abs(((-(st0 / (f_D))) + cv4))), tl.abs(((-(st0 / (f_D))) + cv4)), 0.0), 0))
             st2 = tl.sum(tl.where(cmask, (((((-(st0 / (f_D))) + cv4) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) * ((((-(st0 / (f_D))) + cv4) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
-            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) * ((-(st0 / (f_D))) + cv4) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))).to(y_ptr.dtype.element_ty), mask=cmask)
+            tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))) * ((-(st0 / (f_D))) + cv4))).to(y_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], 0.0, ACC)
@@ -103,7 +103,7 @@ def _for0_rows(
                 cols = col0 + cols0
                 cmask = cols < n_D
                 cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
-                tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) * ((-(st0 / (f_D))) + cv3) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))).to(y_ptr.dtype.element_ty), mask=cmask)
+                tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))))) * ((-(st0 / (f_D))) + cv3))).to(y_ptr.dtype.element_ty), mask=cmask)
         tl.store(mean_ptr + row * mean_s0, ((st0 / (f_D))).to(mean_ptr.dtype.element_ty))
         tl.store(rstd_ptr + row * rstd_s0, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))) + (st2 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st1)) > 0.0), st1, tl.where(((1.0 / (st1)) <= 0.0), 0.0, float('nan'))))))).to(rstd_ptr.dtype.element_ty))
 
@@ -155,8 +155,8 @@ def _bac0_rows(
             cv4 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
             cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, cv4, 0.0), 0)
-            st1 = tl.sum(tl.where(cmask, (((-rv0) + cv5) * rv1 * cv4), 0.0), 0)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-(st0 / (f_D))) - (st1 * ((-rv0) + cv5) * rv1 / (f_D)) + cv4) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
+            st1 = tl.sum(tl.where(cmask, ((rv1) * ((-rv0) + cv5) * cv4), 0.0), 0)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-(st0 / (f_D))) - ((st1 * rv1 / (f_D)) * ((-rv0) + cv5)) + cv4) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], 0.0, ACC)
@@ -167,14 +167,14 @@ def _bac0_rows(
                 cv0 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
-                st1 += tl.sum(tl.where(cmask, (((-rv0) + cv1) * rv1 * cv0), 0.0), 0)
+                st1 += tl.sum(tl.where(cmask, ((rv1) * ((-rv0) + cv1) * cv0), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
                 cv2 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
                 cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
-                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-(st0 / (f_D))) - (st1 * ((-rv0) + cv3) * rv1 / (f_D)) + cv2) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-(st0 / (f_D))) - ((st1 * rv1 / (f_D)) * ((-rv0) + cv3)) + cv2) * rv1)).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 
 
@@ -207,7 +207,7 @@ def _forward(t_x, p_eps, write_grad):
     blk = _rt.row_block(n_D, dtype.itemsize, 2)
     hot = n_D * (t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'f_D'))[(n_prog,)](t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'f_D'))[(n_prog,)](t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'mean': t_mean,
@@ -262,7 +262,7 @@ def backward(saved, dy, ):
     blk = _rt.row_block(n_D, dtype.itemsize, 3)
     hot = n_D * (t_dy.element_size() + t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('f_D',))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('f_D',))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dx, _lead), )
 
 

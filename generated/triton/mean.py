@@ -137,7 +137,7 @@ def _forward(t_x, write_grad):
     t_out = torch.empty((n_B, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 2)
     n_prog, rpp = n_B, 1
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_C',))[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, float(n_C), rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_C',))[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, _rt.fdim(n_C), rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'B': n_B,
         'C': n_C,
@@ -183,7 +183,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('f_C',))[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, float(n_C), n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dx))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('f_C',))[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, _rt.fdim(n_C), n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dx))
     return (_rt.unfold(t_dx, _lead), )
 
 

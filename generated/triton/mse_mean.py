@@ -74,7 +74,7 @@ def _for0_rows(
             cv3 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, (((-cv3) + cv2) * ((-cv3) + cv2)), 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, ((2.0 * ((-cv3) + cv2) / (f_B * f_C))).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, (((2.0 / (f_B * f_C)) * ((-cv3) + cv2))).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # final pass: outputs, statistics only row results need
             st0 = tl.full([], 0.0, ACC)
@@ -85,7 +85,7 @@ def _for0_rows(
                 cv1 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, (((-cv1) + cv0) * ((-cv1) + cv0)), 0.0), 0)
                 if WRITE_GRAD:
-                    tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, ((2.0 * ((-cv1) + cv0) / (f_B * f_C))).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
+                    tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, (((2.0 / (f_B * f_C)) * ((-cv1) + cv0))).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
         acc0 += st0
     tl.store(part0_ptr + pid64, acc0)
 
@@ -171,9 +171,9 @@ def _forward(t_X, t_Y, write_grad, inplace=False):
     blk = _rt.row_block(n_C, dtype.itemsize, 3)
     n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_B', 'f_C'))[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, float(n_B), float(n_C), part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_B', 'f_C'))[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, _rt.fdim(n_B), _rt.fdim(n_C), part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
-    _rt.float_params(_for0_rows_finish, dtype, ('f_B', 'f_C'))[(1,)](t_loss, float(n_B), float(n_C), part0, n_prog, BLOCK=fblk)
+    _rt.float_params(_for0_rows_finish, dtype, ('f_B', 'f_C'))[(1,)](t_loss, _rt.fdim(n_B), _rt.fdim(n_C), part0, n_prog, BLOCK=fblk)
     saved = {
         'dX_fused': t_dX_fused,
         'B': n_B,

@@ -79,7 +79,7 @@ def _for0_rows(
             cv4 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = (tl.max(tl.where(cmask, tl.abs(cv4), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(cv4) != tl.abs(cv4)), tl.abs(cv4), 0.0), 0))
             st1 = tl.sum(tl.where(cmask, (((cv4 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) * ((cv4 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
-            tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) * (p_offset + cv5) * cv4 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))).to(y_ptr.dtype.element_ty), mask=cmask)
+            tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) * (p_offset + cv5) / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))) * cv4)).to(y_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], float("-inf"), ACC)
@@ -101,7 +101,7 @@ def _for0_rows(
                 cmask = cols < n_D
                 cv2 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(ACC)
                 cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
-                tl.store(y_ptr + row * y_s0 + cols * y_s1, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) * (p_offset + cv2) * cv3 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))).to(y_ptr.dtype.element_ty), mask=cmask)
+                tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) * (p_offset + cv2) / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))) * cv3)).to(y_ptr.dtype.element_ty), mask=cmask)
         tl.store(rstd_ptr + row * rstd_s0, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))).to(rstd_ptr.dtype.element_ty))
 
 
@@ -161,7 +161,7 @@ def _bac0_rows(
             cv6 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
             cv8 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, ((p_offset + cv7) * rv0 * cv6 * cv8), 0.0), 0)
-            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (((((p_offset + cv7) * cv6) - (st0 * rv0 * cv8 / (f_D))) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
+            tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (((((p_offset + cv7) * cv6) - ((st0 * rv0 / (f_D)) * cv8)) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
             pacc0 += tl.where(cmask, (rv0 * cv6 * cv8), 0.0)
         else:
             # pass 1: row statistics
@@ -180,7 +180,7 @@ def _bac0_rows(
                 cv3 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
                 cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(ACC)
                 cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
-                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (((((p_offset + cv4) * cv3) - (st0 * rv0 * cv5 / (f_D))) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (((((p_offset + cv4) * cv3) - ((st0 * rv0 / (f_D)) * cv5)) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
                 pp0 = part0_ptr + pid64 * n_D + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, (rv0 * cv3 * cv5), 0.0), mask=cmask)
     if SINGLE_BLOCK:
@@ -237,7 +237,7 @@ def _forward(t_x, t_w, p_eps, p_offset, write_grad):
     blk = _rt.row_block(n_D, dtype.itemsize, 3)
     hot = n_D * (t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'p_offset', 'f_D'))[(n_prog,)](t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, float(n_D), p_eps, p_offset, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'p_offset', 'f_D'))[(n_prog,)](t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, p_offset, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'w': t_w,
@@ -296,7 +296,7 @@ def backward(saved, dy, ):
     hot = n_D * (t_dy.element_size() + t_x.element_size() + 4) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_D), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('p_offset', 'f_D'))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, float(n_D), p_offset, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('p_offset', 'f_D'))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), p_offset, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_D)
     if _rt.programs((triton.cdiv(n_D, fblk),)): _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dw, t_dw.stride(0), n_D, part0, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dx, _lead), t_dw, )

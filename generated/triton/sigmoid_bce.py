@@ -74,7 +74,7 @@ def _for0_rows(
             cv3 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, (((1.0 - cv3) * cv2) + sg_softplus((-cv2))), 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-cv3) + sg_sigmoid(cv2)) / (f_B * f_C))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (((1.0 / (f_B * f_C)) * ((-cv3) + sg_sigmoid(cv2)))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # final pass: outputs, statistics only row results need
             st0 = tl.full([], 0.0, ACC)
@@ -85,7 +85,7 @@ def _for0_rows(
                 cv1 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, (((1.0 - cv1) * cv0) + sg_softplus((-cv0))), 0.0), 0)
                 if WRITE_GRAD:
-                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, ((((-cv1) + sg_sigmoid(cv0)) / (f_B * f_C))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (((1.0 / (f_B * f_C)) * ((-cv1) + sg_sigmoid(cv0)))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         acc0 += st0
     tl.store(part0_ptr + pid64, acc0)
 
@@ -171,9 +171,9 @@ def _forward(t_x, t_y, write_grad, inplace=False):
     blk = _rt.row_block(n_C, dtype.itemsize, 3)
     n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_B', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, float(n_B), float(n_C), part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_B', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, _rt.fdim(n_B), _rt.fdim(n_C), part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
-    _rt.float_params(_for0_rows_finish, dtype, ('f_B', 'f_C'))[(1,)](t_loss, float(n_B), float(n_C), part0, n_prog, BLOCK=fblk)
+    _rt.float_params(_for0_rows_finish, dtype, ('f_B', 'f_C'))[(1,)](t_loss, _rt.fdim(n_B), _rt.fdim(n_C), part0, n_prog, BLOCK=fblk)
     saved = {
         'dx_fused': t_dx_fused,
         'B': n_B,

@@ -94,7 +94,7 @@ def _for0_rows(
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))), 0.0), 0)
             st2 = tl.sum(tl.where(cmask, (p_softcap * sg_tanh((cv2 / (p_softcap)))), 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((1.0 - (sg_tanh((cv2 / (p_softcap))) * sg_tanh((cv2 / (p_softcap))))) * ((tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))) / (st1)) + (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))) / (st1)) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((1.0 - (sg_tanh((cv2 / (p_softcap))) * sg_tanh((cv2 / (p_softcap))))) * ((tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))) / (st1)) + ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (st1)) * tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap))))))) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], float("-inf"), ACC)
@@ -114,10 +114,10 @@ def _for0_rows(
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st2 += tl.sum(tl.where(cmask, (p_softcap * sg_tanh((cv1 / (p_softcap)))), 0.0), 0)
                 if WRITE_GRAD:
-                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((1.0 - (sg_tanh((cv1 / (p_softcap))) * sg_tanh((cv1 / (p_softcap))))) * ((tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap)))))) / (st1)) + (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap)))))) / (st1)) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((1.0 - (sg_tanh((cv1 / (p_softcap))) * sg_tanh((cv1 / (p_softcap))))) * ((tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap)))))) / (st1)) + ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (st1)) * tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap))))))) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         tl.store(row_max0_ptr + row * row_max0_s0, (st0).to(row_max0_ptr.dtype.element_ty))
         tl.store(row_sum0_ptr + row * row_sum0_s0, (st1).to(row_sum0_ptr.dtype.element_ty))
-        tl.store(loss_ptr + row * loss_s0, ((tl.where((rv0 != p_ignore_index), ((1.0 - p_eps) * ((-(p_softcap * sg_tanh((rv1 / (p_softcap))))) + (st0 + tl.log(st1)))), 0.0) + (tl.where((rv0 != p_ignore_index), (p_z_loss * ((st0 + tl.log(st1)) * (st0 + tl.log(st1)))), 0.0) + tl.where((rv0 != p_ignore_index), (p_eps * ((-st2) + (f_C * (st0 + tl.log(st1)))) / (f_C)), 0.0)))).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr + row * loss_s0, ((tl.where((rv0 != p_ignore_index), ((1.0 - p_eps) * ((-(p_softcap * sg_tanh((rv1 / (p_softcap))))) + (st0 + tl.log(st1)))), 0.0) + (tl.where((p_z_loss != 0.0) & (rv0 != p_ignore_index), (p_z_loss * ((st0 + tl.log(st1)) * (st0 + tl.log(st1)))), 0.0) + tl.where((p_eps != 0.0) & (rv0 != p_ignore_index), (p_eps * ((-st2) + (f_C * (st0 + tl.log(st1)))) / (f_C)), 0.0)))).to(loss_ptr.dtype.element_ty))
 
 
 
@@ -192,7 +192,6 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad, i
     n_C = dims['C']
     if inplace:
         _rt.check_overwritable(OP, 'x', t_x)
-    _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: row_max0, row_sum0, loss, dx_fused (rows)
     t_row_max0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
@@ -202,7 +201,7 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad, i
     blk = _rt.row_block(n_C, dtype.itemsize, 2)
     hot = n_C * (t_x.element_size()) if n_C > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'p_softcap', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'p_softcap', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, _rt.fdim(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'dx_fused': t_dx_fused,
         'eps': p_eps,

@@ -222,7 +222,7 @@ def _for2_rows(
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv3)), 0.0), 0)
             st2 = tl.sum(tl.where(cmask, (((-cv3) + (st0 + tl.log(st1))) * cv4), 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((-(p_eps * cv4 / (v_w_sum * f_C))) - tl.where((cols == rv0), ((1.0 - p_eps) * cv4 / (v_w_sum)), 0.0) + ((1.0 - p_eps) * rv1 * tl.exp((cv3 - st0)) / (st1 * v_w_sum)) + (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp((cv3 - st0)) / (v_n_valid * st1)) + (p_eps * v_weight_total * tl.exp((cv3 - st0)) / (st1 * v_w_sum * f_C))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((-((p_eps / (v_w_sum * f_C)) * cv4)) - tl.where((cols == rv0), (((1.0 - p_eps) / (v_w_sum)) * cv4), 0.0) + (((1.0 - p_eps) * tl.exp((cv3 - st0)) / (st1 * v_w_sum)) * rv1) + ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (v_n_valid * st1)) * tl.exp((cv3 - st0))) + ((p_eps * v_weight_total / (st1 * v_w_sum * f_C)) * tl.exp((cv3 - st0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], float("-inf"), ACC)
@@ -243,7 +243,7 @@ def _for2_rows(
                 cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st2 += tl.sum(tl.where(cmask, (((-cv2) + (st0 + tl.log(st1))) * cv1), 0.0), 0)
                 if WRITE_GRAD:
-                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((-(p_eps * cv1 / (v_w_sum * f_C))) - tl.where((cols == rv0), ((1.0 - p_eps) * cv1 / (v_w_sum)), 0.0) + ((1.0 - p_eps) * rv1 * tl.exp((cv2 - st0)) / (st1 * v_w_sum)) + (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp((cv2 - st0)) / (v_n_valid * st1)) + (p_eps * v_weight_total * tl.exp((cv2 - st0)) / (st1 * v_w_sum * f_C))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((-((p_eps / (v_w_sum * f_C)) * cv1)) - tl.where((cols == rv0), (((1.0 - p_eps) / (v_w_sum)) * cv1), 0.0) + (((1.0 - p_eps) * tl.exp((cv2 - st0)) / (st1 * v_w_sum)) * rv1) + ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (v_n_valid * st1)) * tl.exp((cv2 - st0))) + ((p_eps * v_weight_total / (st1 * v_w_sum * f_C)) * tl.exp((cv2 - st0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         tl.store(row_max0_ptr + row * row_max0_s0, (st0).to(row_max0_ptr.dtype.element_ty))
         tl.store(row_sum0_ptr + row * row_sum0_s0, (st1).to(row_sum0_ptr.dtype.element_ty))
         acc0 += tl.where((rv0 != p_ignore_index), ((st0 + tl.log(st1)) * (st0 + tl.log(st1))), 0.0)
@@ -351,7 +351,6 @@ def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, write_grad, in
     n_C = dims['C']
     if inplace:
         _rt.check_overwritable(OP, 'x', t_x)
-    _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: weight_total (rows)
     t_weight_total = torch.empty((), dtype=_rt.acc_dtype(dtype), device=device)
@@ -382,9 +381,9 @@ def _forward(t_x, t_y, t_weight, p_eps, p_ignore_index, p_z_loss, write_grad, in
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     part1 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     part2 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _rt.float_params(_for2_rows, dtype, ('p_eps', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_w_sum, t_weight, t_weight.stride(0), t_weight_total, t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, float(n_C), p_eps, p_ignore_index, p_z_loss, part0, part1, part2, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for2_rows, dtype, ('p_eps', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_w_sum, t_weight, t_weight.stride(0), t_weight_total, t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, _rt.fdim(n_C), p_eps, p_ignore_index, p_z_loss, part0, part1, part2, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
-    _rt.float_params(_for2_rows_finish, dtype, ('p_eps', 'p_z_loss', 'f_C'))[(1,)](t_loss, t_n_valid, t_w_sum, float(n_C), p_eps, p_z_loss, part0, part1, part2, n_prog, BLOCK=fblk)
+    _rt.float_params(_for2_rows_finish, dtype, ('p_eps', 'p_z_loss', 'f_C'))[(1,)](t_loss, t_n_valid, t_w_sum, _rt.fdim(n_C), p_eps, p_z_loss, part0, part1, part2, n_prog, BLOCK=fblk)
     saved = {
         'dx_fused': t_dx_fused,
         'eps': p_eps,

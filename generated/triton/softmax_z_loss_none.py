@@ -81,7 +81,7 @@ def _for0_rows(
             st0 = (tl.max(tl.where(cmask, cv2, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv2 != cv2), cv2, 0.0), 0))
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
             if WRITE_GRAD:
-                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp((cv2 - st0)) / (st1)), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (st1)) * tl.exp((cv2 - st0))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
             st0 = tl.full([], float("-inf"), ACC)
@@ -99,10 +99,10 @@ def _for0_rows(
                 cmask = cols < n_C
                 cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 if WRITE_GRAD:
-                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), (2.0 * p_z_loss * (st0 + tl.log(st1)) * tl.exp((cv1 - st0)) / (st1)), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
+                    tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (st1)) * tl.exp((cv1 - st0))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         tl.store(row_max0_ptr + row * row_max0_s0, (st0).to(row_max0_ptr.dtype.element_ty))
         tl.store(row_sum0_ptr + row * row_sum0_s0, (st1).to(row_sum0_ptr.dtype.element_ty))
-        tl.store(loss_ptr + row * loss_s0, (tl.where((rv0 != p_ignore_index), (p_z_loss * ((st0 + tl.log(st1)) * (st0 + tl.log(st1)))), 0.0)).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr + row * loss_s0, (tl.where((p_z_loss != 0.0) & (rv0 != p_ignore_index), (p_z_loss * ((st0 + tl.log(st1)) * (st0 + tl.log(st1)))), 0.0)).to(loss_ptr.dtype.element_ty))
 
 
 
@@ -177,7 +177,6 @@ def _forward(t_x, t_y, p_ignore_index, p_z_loss, write_grad, inplace=False):
     n_C = dims['C']
     if inplace:
         _rt.check_overwritable(OP, 'x', t_x)
-    _rt.check_sizes(OP, {'B': n_B, 'C': n_C}, {'C': 1})
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: row_max0, row_sum0, loss, dx_fused (rows)
     t_row_max0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
