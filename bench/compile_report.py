@@ -179,7 +179,8 @@ def record(op_name: str, sizes: dict, dtype, sms: int) -> list:
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 direction[0] = "backward"
                 module.backward(saved, *(torch.empty_like(o) for o in outs))
-            if op.kind == "update" or hasattr(module, "MULTI"):
+            # multi-tensor kernels take float32, float16 and bfloat16 lists (float64: a TypeError)
+            if (op.kind == "update" or hasattr(module, "MULTI")) and dtype != torch.float64:
                 direction[0] = "multi"
                 _record_multi(op, module, inputs, params, launches)
     finally:
