@@ -86,8 +86,11 @@ def z_loss_rows(x, y, *, ignore_index=-100, z_loss=1e-4, softcap=None):
     """The z-loss term alone, per row (Liger's z_loss, returned beside the loss with
     return_z_loss=True): z_loss*logsumexp(x)**2 per counted row, 0 for ignored rows, of the
     softcapped logits where softcap is given."""
+    counted = y != ignore_index
+    if ((y < 0) | (y >= x.shape[1]))[counted].any():  # labels as F.cross_entropy takes them
+        raise IndexError(f"Target {int(y[counted & ((y < 0) | (y >= x.shape[1]))][0])} is out of bounds.")
     z = softcap * torch.tanh(x / softcap) if softcap else x
-    return z_loss * torch.where(y != ignore_index, torch.logsumexp(z, dim=1) ** 2, 0.0)
+    return z_loss * torch.where(counted, torch.logsumexp(z, dim=1) ** 2, 0.0)
 
 
 REFERENCES["softmax_z_loss_none"] = REFERENCES["softmax_z_loss_softcap_none"] = z_loss_rows
