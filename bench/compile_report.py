@@ -82,7 +82,7 @@ ARCHS = {
     90: dict(gpu="H100/H200", sms=132, regs=65536, threads=2048, ctas=32, smem=228 * 1024, smem_cta=227 * 1024, l2=50 * 10**6),
     80: dict(gpu="A100", sms=108, regs=65536, threads=2048, ctas=32, smem=164 * 1024, smem_cta=163 * 1024, l2=40 * 10**6),
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 ODD = 11001  # an odd row width (not a multiple of 8): where two-index addressing loses 128-bit loads
 SMALL = 257  # the CI shape set: odd, one block wide enough to exercise vector accesses
 
@@ -179,7 +179,8 @@ def record(op_name: str, sizes: dict, dtype, sms: int) -> list:
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 direction[0] = "backward"
                 module.backward(saved, *(torch.empty_like(o) for o in outs))
-            if op.kind == "update" or hasattr(module, "MULTI"):
+            # multi-tensor kernels take float32, float16 and bfloat16 lists (float64: a TypeError)
+            if (op.kind == "update" or hasattr(module, "MULTI")) and dtype != torch.float64:
                 direction[0] = "multi"
                 _record_multi(op, module, inputs, params, launches)
     finally:

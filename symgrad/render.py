@@ -18,6 +18,8 @@ from typing import Iterable
 
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.str import StrPrinter
 
 from . import primitives, project
 from .declare import Op, Role
@@ -110,9 +112,39 @@ def sympy_locals(*exprs: sp.Basic, op: Op | None = None, text: str | None = None
     return ns
 
 
+class _ReadBackPrinter(StrPrinter):
+    """``sympy.sstr``, except where its string would parse to a different expression.
+
+    A product of a number, a sum and more factors (``Mul(2, X - Y, dloss)``, as the derivation
+    builds it) prints as ``2*(X - Y)*dloss``, which a parser reads left to right: ``2*(X - Y)``
+    first, which SymPy distributes (``2*X - 2*Y``), so the string reads back as another (equal
+    in value, unequal as an expression) product. Grouping the factors after the number
+    (``2*((X - Y)*dloss)``, ``-((1 - eps)*w[i])``) multiplies the number into a product, which
+    SymPy never distributes: the very same expression comes back."""
+
+    def _print_Mul(self, expr):
+        c, rest = expr.as_coeff_Mul()
+        # sstr prints the number's numerator (or a bare minus), then the factors, a sum first when
+        # SymPy orders one first; a number 1/q prints after them, where it meets a product
+        if rest.is_Mul and not (c.is_Rational and c.p == 1) and _sum_first(rest):
+            body = super()._print_Mul(rest)
+            return f"-({body})" if c == -1 else f"{self.parenthesize(c, PRECEDENCE['Mul'])}*({body})"
+        return super()._print_Mul(expr)
+
+
+def _sum_first(product: sp.Mul) -> bool:
+    """Whether sstr prints a sum as the first factor of ``product``'s numerator."""
+    for f in product.as_ordered_factors():
+        if f.is_Pow and f.exp.is_Rational and f.exp.is_negative:
+            continue  # printed in the denominator
+        return f.is_Add
+    return False
+
+
 def to_str(expr: sp.Basic) -> str:
-    """One-line SymPy string in index notation (``sympy.sstr``), readable back by ``sympify``."""
-    return sp.sstr(expr)
+    """One-line SymPy string in index notation (``sympy.sstr``), read back by ``sympify`` (with
+    :func:`sympy_locals`) as the very same expression."""
+    return _ReadBackPrinter().doprint(expr)
 
 
 def entry(name: str, indices: Iterable) -> str:

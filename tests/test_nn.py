@@ -14,11 +14,9 @@ import torch.nn.functional as TF
 
 import symgrad.nn as snn
 import symgrad.nn.functional as SF
-from symgrad.runtime import triton_support
 
 # compiled on a CUDA GPU where there is one, else through the interpreter (conftest.py decides)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP64 = torch.float64 in triton_support.FLOAT_DTYPES  # float64 on the Triton modules (issue 8, part A)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-10), torch.bfloat16: (3e-2, 3e-2)}
 
@@ -80,15 +78,6 @@ def compare(sg_fn, ref_fn, inputs: dict, dtype, cot_seed=7):
                                        msg=lambda m: f"gradient of {k}: {m}")
 
 
-def needs_fp64(dtype, fn):
-    """float64 runs once the Triton modules take it; until then it must be a clear error."""
-    if dtype == torch.float64 and not FP64:
-        with pytest.raises(ValueError, match="float64|dtype"):
-            fn()
-        return True
-    return False
-
-
 # ---------------------------------------------------------------------------------------------
 # activations
 
@@ -97,24 +86,21 @@ def needs_fp64(dtype, fn):
 def test_gelu(c):
     x = rand(c["shape"], c["dtype"], c["strided"], scale=2.0)
     run = lambda: compare(lambda x: snn.GELU(c["approximate"])(x), lambda x: TF.gelu(x, approximate=c["approximate"]), {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("SiLU", 6, shape=((7,), (2, 3, 5)), dtype=DTYPES, strided=(False, True)))
 def test_silu(c):
     x = rand(c["shape"], c["dtype"], c["strided"], scale=2.0)
     run = lambda: compare(lambda x: snn.SiLU()(x), lambda x: TF.silu(x), {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("swiglu", 4, shape=((5,), (2, 3, 5)), dtype=DTYPES))
 def test_swiglu(c):
     a, g = rand(c["shape"], c["dtype"], seed=1), rand(c["shape"], c["dtype"], seed=2)
     run = lambda: compare(SF.swiglu, lambda gate, up: TF.silu(gate) * up, {"gate": a, "up": g}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("Softmax/LogSoftmax", 12, kind=("softmax", "log_softmax"), dim=(0, 1, -1),
@@ -124,8 +110,7 @@ def test_softmax(c):
     mod = (snn.Softmax if c["kind"] == "softmax" else snn.LogSoftmax)(dim=c["dim"])
     ref = getattr(TF, c["kind"])
     run = lambda: compare(lambda x: mod(x), lambda x: ref(x, dim=c["dim"]), {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 def test_softmax_implicit_dim_warns_as_torch():
@@ -153,10 +138,9 @@ def test_linear(c):
         return SF.linear(x, weight, bias)
 
     run = lambda: compare(sg, lambda x, weight, bias: TF.linear(x, weight, bias), {"x": x, **params}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
-        # the module gives the functional's result
-        torch.testing.assert_close(mod(x), SF.linear(x, ref.weight, ref.bias))
+    run()
+    # the module gives the functional's result
+    torch.testing.assert_close(mod(x), SF.linear(x, ref.weight, ref.bias))
 
 
 @pytest.mark.parametrize("c", sample("Conv2d", 10, bias=(True, False), stride=(1, 2), padding=(0, 1, "same"),
@@ -175,9 +159,8 @@ def test_conv2d(c):
     kw = dict(stride=c["stride"], padding=c["padding"])
     run = lambda: compare(lambda x, weight, bias: SF.conv2d(x, weight, bias, **kw),
                           lambda x, weight, bias: TF.conv2d(x, weight, bias, **kw), {"x": x, **p}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
-        torch.testing.assert_close(mod(x), ref(x), rtol=1e-4, atol=1e-5)
+    run()
+    torch.testing.assert_close(mod(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +182,8 @@ def test_layer_norm(c):
          "bias": None if ref.bias is None else ref.bias.detach()}
     run = lambda: compare(lambda x, weight, bias: SF.layer_norm(x, c["shape"], weight, bias, 1e-5),
                           lambda x, weight, bias: TF.layer_norm(x, c["shape"], weight, bias, 1e-5), {"x": x, **p}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
-        torch.testing.assert_close(mod(x).double(), ref(x).double(), rtol=TOL[c["dtype"]][0], atol=TOL[c["dtype"]][1])
+    run()
+    torch.testing.assert_close(mod(x).double(), ref(x).double(), rtol=TOL[c["dtype"]][0], atol=TOL[c["dtype"]][1])
 
 
 def _rms_ref(x, weight, shape, eps, offset):
@@ -231,10 +213,76 @@ def test_rms_norm(c):
     rf = ((lambda x, weight: TF.rms_norm(x, c["shape"], weight, c["eps"])) if not c["offset"]
           else (lambda x, weight: _rms_ref(x, weight, c["shape"], c["eps"], c["offset"])))
     run = lambda: compare(sg, rf, {"x": x, **p}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
-        torch.testing.assert_close(mod(x), sg(x, mod.weight))
+    run()
+    torch.testing.assert_close(mod(x), sg(x, mod.weight))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs changed in place: allowed where torch allows it, torch's error where backward reads them
+
+
+_INPLACE_OK = {
+    # name: (symgrad op, torch op, input shape); none of them saves its output for backward
+    "silu": (SF.silu, TF.silu, (2, 3, 5)),
+    "gelu": (SF.gelu, TF.gelu, (3, 5)),
+    "linear": (lambda x: SF.linear(x, *_LIN), lambda x: TF.linear(x, *_LIN), (2, 3, 5)),
+    "layer_norm": (lambda x: SF.layer_norm(x, (5,), _LIN[1], -_LIN[1]), lambda x: TF.layer_norm(x, (5,), _LIN[1], -_LIN[1]), (3, 5)),
+    "rms_norm": (lambda x: SF.rms_norm(x, (5,), _LIN[1]), lambda x: TF.rms_norm(x, (5,), _LIN[1]), (2, 3, 5)),
+}
+_LIN = (rand((5, 5), torch.float32, seed=11), rand((5,), torch.float32, seed=12))  # weight [out, in], bias
+
+
+@pytest.mark.parametrize("name", sorted(_INPLACE_OK))
+def test_output_changed_in_place_as_torch(name):
+    """``y = F.silu(x); y.mul_(2)`` (and a following ``ReLU(inplace=True)``): the op's real output
+    reaches autograd, so torch's in-place rules apply, with torch's gradient."""
+    sg, ref, shape = _INPLACE_OK[name]
+
+    def run(fn):
+        x = rand(shape, torch.float32, seed=2).requires_grad_(True)
+        y = fn(x)
+        y.mul_(2).relu_()
+        (y * torch.arange(y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)).sum().backward()
+        return y.detach(), x.grad
+
+    (ya, ga), (yb, gb) = run(sg), run(ref)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_relu_inplace_after_linear_trains_as_torch():
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(inplace=True), torch.nn.Linear(6, 3)).to(DEVICE)
+    mod = torch.nn.Sequential(snn.Linear(5, 6), torch.nn.ReLU(inplace=True), snn.Linear(6, 3)).to(DEVICE)
+    mod.load_state_dict(ref.state_dict())
+    x = rand((2, 4, 5), torch.float32)
+    ref(x).square().sum().backward()
+    mod(x).square().sum().backward()
+    for (k, a), b in zip(mod.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("kind, dim, shape", [("softmax", -1, (3, 5)), ("log_softmax", 1, (2, 5, 3)), ("softmax", 0, (4,))])
+def test_saved_output_changed_in_place_raises_as_torch(kind, dim, shape):
+    """softmax and log_softmax save their output for backward, in torch as in symgrad: changing it
+    in place makes backward raise torch's error (never a gradient at values forward never saw)."""
+    for fn in (getattr(SF, kind), getattr(TF, kind)):
+        x = rand(shape, torch.float32).requires_grad_(True)
+        y = fn(x, dim=dim)
+        y.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_saved_input_changed_in_place_raises_as_torch():
+    for fn in (SF.silu, TF.silu):
+        x = rand((3, 5), torch.float32).requires_grad_(True)
+        h = x * 1.0
+        y = fn(h)
+        h.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
 
 # ---------------------------------------------------------------------------------------------
 # losses
@@ -273,8 +321,50 @@ def test_cross_entropy(c):
     run = lambda: compare(lambda x: mod(x, y), lambda x: _ce_ref(x, y, None if w is None else w.to(x.dtype), c["ignore_index"], c["reduction"],
                                                                  c["label_smoothing"], c["z_loss"], c["softcap"]),
                           {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
+
+
+@pytest.mark.parametrize("c", sample("CrossEntropyLoss(return_z_loss)", 6, reduction=("mean", "sum", "none"), weight=(False, True),
+                                     softcap=(None, 5.0), spatial=(False, True), dtype=(torch.float32, torch.float64)))
+def test_cross_entropy_return_z_loss(c):
+    """Liger's return_z_loss: (loss, z) with z the z-loss term the loss includes, reduced as the loss
+    (mean: over the counted rows, class weights or not), without a gradient; the loss is unchanged."""
+    n, classes, zl = 5, 7, 0.05
+    shape = (n, classes, 2) if c["spatial"] else (n, classes)
+    x = rand(shape, c["dtype"], scale=3.0).requires_grad_(True)
+    g = torch.Generator().manual_seed(8)
+    y = torch.randint(0, classes, (n, 2) if c["spatial"] else (n,), generator=g).to(DEVICE)
+    y.view(-1)[2] = -100
+    w = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(DEVICE, c["dtype"]) if c["weight"] else None
+    opts = dict(reduction=c["reduction"], label_smoothing=0.1, z_loss=zl, softcap=c["softcap"])
+    loss, z = snn.CrossEntropyLoss(w, **opts, return_z_loss=True)(x, y)
+    # the reference: torch's logsumexp of the (capped) logits, classes on axis 1
+    xc = x.detach() if c["softcap"] is None else c["softcap"] * torch.tanh(x.detach() / c["softcap"])
+    counted = y != -100
+    rows = zl * torch.where(counted, torch.logsumexp(xc, 1) ** 2, 0.0)
+    want = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / counted.sum()}[c["reduction"]]
+    rtol, atol = TOL[c["dtype"]]
+    assert z.shape == loss.shape == want.shape and z.dtype == c["dtype"] and not z.requires_grad
+    torch.testing.assert_close(z, want, rtol=rtol, atol=atol)
+    # the loss is the same as without return_z_loss, and z is the part z_loss adds to it
+    plain = SF.cross_entropy(x, y, w, **opts)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    no_z = SF.cross_entropy(x, y, w, **{**opts, "z_loss": 0.0})
+    torch.testing.assert_close(loss - z, no_z, rtol=rtol, atol=atol)
+    (ga,) = torch.autograd.grad(loss.sum(), x)
+    (gb,) = torch.autograd.grad(plain.sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on the mean's 0/0
+def test_cross_entropy_return_z_loss_edges():
+    x, y = rand((3, 4), torch.float32), torch.tensor([1, -100, 2], device=DEVICE)
+    loss, z = SF.cross_entropy(x, y, return_z_loss=True)  # z_loss 0: a zero term, and no extra pass
+    assert float(z) == 0.0 and torch.equal(loss, SF.cross_entropy(x, y))
+    _, z = SF.cross_entropy(x, torch.full((3,), -100, device=DEVICE), z_loss=1e-4, return_z_loss=True)
+    assert z.isnan()  # a mean over no counted rows, as the loss's own (torch's NaN)
+    _, z = SF.cross_entropy(x[0], y[0], z_loss=1e-4, reduction="none", return_z_loss=True)  # unbatched
+    torch.testing.assert_close(z, 1e-4 * torch.logsumexp(x[0], 0) ** 2)
 
 
 @pytest.mark.parametrize("c", sample("BCEWithLogitsLoss", 6, reduction=("mean", "sum", "none"), shape=((7,), (2, 3, 5)),
@@ -285,8 +375,7 @@ def test_bce_with_logits(c):
     mod = snn.BCEWithLogitsLoss(reduction=c["reduction"])
     run = lambda: compare(lambda x: mod(x, t), lambda x: TF.binary_cross_entropy_with_logits(x, t, reduction=c["reduction"]),
                           {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.parametrize("c", sample("MSELoss", 6, reduction=("mean", "sum", "none"), shape=((7,), (2, 3, 5)),
@@ -295,8 +384,7 @@ def test_mse(c):
     x, t = rand(c["shape"], c["dtype"], seed=5), rand(c["shape"], c["dtype"], seed=6)
     mod = snn.MSELoss(reduction=c["reduction"])
     run = lambda: compare(lambda x: mod(x, t), lambda x: TF.mse_loss(x, t, reduction=c["reduction"]), {"x": x}, c["dtype"])
-    if not needs_fp64(c["dtype"], run):
-        run()
+    run()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on the mean's 0/0, torch's NaN
@@ -448,7 +536,7 @@ def test_unsupported_options_are_refused_at_construction():
 
 def test_counts_cover_every_module():
     assert set(COUNTS) >= {"GELU", "SiLU", "swiglu", "Softmax/LogSoftmax", "Linear", "Conv2d", "LayerNorm", "RMSNorm",
-                           "CrossEntropyLoss", "BCEWithLogitsLoss", "MSELoss"}
+                           "CrossEntropyLoss", "CrossEntropyLoss(return_z_loss)", "BCEWithLogitsLoss", "MSELoss"}
 
 
 def test_cpu_without_interpreter_says_how(tmp_path):

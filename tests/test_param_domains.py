@@ -93,6 +93,8 @@ DOMAINS = {  # the table the declarations must keep (README and `symgrad list` s
        for ce in [f"softmax_cross_entropy{w}{c}{r}"]
        for p, d in {"eps": "in [0, 1]", "ignore_index": "an integer", "z_loss": "finite",
                     **({"softcap": "in (0, inf)"} if c else {})}.items()},
+    **{(f"softmax_z_loss{c}_none", p): d for c in ("", "_softcap")
+       for p, d in {"ignore_index": "an integer", "z_loss": "finite", **({"softcap": "in (0, inf)"} if c else {})}.items()},
     ("layer_norm", "eps"): "in (0, inf)",
     ("layer_norm_nobias", "eps"): "in (0, inf)",
     ("layer_norm_noaffine", "eps"): "in (0, inf)",
@@ -341,7 +343,7 @@ def test_numpy_refuses_complex_cotangents(name):
 def test_triton_refuses_the_same(kind):
     mod = tr_module("relu")
     x = torch.from_numpy(NOT_REAL[kind](np.ones((2, 3), np.float32)))
-    with pytest.raises(ValueError, match="relu: input x must have dtype float32, float16 or bfloat16"):
+    with pytest.raises(ValueError, match="relu: input x must have dtype float32, float16, bfloat16 or float64"):
         mod.forward(x)
 
 
@@ -359,7 +361,7 @@ TORCH_REFUSES = {("max", "C"), ("conv2d", "Cout"), ("conv2d", "R"), ("conv2d", "
                  ("grad_norm_inf", "N")}  # no max of an empty gradient
 # no classes: with rows, a label that is not ignore_index names no class (torch: "Target 0 is out of
 # bounds"); all rows ignored: tests/test_ce_options.py::test_no_classes
-LABELS_OUT_OF_BOUNDS = {(op.name, "C") for op in REGISTRY if op.name.startswith("softmax_cross_entropy")}
+LABELS_OUT_OF_BOUNDS = {(op.name, "C") for op in REGISTRY if op.name.startswith(("softmax_cross_entropy", "softmax_z_loss"))}
 
 
 def _torch_run(op, args, pv):

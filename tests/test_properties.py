@@ -67,6 +67,10 @@ NARROWED = ((
     ("grad_norm_inf", None, None, {"nan"},
      "a NaN makes the max-norm's gradient NaN along its row, where torch gives 0 (clipping never differentiates the norm)"),
     ("warmup_cosine", None, None, {"1e30", "-1e30"}, "cos of a step near 1e30 depends on how pi*(t - warmup)/cosine_steps is rounded"),
+) + tuple(
+    (name, None, None, {"inf", "-inf"}, "the max-shifted lse of a row whose max is +-inf is NaN (as the loss's own lse, and "
+     "Liger's z_loss), where torch's logsumexp gives +-inf")
+    for name in ("softmax_z_loss_none", "softmax_z_loss_softcap_none")
 )
 
 

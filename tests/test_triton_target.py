@@ -394,8 +394,10 @@ def test_clear_errors():
     ce = module("softmax_cross_entropy")
     x = torch.randn(4, 5, device=DEVICE)
     y = torch.randint(0, 5, (4,), device=DEVICE)
-    with pytest.raises(ValueError, match="dtype"):
-        ce.forward(x.double(), y)
+    with pytest.raises(ValueError, match="dtype float32, float16, bfloat16 or float64; got torch.int32"):
+        ce.forward(x.int(), y)
+    with pytest.raises(ValueError, match="is torch.float64 but other inputs are torch.float32"):
+        module("linear").forward(x, torch.randn(3, 5, device=DEVICE).double(), torch.randn(3, device=DEVICE))
     with pytest.raises(ValueError, match="integer labels"):
         ce.forward(x, y.float())
     with pytest.raises(ValueError, match="dim B"):

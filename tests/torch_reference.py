@@ -80,6 +80,21 @@ for _w in ("", "_weighted"):
         for _r in ("mean", "sum", "none"):
             REFERENCES[f"softmax_cross_entropy{_w}{_c}" + ("" if _r == "mean" else f"_{_r}")] = cross_entropy(_r)
 
+
+
+def z_loss_rows(x, y, *, ignore_index=-100, z_loss=1e-4, softcap=None):
+    """The z-loss term alone, per row (Liger's z_loss, returned beside the loss with
+    return_z_loss=True): z_loss*logsumexp(x)**2 per counted row, 0 for ignored rows, of the
+    softcapped logits where softcap is given."""
+    counted = y != ignore_index
+    if ((y < 0) | (y >= x.shape[1]))[counted].any():  # labels as F.cross_entropy takes them
+        raise IndexError(f"Target {int(y[counted & ((y < 0) | (y >= x.shape[1]))][0])} is out of bounds.")
+    z = softcap * torch.tanh(x / softcap) if softcap else x
+    return z_loss * torch.where(counted, torch.logsumexp(z, dim=1) ** 2, 0.0)
+
+
+REFERENCES["softmax_z_loss_none"] = REFERENCES["softmax_z_loss_softcap_none"] = z_loss_rows
+
 # Params to test besides each op's defaults: one dict per extra case.
 PARAM_CASES = {
     "leaky_relu": ({"alpha": 0.2},),
@@ -96,6 +111,8 @@ PARAM_CASES = {
     "softmax_cross_entropy_weighted_softcap": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
     "softmax_cross_entropy_weighted_softcap_sum": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
     "softmax_cross_entropy_weighted_softcap_none": ({"eps": 0.1, "softcap": 2.0}, {"eps": 0.05, "ignore_index": 1, "z_loss": 0.01}, {"z_loss": 1e-3, "softcap": 2.0}),
+    "softmax_z_loss_none": ({"ignore_index": 1, "z_loss": 0.5},),
+    "softmax_z_loss_softcap_none": ({"ignore_index": 1, "z_loss": 0.5, "softcap": 2.0},),
     "layer_norm": ({"eps": 0.1},),
     "clip_by_norm": ({"max_norm": 0.5},),
     "clip_by_value": ({"clip_value": 0.3},),

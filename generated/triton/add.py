@@ -49,6 +49,7 @@ def _for0_map(
     FLAT: tl.constexpr,
 ):
     # out[b, i] = p[b, i] + q[b, i]
+    ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -63,13 +64,13 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(p_ptr + (offs if FLAT else i0 * p_s0 + i1 * p_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(q_ptr + (offs if FLAT else i0 * q_s0 + i1 * q_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -98,6 +99,7 @@ def _bac0_map(
 ):
     # dp[b, i] = dout[b, i]
     # dq[b, i] = dout[b, i]
+    ACC: tl.constexpr = tl.float64 if dp_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -112,12 +114,12 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(ACC)
         tl.store(dp_ptr + (offs if FLAT else i0 * dp_s0 + i1 * dp_s1), (ld0).to(dp_ptr.dtype.element_ty), mask=mask)
         tl.store(dq_ptr + (offs if FLAT else i0 * dq_s0 + i1 * dq_s1), (ld0).to(dq_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(ACC)
         tl.store(dp_ptr + (offs if FLAT else i0 * dp_s0 + i1 * dp_s1), (ld0).to(dp_ptr.dtype.element_ty), mask=mask)
         tl.store(dq_ptr + (offs if FLAT else i0 * dq_s0 + i1 * dq_s1), (ld0).to(dq_ptr.dtype.element_ty), mask=mask)
 

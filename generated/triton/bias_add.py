@@ -47,6 +47,7 @@ def _for0_map(
     FLAT: tl.constexpr,
 ):
     # out[b, i] = bias[i] + x[b, i]
+    ACC: tl.constexpr = tl.float64 if bias_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -61,13 +62,13 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(bias_ptr + i1 * bias_s0, mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(bias_ptr + i1 * bias_s0, mask=mask, other=0).to(ACC)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(bias_ptr + i1 * bias_s0, mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(bias_ptr + i1 * bias_s0, mask=mask, other=0).to(ACC)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((ld0 + ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -93,19 +94,20 @@ def _bac0_rows(
 ):
     # dx[b, i] = dout[b, i]
     # dbias[i] = Sum(dout[k, i], (k, 0, B - 1))
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
-    pacc0 = tl.zeros([BLOCK], tl.float32)
+    pacc0 = tl.zeros([BLOCK], ACC)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv1 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
+            cv1 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(ACC)
             tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (cv1).to(dx_ptr.dtype.element_ty), mask=cmask)
             pacc0 += tl.where(cmask, cv1, 0.0)
         else:
@@ -113,7 +115,7 @@ def _bac0_rows(
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(ACC)
                 tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (cv0).to(dx_ptr.dtype.element_ty), mask=cmask)
                 pp0 = part0_ptr + pid64 * n_C + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
@@ -132,10 +134,11 @@ def _bac0_rows_finish(
     BLOCK: tl.constexpr,
 ):
     # finish: dbias[i] = Sum(dout[k, i], (k, 0, B - 1))
+    ACC: tl.constexpr = tl.float64 if dbias_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < n_C
-    tot0 = tl.zeros([BLOCK], tl.float32)
+    tot0 = tl.zeros([BLOCK], ACC)
     for p in range(0, P):
         tot0 += tl.load(part0_ptr + p * n_C + cols, mask=cmask, other=0.0)
     tl.store(dbias_ptr + cols * dbias_s0, (tot0).to(dbias_ptr.dtype.element_ty), mask=cmask)
@@ -212,7 +215,7 @@ def backward(saved, dout, ):
     blk = _rt.row_block(n_C, dtype.itemsize, 4)
     hot = n_C * (4) if n_C > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
-    part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_C), dtype=torch.float32, device=device)
+    part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_C), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_C)
     if _rt.programs((triton.cdiv(n_C, fblk),)): _bac0_rows_finish[(triton.cdiv(n_C, fblk),)](t_dbias, t_dbias.stride(0), n_C, part0, n_prog, BLOCK=fblk)

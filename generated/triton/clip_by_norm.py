@@ -45,6 +45,8 @@ def _for0_map(
 ):
     # out[n] = (max_norm*Iverson(max_norm/(total_norm + 1.0e-6) < 1)/(total_norm + 1.0e-6) +
     #     Iverson(max_norm/(total_norm + 1.0e-6) >= 1))*g[n]
+    ACC: tl.constexpr = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_max_norm = tl.full([], p_max_norm, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -53,15 +55,15 @@ def _for0_map(
         offs = pid * BLOCK + tl.arange(0, BLOCK)
     i0 = offs
     i0 = i0.to(tl.int64)
-    v_total_norm = tl.load(total_norm_ptr).to(tl.float32)
+    v_total_norm = tl.load(total_norm_ptr).to(ACC)
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0), (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0), (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -86,6 +88,8 @@ def _bac0_map(
 ):
     # dg[n] = (max_norm*Iverson(max_norm/(total_norm + 1.0e-6) < 1)/(total_norm + 1.0e-6) +
     #     Iverson(max_norm/(total_norm + 1.0e-6) >= 1))*dout[n]
+    ACC: tl.constexpr = tl.float64 if dg_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_max_norm = tl.full([], p_max_norm, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -94,15 +98,15 @@ def _bac0_map(
         offs = pid * BLOCK + tl.arange(0, BLOCK)
     i0 = offs
     i0 = i0.to(tl.int64)
-    v_total_norm = tl.load(total_norm_ptr).to(tl.float32)
+    v_total_norm = tl.load(total_norm_ptr).to(ACC)
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(ACC)
         tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0), (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(dg_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(ACC)
         tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0), (((tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), (p_max_norm / ((1e-06 + v_total_norm))), tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 0.0, float('nan'))) + tl.where(((p_max_norm / ((1e-06 + v_total_norm))) >= 1.0), 1.0, tl.where(((p_max_norm / ((1e-06 + v_total_norm))) < 1.0), 0.0, float('nan')))) * ld0)).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
@@ -131,7 +135,7 @@ def _forward(t_g, t_total_norm, p_max_norm, write_grad):
     t_out = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_for0_map, dtype, ('p_max_norm',))[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
     saved = {
         'total_norm': t_total_norm,
         'max_norm': p_max_norm,
@@ -175,7 +179,7 @@ def backward(saved, dout, ):
     t_dg = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('p_max_norm',))[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_total_norm, n_N, p_max_norm, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout))
     return (t_dg, None, )
 
 
@@ -287,6 +291,7 @@ class Function(torch.autograd.Function):
 
 def apply(g, total_norm, max_norm=1.0, ):
     """g*min(1, max_norm/(total_norm + 1e-6)): the scale of torch.nn.utils.clip_grad_norm_ (NaN where total_norm is NaN, 0 where it is inf), differentiable by torch.autograd and traceable by torch.compile."""
+    _rt.check_constants(OP, {'total_norm': total_norm})
     res = Function.apply(g, total_norm, *_params(max_norm, ))
     return res
 

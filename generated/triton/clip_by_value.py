@@ -46,6 +46,8 @@ def _for0_map(
     #     clip_value) + (-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] >
     #     -clip_value)*g[n])*Iverson(-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] > -clip_value)*g[n] <
     #     clip_value)
+    ACC: tl.constexpr = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_clip_value = tl.full([], p_clip_value, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -57,11 +59,11 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0), ((tl.where(((tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))) >= p_clip_value), p_clip_value, tl.where(((tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))) < p_clip_value), 0.0, float('nan'))) + tl.where(((tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))) < p_clip_value), (tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))), tl.where(((tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))) >= p_clip_value), 0.0, float('nan'))))).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0), ((tl.where(((tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))) >= p_clip_value), p_clip_value, tl.where(((tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))) < p_clip_value), 0.0, float('nan'))) + tl.where(((tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))) < p_clip_value), (tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))), tl.where(((tl.where((ld0 > (-p_clip_value)), ld0, tl.where((ld0 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld0 <= (-p_clip_value)), p_clip_value, tl.where((ld0 > (-p_clip_value)), 0.0, float('nan')))) >= p_clip_value), 0.0, float('nan'))))).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -87,6 +89,8 @@ def _bac0_map(
 ):
     # dg[n] = Iverson(g[n] > -clip_value)*Iverson(-clip_value*Iverson(g[n] <= -clip_value) + Iverson(g[n] >
     #     -clip_value)*g[n] < clip_value)*dout[n]
+    ACC: tl.constexpr = tl.float64 if dg_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_clip_value = tl.full([], p_clip_value, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -98,13 +102,13 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(ACC)
         tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0), (tl.where((ld1 > (-p_clip_value)) & ((tl.where((ld1 > (-p_clip_value)), ld1, tl.where((ld1 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld1 <= (-p_clip_value)), p_clip_value, tl.where((ld1 > (-p_clip_value)), 0.0, float('nan')))) < p_clip_value), ld0, tl.where((ld1 <= (-p_clip_value)) | ((tl.where((ld1 > (-p_clip_value)), ld1, tl.where((ld1 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld1 <= (-p_clip_value)), p_clip_value, tl.where((ld1 > (-p_clip_value)), 0.0, float('nan')))) >= p_clip_value), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(ACC)
         tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0), (tl.where((ld1 > (-p_clip_value)) & ((tl.where((ld1 > (-p_clip_value)), ld1, tl.where((ld1 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld1 <= (-p_clip_value)), p_clip_value, tl.where((ld1 > (-p_clip_value)), 0.0, float('nan')))) < p_clip_value), ld0, tl.where((ld1 <= (-p_clip_value)) | ((tl.where((ld1 > (-p_clip_value)), ld1, tl.where((ld1 <= (-p_clip_value)), 0.0, float('nan'))) - tl.where((ld1 <= (-p_clip_value)), p_clip_value, tl.where((ld1 > (-p_clip_value)), 0.0, float('nan')))) >= p_clip_value), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
@@ -133,7 +137,7 @@ def _forward(t_g, p_clip_value, write_grad):
     t_out = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), n_N, p_clip_value, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_for0_map, dtype, ('p_clip_value',))[(triton.cdiv(n_total, blk),)](t_g, t_g.stride(0), t_out, t_out.stride(0), n_N, p_clip_value, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_g, t_out))
     saved = {
         'g': t_g,
         'clip_value': p_clip_value,
@@ -177,7 +181,7 @@ def backward(saved, dout, ):
     t_dg = torch.empty((n_N, ), dtype=dtype, device=device)
     n_total = n_N
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_g, t_g.stride(0), n_N, p_clip_value, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout, t_g))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('p_clip_value',))[(triton.cdiv(n_total, blk),)](t_dg, t_dg.stride(0), t_dout, t_dout.stride(0), t_g, t_g.stride(0), n_N, p_clip_value, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dg, t_dout, t_g))
     return (t_dg, )
 
 

@@ -74,6 +74,7 @@ def _for0_gemm(
 ):
     # Y[n, o, h, w] = Sum(Wt[o, c, r, s]*X[n, c, h*stride - pad + r, -pad + s + stride*w], (c, 0, Cin - 1), (r, 0,
     #     R - 1), (s, 0, S - 1))
+    ACC: tl.constexpr = tl.float64 if Wt_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (n, h, w), N = (o), K = (c, r, s)
     # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
     # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
@@ -103,7 +104,7 @@ def _for0_gemm(
     n_o = offs_n
     k_lo = pid_k * K_split
     k_hi = tl.minimum(k_lo + K_split, K_tot)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if IDX64:
@@ -119,8 +120,8 @@ def _for0_gemm(
         b_in = k_mask[:, None] & n_mask[None, :]
         b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=b_in, other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:
@@ -134,7 +135,7 @@ def _for0_gemm(
     # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
     # path: it runs for tiles that meet an inf or NaN.
     if tl.max(tl.where(acc != acc, 1, 0)) > 0:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(k_lo, k_hi):
             # which reads of this k fall inside: a column of M and a row of N
             offs_k = k0 + tl.arange(0, 1)
@@ -152,7 +153,7 @@ def _for0_gemm(
             if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
                 a = tl.load(X_ptr + (m_n[:, None]) * X_s0 + (k_c[None, :]) * X_s1 + ((k_r[None, :] - p_pad + (m_h[:, None] * p_stride))) * X_s2 + ((k_s[None, :] - p_pad + (p_stride * m_w[:, None]))) * X_s3, mask=a_in, other=0.0)
                 b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=b_in, other=0.0)
-                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+                acc += tl.where(inside, a.to(ACC) * b.to(ACC), 0.0)
             else:  # tensor cores: a tl.dot whose K tile holds this k alone
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if IDX64:
@@ -168,8 +169,8 @@ def _for0_gemm(
                 b_in = k_mask[:, None] & n_mask[None, :]
                 b = tl.load(Wt_ptr + (n_o[None, :]) * Wt_s0 + (k_c[:, None]) * Wt_s1 + (k_r[:, None]) * Wt_s2 + (k_s[:, None]) * Wt_s3, mask=b_in, other=0.0)
                 if DOT_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
+                    a = a.to(ACC)
+                    b = b.to(ACC)
                 elif a.dtype != b.dtype:
                     if a.dtype == tl.float32:
                         a = a.to(b.dtype)
@@ -235,6 +236,7 @@ def _bac0_gemm(
     # dX[n, c, h, w] = Sum(Iverson(Eq(Mod(h + pad - r_v, stride), 0))*Iverson(Eq(Mod(pad - s_v + w, stride),
     #     0))*Wt[k, c, r_v, s_v]*dY[n, k, floor((h + pad - r_v)/stride), floor((pad - s_v + w)/stride)], (k, 0,
     #     Cout - 1), (r_v, 0, R - 1), (s_v, 0, S - 1))
+    ACC: tl.constexpr = tl.float64 if Wt_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (n, h, w), N = (c), K = (k, r_v, s_v)
     # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
     # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
@@ -264,7 +266,7 @@ def _bac0_gemm(
     n_c = offs_n
     k_lo = pid_k * K_split
     k_hi = tl.minimum(k_lo + K_split, K_tot)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if IDX64:
@@ -280,8 +282,8 @@ def _bac0_gemm(
         b_in = k_mask[:, None] & n_mask[None, :]
         b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=b_in, other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:
@@ -295,7 +297,7 @@ def _bac0_gemm(
     # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
     # path: it runs for tiles that meet an inf or NaN.
     if tl.max(tl.where(acc != acc, 1, 0)) > 0:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(k_lo, k_hi):
             # which reads of this k fall inside: a column of M and a row of N
             offs_k = k0 + tl.arange(0, 1)
@@ -313,7 +315,7 @@ def _bac0_gemm(
             if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
                 a = tl.load(dY_ptr + (m_n[:, None]) * dY_s0 + (k_k[None, :]) * dY_s1 + ((((m_h[:, None] + p_pad - k_r_v[None, :])) // (p_stride))) * dY_s2 + ((((p_pad + m_w[:, None] - k_s_v[None, :])) // (p_stride))) * dY_s3, mask=a_in, other=0.0)
                 b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=b_in, other=0.0)
-                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+                acc += tl.where(inside, a.to(ACC) * b.to(ACC), 0.0)
             else:  # tensor cores: a tl.dot whose K tile holds this k alone
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if IDX64:
@@ -329,8 +331,8 @@ def _bac0_gemm(
                 b_in = k_mask[:, None] & n_mask[None, :]
                 b = tl.load(Wt_ptr + (k_k[:, None]) * Wt_s0 + (n_c[None, :]) * Wt_s1 + (k_r_v[:, None]) * Wt_s2 + (k_s_v[:, None]) * Wt_s3, mask=b_in, other=0.0)
                 if DOT_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
+                    a = a.to(ACC)
+                    b = b.to(ACC)
                 elif a.dtype != b.dtype:
                     if a.dtype == tl.float32:
                         a = a.to(b.dtype)
@@ -391,6 +393,7 @@ def _bac1_gemm(
 ):
     # dWt[o, c, r, s] = Sum(X[k, c, j*stride - pad + r, l*stride - pad + s]*dY[k, o, j, l], (k, 0, N - 1), (j, 0,
     #     floor((H - R + 2*pad)/stride)), (l, 0, floor((-S + W + 2*pad)/stride)))
+    ACC: tl.constexpr = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (o), N = (c, r, s), K = (k, j, l)
     # window sizes and index params are constexpr (div/rem by them are multiply-shifts); index math is
     # int32 unless the host found a tensor past 2^30 elements (IDX64); program_id(1) is a split of K
@@ -420,7 +423,7 @@ def _bac1_gemm(
     n_c = nr1
     k_lo = pid_k * K_split
     k_hi = tl.minimum(k_lo + K_split, K_tot)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if IDX64:
@@ -436,8 +439,8 @@ def _bac1_gemm(
         b_in = k_mask[:, None] & n_mask[None, :] & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) >= 0) & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) < n_H) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) >= 0) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) < n_W)
         b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=b_in, other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:
@@ -451,7 +454,7 @@ def _bac1_gemm(
     # only where both of its reads are inside (a NaN the inputs themselves hold stays NaN). A cold
     # path: it runs for tiles that meet an inf or NaN.
     if tl.max(tl.where(acc != acc, 1, 0)) > 0:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(k_lo, k_hi):
             # which reads of this k fall inside: a column of M and a row of N
             offs_k = k0 + tl.arange(0, 1)
@@ -469,7 +472,7 @@ def _bac1_gemm(
             if DOT_F32 and PREC == "ieee":  # the main loop's dot is FMAs too: one outer product
                 a = tl.load(dY_ptr + (k_k[None, :]) * dY_s0 + (m_o[:, None]) * dY_s1 + (k_j[None, :]) * dY_s2 + (k_l[None, :]) * dY_s3, mask=a_in, other=0.0)
                 b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=b_in, other=0.0)
-                acc += tl.where(inside, a.to(tl.float32) * b.to(tl.float32), 0.0)
+                acc += tl.where(inside, a.to(ACC) * b.to(ACC), 0.0)
             else:  # tensor cores: a tl.dot whose K tile holds this k alone
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if IDX64:
@@ -485,8 +488,8 @@ def _bac1_gemm(
                 b_in = k_mask[:, None] & n_mask[None, :] & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) >= 0) & (((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) < n_H) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) >= 0) & (((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) < n_W)
                 b = tl.load(X_ptr + (k_k[:, None]) * X_s0 + (n_c[None, :]) * X_s1 + ((n_r[None, :] - p_pad + (k_j[:, None] * p_stride))) * X_s2 + ((n_s[None, :] - p_pad + (k_l[:, None] * p_stride))) * X_s3, mask=b_in, other=0.0)
                 if DOT_F32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
+                    a = a.to(ACC)
+                    b = b.to(ACC)
                 elif a.dtype != b.dtype:
                     if a.dtype == tl.float32:
                         a = a.to(b.dtype)
@@ -537,7 +540,7 @@ def _forward(t_X, t_Wt, p_stride, p_pad, write_grad):
     N_tot = n_Cout
     K_tot = n_Cin * n_R * n_S
     splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
-    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_Y
+    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device, dtype) if splits > 1 else t_Y
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
     if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_Y, t_Y.stride(0), t_Y.stride(1), t_Y.stride(2), t_Y.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_Wt, t_X, t_Y))
     if splits > 1: _rt.finish_split(t_ws, t_Y, (n_N, n_Ho, n_Wo, n_Cout,), (0, 3, 1, 2))
@@ -606,7 +609,7 @@ def backward(saved, dY, ):
     N_tot = n_Cin
     K_tot = n_Cout * n_R * n_S
     splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
-    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_dX
+    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device, dtype) if splits > 1 else t_dX
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
     if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_Wt, t_Wt.stride(0), t_Wt.stride(1), t_Wt.stride(2), t_Wt.stride(3), t_dX, t_dX.stride(0), t_dX.stride(1), t_dX.stride(2), t_dX.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_Wt, t_dX, t_dY))
     if splits > 1: _rt.finish_split(t_ws, t_dX, (n_N, n_H, n_W, n_Cin,), (0, 3, 1, 2))
@@ -616,7 +619,7 @@ def backward(saved, dY, ):
     N_tot = n_Cin * n_R * n_S
     K_tot = n_N * n_Ho * n_Wo
     splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)
-    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_dWt
+    t_ws = _rt.split_workspace(splits, M_tot, N_tot, device, dtype) if splits > 1 else t_dWt
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']), splits)
     if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_X.stride(2), t_X.stride(3), t_dWt, t_dWt.stride(0), t_dWt.stride(1), t_dWt.stride(2), t_dWt.stride(3), t_dY, t_dY.stride(0), t_dY.stride(1), t_dY.stride(2), t_dY.stride(3), n_Cin, n_Cout, n_H, n_Ho, n_N, n_W, n_Wo, t_ws, M_tot, N_tot, K_tot, K_split, n_R=n_R, n_S=n_S, p_pad=p_pad, p_stride=p_stride, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), SPLIT=splits > 1, IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_ws, t_X, t_dWt, t_dY))
     if splits > 1: _rt.finish_split(t_ws, t_dWt, (n_Cout, n_Cin, n_R, n_S,), (0, 1, 2, 3))

@@ -45,6 +45,7 @@ def _for0_map(
     FLAT: tl.constexpr,
 ):
     # out[b, i] = (erf(sqrt(2)*x[b, i]/2) + 1)*x[b, i]/2
+    ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -59,11 +60,11 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (((1.0 + tl.math.erf((1.4142135623730951 * ld0 / (2.0)))) * ld0 / (2.0))).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (((1.0 + tl.math.erf((1.4142135623730951 * ld0 / (2.0)))) * ld0 / (2.0))).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,6 +92,7 @@ def _bac0_map(
     FLAT: tl.constexpr,
 ):
     # dx[b, i] = (erf(sqrt(2)*x[b, i]/2) + 1 + sqrt(2)*exp(-x[b, i]**2/2)*x[b, i]/sqrt(pi))*dout[b, i]/2
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -105,13 +107,13 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), (((1.0 + (1.4142135623730951 * 0.5641895835477563 * ld1 * tl.exp((-((ld1 * ld1) / (2.0))))) + tl.math.erf((1.4142135623730951 * ld1 / (2.0)))) * ld0 / (2.0))).to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), (((1.0 + (1.4142135623730951 * 0.5641895835477563 * ld1 * tl.exp((-((ld1 * ld1) / (2.0))))) + tl.math.erf((1.4142135623730951 * ld1 / (2.0)))) * ld0 / (2.0))).to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -43,14 +43,15 @@ def _for0_rows(
     BLOCK: tl.constexpr,
 ):
     # norm = sqrt(Sum(g[n]**2, (n, 0, N - 1)))
+    ACC: tl.constexpr = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_N - pid * RPP)
-    acc0 = tl.full([], 0.0, tl.float32)
+    acc0 = tl.full([], 0.0, ACC)
     for t in range(0, n_here):
         row = row0 + t
-        rv0 = tl.load(g_ptr + row * g_s0).to(tl.float32)
+        rv0 = tl.load(g_ptr + row * g_s0).to(ACC)
         acc0 += (rv0 * rv0)
     tl.store(part0_ptr + pid64, acc0)
 
@@ -64,8 +65,9 @@ def _for0_rows_finish(
     BLOCK: tl.constexpr,
 ):
     # finish: norm = sqrt(Sum(g[n]**2, (n, 0, N - 1)))
+    ACC: tl.constexpr = tl.float64 if norm_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
-    acc0 = tl.zeros([BLOCK], tl.float32)
+    acc0 = tl.zeros([BLOCK], ACC)
     for p0 in range(0, P, BLOCK):
         po = p0 + tl.arange(0, BLOCK)
         acc0 += tl.load(part0_ptr + po, mask=po < P, other=0.0)
@@ -90,6 +92,7 @@ def _for1_map(
     WRITE_GRAD: tl.constexpr,
 ):
     # dg_fused[n] = g[n]/Abs(norm)
+    ACC: tl.constexpr = tl.float64 if dg_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -98,16 +101,16 @@ def _for1_map(
         offs = pid * BLOCK + tl.arange(0, BLOCK)
     i0 = offs
     i0 = i0.to(tl.int64)
-    v_norm = tl.load(norm_ptr).to(tl.float32)
+    v_norm = tl.load(norm_ptr).to(ACC)
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(ACC)
         if WRITE_GRAD:
             tl.store(dg_fused_ptr + (offs if FLAT else i0 * dg_fused_s0), ((ld0 / (tl.abs(v_norm)))).to(dg_fused_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0), mask=mask, other=0).to(ACC)
         if WRITE_GRAD:
             tl.store(dg_fused_ptr + (offs if FLAT else i0 * dg_fused_s0), ((ld0 / (tl.abs(v_norm)))).to(dg_fused_ptr.dtype.element_ty), mask=mask)
 
@@ -127,9 +130,10 @@ def _bac0_scale(
     IDX64: tl.constexpr,
 ):
     # dg[n] = dnorm*dg_fused[n]
+    ACC: tl.constexpr = tl.float64 if dg_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
     # In place over the buffer forward wrote (the op's own, contiguous): dg is that buffer.
     # A cotangent of 1 (loss.backward()) leaves it as it is, so nothing is read or written.
-    v_dnorm = tl.load(dnorm_ptr).to(tl.float32)
+    v_dnorm = tl.load(dnorm_ptr).to(ACC)
     if v_dnorm != 1.0:
         pid = tl.program_id(0)
         if IDX64:
@@ -139,7 +143,7 @@ def _bac0_scale(
         for o in range(0, CHUNK, BLOCK):
             offs = start + o + tl.arange(0, BLOCK)
             mask = offs < n_total
-            v = tl.load(dg_fused_ptr + offs, mask=mask, other=0).to(tl.float32)
+            v = tl.load(dg_fused_ptr + offs, mask=mask, other=0).to(ACC)
             tl.store(dg_fused_ptr + offs, ((v_dnorm * v)).to(dg_fused_ptr.dtype.element_ty), mask=mask)
 
 
@@ -165,7 +169,7 @@ def _forward(t_g, write_grad, inplace=False):
     t_norm = torch.empty((), dtype=dtype, device=device)
     blk = 16
     n_prog, rpp = _rt.row_programs(n_N, device, True)
-    part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
+    part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_g, t_g.stride(0), n_N, part0, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_norm, part0, n_prog, BLOCK=fblk)

@@ -43,6 +43,7 @@ def _for0_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # norm[r] = ReduceMax(Abs(g[r, n]), n, 0, N - 1)
+    ACC: tl.constexpr = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -54,15 +55,15 @@ def _for0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_N
-            cv1 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(tl.float32)
+            cv1 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(ACC)
             st0 = (tl.max(tl.where(cmask, tl.abs(cv1), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(cv1) != tl.abs(cv1)), tl.abs(cv1), 0.0), 0))
         else:
             # final pass: outputs, statistics only row results need
-            st0 = tl.full([], float("-inf"), tl.float32)
+            st0 = tl.full([], float("-inf"), ACC)
             for col0 in range(0, n_N, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_N
-                cv0 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(ACC)
                 st0 = tl.maximum(st0, (tl.max(tl.where(cmask, tl.abs(cv0), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(cv0) != tl.abs(cv0)), tl.abs(cv0), 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
         tl.store(norm_ptr + row * norm_s0, (st0).to(norm_ptr.dtype.element_ty))
 
@@ -92,6 +93,7 @@ def _bac0_rows(
 ):
     # dg[r, n] = Iverson(Eq(Abs(g[r, n]), norm[r]))*sign(g[r, n])*dnorm[r]/Sum(Iverson(Eq(Abs(g[r, k]), norm[r])),
     #     (k, 0, N - 1))
+    ACC: tl.constexpr = tl.float64 if dg_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -99,28 +101,28 @@ def _bac0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        rv0 = tl.load(norm_ptr + row * norm_s0).to(tl.float32)
-        rv1 = tl.load(dnorm_ptr + row * dnorm_s0).to(tl.float32)
+        rv0 = tl.load(norm_ptr + row * norm_s0).to(ACC)
+        rv1 = tl.load(dnorm_ptr + row * dnorm_s0).to(ACC)
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_N
-            cv2 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, tl.where((tl.abs(cv2) == rv0), 1.0, tl.where(((tl.abs(cv2) > rv0) | (tl.abs(cv2) < rv0)), 0.0, float('nan'))), 0.0), 0)
             tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv2) == rv0), ((rv1 / (st0)) * tl.where((cv2) > 0.0, 1.0, tl.where((cv2) < 0.0, -1.0, 0.0))), tl.where(((tl.abs(cv2) > rv0) | (tl.abs(cv2) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_N, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_N
-                cv0 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, tl.where((tl.abs(cv0) == rv0), 1.0, tl.where(((tl.abs(cv0) > rv0) | (tl.abs(cv0) < rv0)), 0.0, float('nan'))), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_N, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_N
-                cv1 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(g_ptr + row * g_s0 + cols * g_s1, mask=cmask, other=0).to(ACC)
                 tl.store(dg_ptr + row * dg_s0 + cols * dg_s1, (tl.where((tl.abs(cv1) == rv0), ((rv1 / (st0)) * tl.where((cv1) > 0.0, 1.0, tl.where((cv1) < 0.0, -1.0, 0.0))), tl.where(((tl.abs(cv1) > rv0) | (tl.abs(cv1) < rv0)), 0.0, float('nan')))).to(dg_ptr.dtype.element_ty), mask=cmask)
 
 

@@ -58,6 +58,7 @@ def _for0_gemm(
     BLOCK_K: tl.constexpr,
 ):
     # Y[b, j] = bias[j] + Sum(W[j, k]*X[b, k], (k, 0, K - 1))
+    ACC: tl.constexpr = tl.float64 if W_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (b), N = (j), K = (k)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
@@ -74,7 +75,7 @@ def _for0_gemm(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     m_b = offs_m
     n_j = offs_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K_tot, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K_tot
@@ -82,8 +83,8 @@ def _for0_gemm(
         a = tl.load(X_ptr + (m_b[:, None]) * X_s0 + (k_k[None, :]) * X_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(W_ptr + (n_j[None, :]) * W_s0 + (k_k[:, None]) * W_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:
@@ -91,7 +92,7 @@ def _for0_gemm(
             else:
                 b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    e0 = tl.load(bias_ptr + n_j[None, :] * bias_s0, mask=mn_mask, other=0.0).to(tl.float32)
+    e0 = tl.load(bias_ptr + n_j[None, :] * bias_s0, mask=mn_mask, other=0.0).to(ACC)
     tl.store(Y_ptr + m_b[:, None] * Y_s0 + n_j[None, :] * Y_s1, ((acc + e0)).to(Y_ptr.dtype.element_ty), mask=mn_mask)
 
 
@@ -125,6 +126,7 @@ def _bac0_gemm(
     BLOCK_K: tl.constexpr,
 ):
     # dX[b, k] = Sum(W[l, k]*dY[b, l], (l, 0, N - 1))
+    ACC: tl.constexpr = tl.float64 if W_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (b), N = (k), K = (l)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
@@ -141,7 +143,7 @@ def _bac0_gemm(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     m_b = offs_m
     n_k = offs_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K_tot, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K_tot
@@ -149,8 +151,8 @@ def _bac0_gemm(
         a = tl.load(dY_ptr + (m_b[:, None]) * dY_s0 + (k_l[None, :]) * dY_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(W_ptr + (k_l[:, None]) * W_s0 + (n_k[None, :]) * W_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:
@@ -187,6 +189,7 @@ def _bac1_gemm(
     BLOCK_K: tl.constexpr,
 ):
     # dW[j, k] = Sum(X[l, k]*dY[l, j], (l, 0, B - 1))
+    ACC: tl.constexpr = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (j), N = (k), K = (l)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
@@ -203,7 +206,7 @@ def _bac1_gemm(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     m_j = offs_m
     n_k = offs_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K_tot, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K_tot
@@ -211,8 +214,8 @@ def _bac1_gemm(
         a = tl.load(dY_ptr + (k_l[None, :]) * dY_s0 + (m_j[:, None]) * dY_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(X_ptr + (k_l[:, None]) * X_s0 + (n_k[None, :]) * X_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:
@@ -236,26 +239,27 @@ def _bac2_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dbias[j] = Sum(dY[l, j], (l, 0, B - 1))
+    ACC: tl.constexpr = tl.float64 if part0_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
-    pacc0 = tl.zeros([BLOCK], tl.float32)
+    pacc0 = tl.zeros([BLOCK], ACC)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_N
-            cv1 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(tl.float32)
+            cv1 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(ACC)
             pacc0 += tl.where(cmask, cv1, 0.0)
         else:
             # final pass: outputs
             for col0 in range(0, n_N, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_N
-                cv0 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(ACC)
                 pp0 = part0_ptr + pid64 * n_N + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
     if SINGLE_BLOCK:
@@ -273,10 +277,11 @@ def _bac2_rows_finish(
     BLOCK: tl.constexpr,
 ):
     # finish: dbias[j] = Sum(dY[l, j], (l, 0, B - 1))
+    ACC: tl.constexpr = tl.float64 if dbias_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < n_N
-    tot0 = tl.zeros([BLOCK], tl.float32)
+    tot0 = tl.zeros([BLOCK], ACC)
     for p in range(0, P):
         tot0 += tl.load(part0_ptr + p * n_N + cols, mask=cmask, other=0.0)
     tl.store(dbias_ptr + cols * dbias_s0, (tot0).to(dbias_ptr.dtype.element_ty), mask=cmask)
@@ -375,7 +380,7 @@ def backward(saved, dY, ):
     blk = _rt.row_block(n_N, dtype.itemsize, 4)
     hot = n_N * (4) if n_N > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
-    part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_N), dtype=torch.float32, device=device)
+    part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_N), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_N)
     if _rt.programs((triton.cdiv(n_N, fblk),)): _bac2_rows_finish[(triton.cdiv(n_N, fblk),)](t_dbias, t_dbias.stride(0), n_N, part0, n_prog, BLOCK=fblk)

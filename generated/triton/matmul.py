@@ -55,6 +55,7 @@ def _for0_gemm(
     BLOCK_K: tl.constexpr,
 ):
     # Y[b, j] = Sum(W[k, j]*X[b, k], (k, 0, K - 1))
+    ACC: tl.constexpr = tl.float64 if W_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (b), N = (j), K = (k)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
@@ -71,7 +72,7 @@ def _for0_gemm(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     m_b = offs_m
     n_j = offs_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K_tot, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K_tot
@@ -79,8 +80,8 @@ def _for0_gemm(
         a = tl.load(X_ptr + (m_b[:, None]) * X_s0 + (k_k[None, :]) * X_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(W_ptr + (k_k[:, None]) * W_s0 + (n_j[None, :]) * W_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:
@@ -121,6 +122,7 @@ def _bac0_gemm(
     BLOCK_K: tl.constexpr,
 ):
     # dX[b, k] = Sum(W[k, l]*dY[b, l], (l, 0, N - 1))
+    ACC: tl.constexpr = tl.float64 if W_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (b), N = (k), K = (l)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
@@ -137,7 +139,7 @@ def _bac0_gemm(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     m_b = offs_m
     n_k = offs_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K_tot, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K_tot
@@ -145,8 +147,8 @@ def _bac0_gemm(
         a = tl.load(dY_ptr + (m_b[:, None]) * dY_s0 + (k_l[None, :]) * dY_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(W_ptr + (n_k[None, :]) * W_s0 + (k_l[:, None]) * W_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:
@@ -183,6 +185,7 @@ def _bac1_gemm(
     BLOCK_K: tl.constexpr,
 ):
     # dW[k, j] = Sum(X[l, k]*dY[l, j], (l, 0, B - 1))
+    ACC: tl.constexpr = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     # implicit GEMM: M = (k), N = (j), K = (l)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M_tot, BLOCK_M)
@@ -199,7 +202,7 @@ def _bac1_gemm(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     m_k = offs_m
     n_j = offs_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K_tot, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K_tot
@@ -207,8 +210,8 @@ def _bac1_gemm(
         a = tl.load(X_ptr + (k_l[None, :]) * X_s0 + (m_k[:, None]) * X_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(dY_ptr + (k_l[:, None]) * dY_s0 + (n_j[None, :]) * dY_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = a.to(ACC)
+            b = b.to(ACC)
         elif a.dtype != b.dtype:
             # an fp32 intermediate meets a 16-bit input: the product runs in the 16-bit type, as torch's would
             if a.dtype == tl.float32:

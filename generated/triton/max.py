@@ -43,6 +43,7 @@ def _for0_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # out[b] = ReduceMax(x[b, k], k, 0, C - 1)
+    ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -54,15 +55,15 @@ def _for0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = (tl.max(tl.where(cmask, cv1, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv1 != cv1), cv1, 0.0), 0))
         else:
             # final pass: outputs, statistics only row results need
-            st0 = tl.full([], float("-inf"), tl.float32)
+            st0 = tl.full([], float("-inf"), ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st0 = tl.maximum(st0, (tl.max(tl.where(cmask, cv0, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv0 != cv0), cv0, 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_ptr + row * out_s0, (st0).to(out_ptr.dtype.element_ty))
 
@@ -91,6 +92,7 @@ def _bac0_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = Iverson(Eq(x[b, i], out[b]))*dout[b]/Sum(Iverson(Eq(x[b, k], out[b])), (k, 0, C - 1))
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -98,28 +100,28 @@ def _bac0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        rv0 = tl.load(out_ptr + row * out_s0).to(tl.float32)
-        rv1 = tl.load(dout_ptr + row * dout_s0).to(tl.float32)
+        rv0 = tl.load(out_ptr + row * out_s0).to(ACC)
+        rv1 = tl.load(dout_ptr + row * dout_s0).to(ACC)
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, tl.where((cv2 == rv0), 1.0, tl.where(((cv2 > rv0) | (cv2 < rv0)), 0.0, float('nan'))), 0.0), 0)
             tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (tl.where((cv2 == rv0), (rv1 / (st0)), tl.where(((cv2 > rv0) | (cv2 < rv0)), 0.0, float('nan')))).to(dx_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, tl.where((cv0 == rv0), 1.0, tl.where(((cv0 > rv0) | (cv0 < rv0)), 0.0, float('nan'))), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (tl.where((cv1 == rv0), (rv1 / (st0)), tl.where(((cv1 > rv0) | (cv1 < rv0)), 0.0, float('nan')))).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 

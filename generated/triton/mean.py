@@ -43,6 +43,8 @@ def _for0_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # out[b] = Sum(x[b, k], (k, 0, C - 1))/C
+    ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
+    f_C = tl.full([], f_C, ACC)
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -54,15 +56,15 @@ def _for0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, cv1, 0.0), 0)
         else:
             # final pass: outputs, statistics only row results need
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
         tl.store(out_ptr + row * out_s0, ((st0 / (f_C))).to(out_ptr.dtype.element_ty))
 
@@ -88,6 +90,8 @@ def _bac0_map(
     FLAT: tl.constexpr,
 ):
     # dx[b, i] = dout[b]/C
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    f_C = tl.full([], f_C, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -102,11 +106,11 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 / (f_C))).to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 / (f_C))).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -133,7 +137,7 @@ def _forward(t_x, write_grad):
     t_out = torch.empty((n_B, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 2)
     n_prog, rpp = n_B, 1
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, _rt.fdim(n_C), rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_C',))[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, _rt.fdim(n_C), rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'B': n_B,
         'C': n_C,
@@ -179,7 +183,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, _rt.fdim(n_C), n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dx))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('f_C',))[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, _rt.fdim(n_C), n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dx))
     return (_rt.unfold(t_dx, _lead), )
 
 

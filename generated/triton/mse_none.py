@@ -47,6 +47,7 @@ def _for0_map(
     FLAT: tl.constexpr,
 ):
     # loss[b, i] = (X[b, i] - Y[b, i])**2
+    ACC: tl.constexpr = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -61,13 +62,13 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(X_ptr + (offs if FLAT else i0 * X_s0 + i1 * X_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(Y_ptr + (offs if FLAT else i0 * Y_s0 + i1 * Y_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(X_ptr + (offs if FLAT else i0 * X_s0 + i1 * X_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(Y_ptr + (offs if FLAT else i0 * Y_s0 + i1 * Y_s1), mask=mask, other=0).to(ACC)
         tl.store(loss_ptr + (offs if FLAT else i0 * loss_s0 + i1 * loss_s1), ((((-ld1) + ld0) * ((-ld1) + ld0))).to(loss_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(X_ptr + (offs if FLAT else i0 * X_s0 + i1 * X_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(Y_ptr + (offs if FLAT else i0 * Y_s0 + i1 * Y_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(X_ptr + (offs if FLAT else i0 * X_s0 + i1 * X_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(Y_ptr + (offs if FLAT else i0 * Y_s0 + i1 * Y_s1), mask=mask, other=0).to(ACC)
         tl.store(loss_ptr + (offs if FLAT else i0 * loss_s0 + i1 * loss_s1), ((((-ld1) + ld0) * ((-ld1) + ld0))).to(loss_ptr.dtype.element_ty), mask=mask)
 
 
@@ -98,6 +99,7 @@ def _bac0_map(
     FLAT: tl.constexpr,
 ):
     # dX[b, i] = 2*(X[b, i] - Y[b, i])*dloss[b, i]
+    ACC: tl.constexpr = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -112,15 +114,15 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(X_ptr + (offs if FLAT else i0 * X_s0 + i1 * X_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(Y_ptr + (offs if FLAT else i0 * Y_s0 + i1 * Y_s1), mask=mask, other=0).to(tl.float32)
-        ld2 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(X_ptr + (offs if FLAT else i0 * X_s0 + i1 * X_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(Y_ptr + (offs if FLAT else i0 * Y_s0 + i1 * Y_s1), mask=mask, other=0).to(ACC)
+        ld2 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(ACC)
         tl.store(dX_ptr + (offs if FLAT else i0 * dX_s0 + i1 * dX_s1), ((2.0 * ((-ld1) + ld0) * ld2)).to(dX_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(X_ptr + (offs if FLAT else i0 * X_s0 + i1 * X_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(Y_ptr + (offs if FLAT else i0 * Y_s0 + i1 * Y_s1), mask=mask, other=0).to(tl.float32)
-        ld2 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(X_ptr + (offs if FLAT else i0 * X_s0 + i1 * X_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(Y_ptr + (offs if FLAT else i0 * Y_s0 + i1 * Y_s1), mask=mask, other=0).to(ACC)
+        ld2 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(ACC)
         tl.store(dX_ptr + (offs if FLAT else i0 * dX_s0 + i1 * dX_s1), ((2.0 * ((-ld1) + ld0) * ld2)).to(dX_ptr.dtype.element_ty), mask=mask)
 
 
@@ -306,5 +308,6 @@ class Function(torch.autograd.Function):
 
 def apply(X, Y, ):
     """(X - Y)**2 elementwise (MSELoss(reduction='none')), differentiable by torch.autograd and traceable by torch.compile."""
+    _rt.check_constants(OP, {'Y': Y})
     res = Function.apply(X, Y, *_params())
     return res

@@ -53,31 +53,32 @@ def _for0_rows(
 ):
     # loss = Sum((X[b, i] - Y[b, i])**2, (b, 0, B - 1), (i, 0, C - 1))
     # dX_fused[b, i] = 2*X[b, i] - 2*Y[b, i]
+    ACC: tl.constexpr = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
-    acc0 = tl.full([], 0.0, tl.float32)
+    acc0 = tl.full([], 0.0, ACC)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv2 = tl.load(X_ptr + row * X_s0 + cols * X_s1, mask=cmask, other=0).to(tl.float32)
-            cv3 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(X_ptr + row * X_s0 + cols * X_s1, mask=cmask, other=0).to(ACC)
+            cv3 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, (((-cv3) + cv2) * ((-cv3) + cv2)), 0.0), 0)
             if WRITE_GRAD:
                 tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, (((-(2.0 * cv3)) + (2.0 * cv2))).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # final pass: outputs, statistics only row results need
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(X_ptr + row * X_s0 + cols * X_s1, mask=cmask, other=0).to(tl.float32)
-                cv1 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(X_ptr + row * X_s0 + cols * X_s1, mask=cmask, other=0).to(ACC)
+                cv1 = tl.load(Y_ptr + row * Y_s0 + cols * Y_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, (((-cv1) + cv0) * ((-cv1) + cv0)), 0.0), 0)
                 if WRITE_GRAD:
                     tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, (((-(2.0 * cv1)) + (2.0 * cv0))).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
@@ -94,8 +95,9 @@ def _for0_rows_finish(
     BLOCK: tl.constexpr,
 ):
     # finish: loss = Sum((X[b, i] - Y[b, i])**2, (b, 0, B - 1), (i, 0, C - 1))
+    ACC: tl.constexpr = tl.float64 if loss_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
-    acc0 = tl.zeros([BLOCK], tl.float32)
+    acc0 = tl.zeros([BLOCK], ACC)
     for p0 in range(0, P, BLOCK):
         po = p0 + tl.arange(0, BLOCK)
         acc0 += tl.load(part0_ptr + po, mask=po < P, other=0.0)
@@ -119,9 +121,10 @@ def _bac0_scale(
     IDX64: tl.constexpr,
 ):
     # dX[b, i] = dloss*dX_fused[b, i]
+    ACC: tl.constexpr = tl.float64 if dX_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
     # In place over the buffer forward wrote (the op's own, contiguous): dX is that buffer.
     # A cotangent of 1 (loss.backward()) leaves it as it is, so nothing is read or written.
-    v_dloss = tl.load(dloss_ptr).to(tl.float32)
+    v_dloss = tl.load(dloss_ptr).to(ACC)
     if v_dloss != 1.0:
         pid = tl.program_id(0)
         if IDX64:
@@ -131,7 +134,7 @@ def _bac0_scale(
         for o in range(0, CHUNK, BLOCK):
             offs = start + o + tl.arange(0, BLOCK)
             mask = offs < n_total
-            v = tl.load(dX_fused_ptr + offs, mask=mask, other=0).to(tl.float32)
+            v = tl.load(dX_fused_ptr + offs, mask=mask, other=0).to(ACC)
             tl.store(dX_fused_ptr + offs, ((v_dloss * v)).to(dX_fused_ptr.dtype.element_ty), mask=mask)
 
 
@@ -159,7 +162,7 @@ def _forward(t_X, t_Y, write_grad, inplace=False):
     t_dX_fused = t_X if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 3)
     n_prog, rpp = _rt.row_programs(n_B, device, True)
-    part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
+    part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_loss, part0, n_prog, BLOCK=fblk)
@@ -348,6 +351,7 @@ def apply(X, Y, *, inplace=False, ):
 
     ``inplace=True`` (eager only) writes the gradient of X into X's own buffer
     during forward, for a caller whose X is a dead intermediate: its values are lost."""
+    _rt.check_constants(OP, {'Y': Y})
     if inplace:
         _rt.check_inplace_apply(OP, {'X': X})
         return _Overwriting.apply(X, Y, *_params())  # a fused loss: one scalar output

@@ -46,6 +46,8 @@ def _for0_map(
     FLAT: tl.constexpr,
 ):
     # out[b, i] = x[b, i]**k
+    ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_k = tl.full([], p_k, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -60,11 +62,11 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (sg_pow(ld0, p_k)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), (sg_pow(ld0, p_k)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -93,6 +95,8 @@ def _bac0_map(
     FLAT: tl.constexpr,
 ):
     # dx[b, i] = k*dout[b, i]*x[b, i]**(k - 1)
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_k = tl.full([], p_k, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -107,13 +111,13 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((p_k * sg_pow(ld1, (-1.0 + p_k)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((p_k * sg_pow(ld1, (-1.0 + p_k)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -144,7 +148,7 @@ def _forward(t_x, p_k, write_grad):
     t_out = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, p_k, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_out, t_x))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_for0_map, dtype, ('p_k',))[(triton.cdiv(n_total, blk),)](t_out, t_out.stride(0), t_out.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, p_k, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_out, t_x))
     saved = {
         'x': t_x,
         'k': p_k,
@@ -194,7 +198,7 @@ def backward(saved, dout, ):
     t_dx = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
     n_total = n_B * n_C
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, p_k, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dout, t_dx, t_x))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('p_k',))[(triton.cdiv(n_total, blk),)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, p_k, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dout, t_dx, t_x))
     return (_rt.unfold(t_dx, _lead), )
 
 

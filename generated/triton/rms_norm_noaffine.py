@@ -52,6 +52,9 @@ def _for0_rows(
     #     k, 0, D - 1) + 1)), (k, 0, D - 1))/D)*(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) >
     #     0)*ReduceMax(Abs(x[b, k]), k, 0, D - 1) + 1))
     # y[b, i] = rstd[b]*x[b, i]
+    ACC: tl.constexpr = tl.float64 if rstd_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_eps = tl.full([], p_eps, ACC)
+    f_D = tl.full([], f_D, ACC)
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -63,30 +66,30 @@ def _for0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_D
-            cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = (tl.max(tl.where(cmask, tl.abs(cv3), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(cv3) != tl.abs(cv3)), tl.abs(cv3), 0.0), 0))
             st1 = tl.sum(tl.where(cmask, (((cv3 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) * ((cv3 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
             tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))) * cv3)).to(y_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], float("-inf"), tl.float32)
+            st0 = tl.full([], float("-inf"), ACC)
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st0 = tl.maximum(st0, (tl.max(tl.where(cmask, tl.abs(cv0), float('-inf')), 0) + tl.sum(tl.where(cmask & (tl.abs(cv0) != tl.abs(cv0)), tl.abs(cv0), 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
             # pass 2: row statistics
-            st1 = tl.full([], 0.0, tl.float32)
+            st1 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
-                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st1 += tl.sum(tl.where(cmask, (((cv1 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) * ((cv1 / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))))), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
-                cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 tl.store(y_ptr + row * y_s0 + cols * y_s1, ((((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))))) * cv2)).to(y_ptr.dtype.element_ty), mask=cmask)
         tl.store(rstd_ptr + row * rstd_s0, (((1.0 / tl.sqrt(((p_eps / (((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan')))) * (1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))) + (st1 / (f_D))))) / ((1.0 + tl.where(((1.0 / (st0)) > 0.0), st0, tl.where(((1.0 / (st0)) <= 0.0), 0.0, float('nan'))))))).to(rstd_ptr.dtype.element_ty))
 
@@ -117,6 +120,8 @@ def _bac0_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = (dy[b, i] - rstd[b]*x[b, i]*Sum(dy[b, k]*rstd[b]*x[b, k], (k, 0, D - 1))/D)*rstd[b]
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    f_D = tl.full([], f_D, ACC)
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -124,30 +129,30 @@ def _bac0_rows(
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
-        rv0 = tl.load(rstd_ptr + row * rstd_s0).to(tl.float32)
+        rv0 = tl.load(rstd_ptr + row * rstd_s0).to(ACC)
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_D
-            cv4 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-            cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv4 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
+            cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, (rv0 * cv4 * cv5), 0.0), 0)
             tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-((st0 * rv0 / (f_D)) * cv5)) + cv4) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
-                cv0 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, (rv0 * cv0 * cv1), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_D, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_D
-                cv2 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(tl.float32)
-                cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv2 = tl.load(dy_ptr + row * dy_s0 + cols * dy_s1, mask=cmask, other=0).to(ACC)
+                cv3 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-((st0 * rv0 / (f_D)) * cv3)) + cv2) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -175,12 +180,12 @@ def _forward(t_x, p_eps, write_grad):
     n_B = dims['B']
     n_D = dims['D']
     # _for0_rows: rstd, y (rows)
-    t_rstd = torch.empty((n_B, ), dtype=torch.float32, device=device)
+    t_rstd = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
     t_y = torch.empty((n_B, n_D, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_D, dtype.itemsize, 2)
     hot = n_D * (t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'f_D'))[(n_prog,)](t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'x': t_x,
         'rstd': t_rstd,
@@ -233,7 +238,7 @@ def backward(saved, dy, ):
     blk = _rt.row_block(n_D, dtype.itemsize, 3)
     hot = n_D * (t_dy.element_size() + t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('f_D',))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
     return (_rt.unfold(t_dx, _lead), )
 
 
@@ -273,7 +278,7 @@ def _(x, eps, ):
     n_B, n_D, = _sizes(x, eps, )
     res = (
         x.new_empty((n_B, n_D, ), dtype=dtype),
-        x.new_empty((n_B, ), dtype=torch.float32),
+        x.new_empty((n_B, ), dtype=_rt.acc_dtype(dtype)),
     )
     return res
 

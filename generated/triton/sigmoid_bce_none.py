@@ -47,6 +47,7 @@ def _for0_map(
     FLAT: tl.constexpr,
 ):
     # loss[b, i] = (1 - y[b, i])*x[b, i] + softplus(-x[b, i])
+    ACC: tl.constexpr = tl.float64 if loss_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -61,13 +62,13 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(ACC)
         tl.store(loss_ptr + (offs if FLAT else i0 * loss_s0 + i1 * loss_s1), ((((1.0 - ld1) * ld0) + sg_softplus((-ld0)))).to(loss_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(ACC)
         tl.store(loss_ptr + (offs if FLAT else i0 * loss_s0 + i1 * loss_s1), ((((1.0 - ld1) * ld0) + sg_softplus((-ld0)))).to(loss_ptr.dtype.element_ty), mask=mask)
 
 
@@ -98,6 +99,7 @@ def _bac0_map(
     FLAT: tl.constexpr,
 ):
     # dx[b, i] = (sigmoid(x[b, i]) - y[b, i])*dloss[b, i]
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -112,15 +114,15 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
-        ld2 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
+        ld2 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((((-ld2) + sg_sigmoid(ld1)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(tl.float32)
-        ld2 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dloss_ptr + (offs if FLAT else i0 * dloss_s0 + i1 * dloss_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(x_ptr + (offs if FLAT else i0 * x_s0 + i1 * x_s1), mask=mask, other=0).to(ACC)
+        ld2 = tl.load(y_ptr + (offs if FLAT else i0 * y_s0 + i1 * y_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((((-ld2) + sg_sigmoid(ld1)) * ld0)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -306,5 +308,6 @@ class Function(torch.autograd.Function):
 
 def apply(x, y, ):
     """binary cross-entropy of sigmoid(x) against targets y in [0, 1], elementwise, differentiable by torch.autograd and traceable by torch.compile."""
+    _rt.check_constants(OP, {'y': y})
     res = Function.apply(x, y, *_params())
     return res

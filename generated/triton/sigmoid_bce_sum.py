@@ -53,31 +53,32 @@ def _for0_rows(
 ):
     # loss = Sum((1 - y[b, i])*x[b, i] + softplus(-x[b, i]), (b, 0, B - 1), (i, 0, C - 1))
     # dx_fused[b, i] = sigmoid(x[b, i]) - y[b, i]
+    ACC: tl.constexpr = tl.float64 if dx_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
-    acc0 = tl.full([], 0.0, tl.float32)
+    acc0 = tl.full([], 0.0, ACC)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-            cv3 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
+            cv3 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, (((1.0 - cv3) * cv2) + sg_softplus((-cv2))), 0.0), 0)
             if WRITE_GRAD:
                 tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (((-cv3) + sg_sigmoid(cv2))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # final pass: outputs, statistics only row results need
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
-                cv1 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
+                cv1 = tl.load(y_ptr + row * y_s0 + cols * y_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, (((1.0 - cv1) * cv0) + sg_softplus((-cv0))), 0.0), 0)
                 if WRITE_GRAD:
                     tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (((-cv1) + sg_sigmoid(cv0))).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
@@ -94,8 +95,9 @@ def _for0_rows_finish(
     BLOCK: tl.constexpr,
 ):
     # finish: loss = Sum((1 - y[b, i])*x[b, i] + softplus(-x[b, i]), (b, 0, B - 1), (i, 0, C - 1))
+    ACC: tl.constexpr = tl.float64 if loss_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
-    acc0 = tl.zeros([BLOCK], tl.float32)
+    acc0 = tl.zeros([BLOCK], ACC)
     for p0 in range(0, P, BLOCK):
         po = p0 + tl.arange(0, BLOCK)
         acc0 += tl.load(part0_ptr + po, mask=po < P, other=0.0)
@@ -119,9 +121,10 @@ def _bac0_scale(
     IDX64: tl.constexpr,
 ):
     # dx[b, i] = dloss*dx_fused[b, i]
+    ACC: tl.constexpr = tl.float64 if dx_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
     # In place over the buffer forward wrote (the op's own, contiguous): dx is that buffer.
     # A cotangent of 1 (loss.backward()) leaves it as it is, so nothing is read or written.
-    v_dloss = tl.load(dloss_ptr).to(tl.float32)
+    v_dloss = tl.load(dloss_ptr).to(ACC)
     if v_dloss != 1.0:
         pid = tl.program_id(0)
         if IDX64:
@@ -131,7 +134,7 @@ def _bac0_scale(
         for o in range(0, CHUNK, BLOCK):
             offs = start + o + tl.arange(0, BLOCK)
             mask = offs < n_total
-            v = tl.load(dx_fused_ptr + offs, mask=mask, other=0).to(tl.float32)
+            v = tl.load(dx_fused_ptr + offs, mask=mask, other=0).to(ACC)
             tl.store(dx_fused_ptr + offs, ((v_dloss * v)).to(dx_fused_ptr.dtype.element_ty), mask=mask)
 
 
@@ -159,7 +162,7 @@ def _forward(t_x, t_y, write_grad, inplace=False):
     t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 3)
     n_prog, rpp = _rt.row_programs(n_B, device, True)
-    part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
+    part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_loss, part0, n_prog, BLOCK=fblk)
@@ -348,6 +351,7 @@ def apply(x, y, *, inplace=False, ):
 
     ``inplace=True`` (eager only) writes the gradient of x into x's own buffer
     during forward, for a caller whose x is a dead intermediate: its values are lost."""
+    _rt.check_constants(OP, {'y': y})
     if inplace:
         _rt.check_inplace_apply(OP, {'x': x})
         return _Overwriting.apply(x, y, *_params())  # a fused loss: one scalar output

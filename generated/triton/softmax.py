@@ -44,6 +44,7 @@ def _for0_rows(
 ):
     # p[b, i] = exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, i])/Sum(exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b,
     #     k]), (k, 0, C - 1))
+    ACC: tl.constexpr = tl.float64 if p_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -55,18 +56,18 @@ def _for0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = (tl.max(tl.where(cmask, cv2, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv2 != cv2), cv2, 0.0), 0))
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
             tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp((cv2 - st0)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], float("-inf"), tl.float32)
-            st1 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], float("-inf"), ACC)
+            st1 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 m_new = tl.maximum(st0, (tl.max(tl.where(cmask, cv0, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv0 != cv0), cv0, 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
                 st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
                 st0 = m_new
@@ -74,7 +75,7 @@ def _for0_rows(
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 tl.store(p_ptr + row * p_s0 + cols * p_s1, ((tl.exp((cv1 - st0)) / (st1))).to(p_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -101,6 +102,7 @@ def _bac0_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = (dp[b, i] - Sum(dp[b, k]*p[b, k], (k, 0, C - 1)))*p[b, i]
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -112,25 +114,25 @@ def _bac0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv4 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(tl.float32)
-            cv5 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(tl.float32)
+            cv4 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(ACC)
+            cv5 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, (cv4 * cv5), 0.0), 0)
             tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-st0) + cv4) * cv5)).to(dx_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(tl.float32)
-                cv1 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(ACC)
+                cv1 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, (cv0 * cv1), 0.0), 0)
             # final pass: outputs
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv2 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(tl.float32)
-                cv3 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(tl.float32)
+                cv2 = tl.load(dp_ptr + row * dp_s0 + cols * dp_s1, mask=cmask, other=0).to(ACC)
+                cv3 = tl.load(p_ptr + row * p_s0 + cols * p_s1, mask=cmask, other=0).to(ACC)
                 tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, ((((-st0) + cv2) * cv3)).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 

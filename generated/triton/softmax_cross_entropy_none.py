@@ -68,6 +68,10 @@ def _for0_rows(
     # dx_fused[b, i] = (eps*KroneckerDelta(i, y[b]) + 2*z_loss*(log(row_sum0[b]) + row_max0[b])*exp(-row_max0[b] +
     #     x[b, i])/row_sum0[b] + exp(-row_max0[b] + x[b, i])/row_sum0[b] - KroneckerDelta(i, y[b]) -
     #     eps/C)*Iverson(Ne(y[b], ignore_index))
+    ACC: tl.constexpr = tl.float64 if dx_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_eps = tl.full([], p_eps, ACC)
+    p_z_loss = tl.full([], p_z_loss, ACC)
+    f_C = tl.full([], f_C, ACC)
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -76,12 +80,12 @@ def _for0_rows(
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(y_ptr + row * y_s0)
-        rv1 = tl.load(x_ptr + row * x_s0 + rv0.to(tl.int64) * x_s1, mask=(rv0.to(tl.int64) >= 0) & (rv0.to(tl.int64) < n_C), other=0).to(tl.float32)
+        rv1 = tl.load(x_ptr + row * x_s0 + rv0.to(tl.int64) * x_s1, mask=(rv0.to(tl.int64) >= 0) & (rv0.to(tl.int64) < n_C), other=0).to(ACC)
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = (tl.max(tl.where(cmask, cv2, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv2 != cv2), cv2, 0.0), 0))
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + cv2)), 0.0), 0)
             st2 = tl.sum(tl.where(cmask, cv2, 0.0), 0)
@@ -89,21 +93,21 @@ def _for0_rows(
                 tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((tl.exp((cv2 - st0)) / (st1)) + ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (st1)) * tl.exp((cv2 - st0))) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], float("-inf"), tl.float32)
-            st1 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], float("-inf"), ACC)
+            st1 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 m_new = tl.maximum(st0, (tl.max(tl.where(cmask, cv0, float('-inf')), 0) + tl.sum(tl.where(cmask & (cv0 != cv0), cv0, 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
                 st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + cv0)), 0.0), 0)
                 st0 = m_new
             # final pass: outputs, statistics only row results need
-            st2 = tl.full([], 0.0, tl.float32)
+            st2 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st2 += tl.sum(tl.where(cmask, cv1, 0.0), 0)
                 if WRITE_GRAD:
                     tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((tl.exp((cv1 - st0)) / (st1)) + ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (st1)) * tl.exp((cv1 - st0))) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
@@ -135,6 +139,7 @@ def _bac0_map(
     FLAT: tl.constexpr,
 ):
     # dx[b, i] = dloss[b]*dx_fused[b, i]
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -149,13 +154,13 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(ACC)
+        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dloss_ptr + i0 * dloss_s0, mask=mask, other=0).to(ACC)
+        ld1 = tl.load(dx_fused_ptr + (offs if FLAT else i0 * dx_fused_s0 + i1 * dx_fused_s1), mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), ((ld0 * ld1)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -185,14 +190,14 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, write_grad, inplace=Fals
         _rt.check_overwritable(OP, 'x', t_x)
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: row_max0, row_sum0, loss, dx_fused (rows)
-    t_row_max0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
-    t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
+    t_row_max0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
+    t_row_sum0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
     t_loss = torch.empty((n_B, ), dtype=dtype, device=device)
     t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 2)
     hot = n_C * (t_x.element_size()) if n_C > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, _rt.fdim(n_C), p_eps, p_ignore_index, p_z_loss, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, _rt.fdim(n_C), p_eps, p_ignore_index, p_z_loss, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     saved = {
         'dx_fused': t_dx_fused,
         'eps': p_eps,

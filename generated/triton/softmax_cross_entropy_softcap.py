@@ -46,11 +46,12 @@ def _for0_rows(
     BLOCK: tl.constexpr,
 ):
     # n_valid = Sum(Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))
+    ACC: tl.constexpr = tl.float64 if part0_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    acc0 = tl.full([], 0.0, tl.float32)
+    acc0 = tl.full([], 0.0, ACC)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(y_ptr + row * y_s0)
@@ -67,8 +68,9 @@ def _for0_rows_finish(
     BLOCK: tl.constexpr,
 ):
     # finish: n_valid = Sum(Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))
+    ACC: tl.constexpr = tl.float64 if n_valid_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
-    acc0 = tl.zeros([BLOCK], tl.float32)
+    acc0 = tl.zeros([BLOCK], ACC)
     for p0 in range(0, P, BLOCK):
         po = p0 + tl.arange(0, BLOCK)
         acc0 += tl.load(part0_ptr + po, mask=po < P, other=0.0)
@@ -119,24 +121,29 @@ def _for1_rows(
     #     row_max0[b])*exp(softcap*tanh(x[b, i]/softcap) - row_max0[b])/row_sum0[b] + exp(softcap*tanh(x[b,
     #     i]/softcap) - row_max0[b])/row_sum0[b] - KroneckerDelta(i, y[b]) - eps/C)*Iverson(Ne(y[b],
     #     ignore_index))/n_valid
+    ACC: tl.constexpr = tl.float64 if dx_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_eps = tl.full([], p_eps, ACC)
+    p_softcap = tl.full([], p_softcap, ACC)
+    p_z_loss = tl.full([], p_z_loss, ACC)
+    f_C = tl.full([], f_C, ACC)
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     cols0 = tl.arange(0, BLOCK).to(tl.int64)
-    v_n_valid = tl.load(n_valid_ptr).to(tl.float32)
-    acc0 = tl.full([], 0.0, tl.float32)
-    acc1 = tl.full([], 0.0, tl.float32)
-    acc2 = tl.full([], 0.0, tl.float32)
+    v_n_valid = tl.load(n_valid_ptr).to(ACC)
+    acc0 = tl.full([], 0.0, ACC)
+    acc1 = tl.full([], 0.0, ACC)
+    acc2 = tl.full([], 0.0, ACC)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(y_ptr + row * y_s0)
-        rv1 = tl.load(x_ptr + row * x_s0 + rv0.to(tl.int64) * x_s1, mask=(rv0.to(tl.int64) >= 0) & (rv0.to(tl.int64) < n_C), other=0).to(tl.float32)
+        rv1 = tl.load(x_ptr + row * x_s0 + rv0.to(tl.int64) * x_s1, mask=(rv0.to(tl.int64) >= 0) & (rv0.to(tl.int64) < n_C), other=0).to(ACC)
         if SINGLE_BLOCK:
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv2 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = (tl.max(tl.where(cmask, (p_softcap * sg_tanh((cv2 / (p_softcap)))), float('-inf')), 0) + tl.sum(tl.where(cmask & ((p_softcap * sg_tanh((cv2 / (p_softcap)))) != (p_softcap * sg_tanh((cv2 / (p_softcap))))), (p_softcap * sg_tanh((cv2 / (p_softcap)))), 0.0), 0))
             st1 = tl.sum(tl.where(cmask, tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))), 0.0), 0)
             st2 = tl.sum(tl.where(cmask, (p_softcap * sg_tanh((cv2 / (p_softcap)))), 0.0), 0)
@@ -144,21 +151,21 @@ def _for1_rows(
                 tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((1.0 / (v_n_valid)) * (1.0 - (sg_tanh((cv2 / (p_softcap))) * sg_tanh((cv2 / (p_softcap))))) * ((tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap)))))) / (st1)) + ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (st1)) * tl.exp(((-st0) + (p_softcap * sg_tanh((cv2 / (p_softcap))))))) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
         else:
             # pass 1: row statistics
-            st0 = tl.full([], float("-inf"), tl.float32)
-            st1 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], float("-inf"), ACC)
+            st1 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 m_new = tl.maximum(st0, (tl.max(tl.where(cmask, (p_softcap * sg_tanh((cv0 / (p_softcap)))), float('-inf')), 0) + tl.sum(tl.where(cmask & ((p_softcap * sg_tanh((cv0 / (p_softcap)))) != (p_softcap * sg_tanh((cv0 / (p_softcap))))), (p_softcap * sg_tanh((cv0 / (p_softcap)))), 0.0), 0)), propagate_nan=tl.PropagateNan.ALL)
                 st1 = st1 * tl.exp(st0 - m_new) + tl.sum(tl.where(cmask, tl.exp(((-m_new) + (p_softcap * sg_tanh((cv0 / (p_softcap)))))), 0.0), 0)
                 st0 = m_new
             # final pass: outputs, statistics only row results need
-            st2 = tl.full([], 0.0, tl.float32)
+            st2 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st2 += tl.sum(tl.where(cmask, (p_softcap * sg_tanh((cv1 / (p_softcap)))), 0.0), 0)
                 if WRITE_GRAD:
                     tl.store(dx_fused_ptr + row * dx_fused_s0 + cols * dx_fused_s1, (tl.where((rv0 != p_ignore_index), ((1.0 / (v_n_valid)) * (1.0 - (sg_tanh((cv1 / (p_softcap))) * sg_tanh((cv1 / (p_softcap))))) * ((tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap)))))) / (st1)) + ((2.0 * p_z_loss * (st0 + tl.log(st1)) / (st1)) * tl.exp(((-st0) + (p_softcap * sg_tanh((cv1 / (p_softcap))))))) - ((p_eps / (f_C)) - tl.where((cols == rv0), p_eps, 0.0) + tl.where(cols == rv0, 1.0, 0.0)))), 0.0)).to(dx_fused_ptr.dtype.element_ty), mask=cmask)
@@ -187,19 +194,23 @@ def _for1_rows_finish(
     BLOCK: tl.constexpr,
 ):
     # finish: loss = z_loss*Sum((log(row_sum0[b]) + row_max0[b])**2*Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))/
+    ACC: tl.constexpr = tl.float64 if loss_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_eps = tl.full([], p_eps, ACC)
+    p_z_loss = tl.full([], p_z_loss, ACC)
+    f_C = tl.full([], f_C, ACC)
     pid = tl.program_id(0)
-    v_n_valid = tl.load(n_valid_ptr).to(tl.float32)
-    acc0 = tl.zeros([BLOCK], tl.float32)
+    v_n_valid = tl.load(n_valid_ptr).to(ACC)
+    acc0 = tl.zeros([BLOCK], ACC)
     for p0 in range(0, P, BLOCK):
         po = p0 + tl.arange(0, BLOCK)
         acc0 += tl.load(part0_ptr + po, mask=po < P, other=0.0)
     tot0 = tl.sum(acc0, 0)
-    acc1 = tl.zeros([BLOCK], tl.float32)
+    acc1 = tl.zeros([BLOCK], ACC)
     for p0 in range(0, P, BLOCK):
         po = p0 + tl.arange(0, BLOCK)
         acc1 += tl.load(part1_ptr + po, mask=po < P, other=0.0)
     tot1 = tl.sum(acc1, 0)
-    acc2 = tl.zeros([BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK], ACC)
     for p0 in range(0, P, BLOCK):
         po = p0 + tl.arange(0, BLOCK)
         acc2 += tl.load(part2_ptr + po, mask=po < P, other=0.0)
@@ -223,9 +234,10 @@ def _bac0_scale(
     IDX64: tl.constexpr,
 ):
     # dx[b, i] = dloss*dx_fused[b, i]
+    ACC: tl.constexpr = tl.float64 if dx_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
     # In place over the buffer forward wrote (the op's own, contiguous): dx is that buffer.
     # A cotangent of 1 (loss.backward()) leaves it as it is, so nothing is read or written.
-    v_dloss = tl.load(dloss_ptr).to(tl.float32)
+    v_dloss = tl.load(dloss_ptr).to(ACC)
     if v_dloss != 1.0:
         pid = tl.program_id(0)
         if IDX64:
@@ -235,7 +247,7 @@ def _bac0_scale(
         for o in range(0, CHUNK, BLOCK):
             offs = start + o + tl.arange(0, BLOCK)
             mask = offs < n_total
-            v = tl.load(dx_fused_ptr + offs, mask=mask, other=0).to(tl.float32)
+            v = tl.load(dx_fused_ptr + offs, mask=mask, other=0).to(ACC)
             tl.store(dx_fused_ptr + offs, ((v_dloss * v)).to(dx_fused_ptr.dtype.element_ty), mask=mask)
 
 
@@ -264,27 +276,27 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad, i
         _rt.check_overwritable(OP, 'x', t_x)
     _rt.check_labels(OP, 'y', t_y, n_C, p_ignore_index)
     # _for0_rows: n_valid (rows)
-    t_n_valid = torch.empty((), dtype=torch.float32, device=device)
+    t_n_valid = torch.empty((), dtype=_rt.acc_dtype(dtype), device=device)
     blk = 16
     n_prog, rpp = _rt.row_programs(n_B, device, True)
-    part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
+    part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_y, t_y.stride(0), n_B, p_ignore_index, part0, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_n_valid, part0, n_prog, BLOCK=fblk)
     # _for1_rows: row_max0, row_sum0, loss, dx_fused (rows)
-    t_row_max0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
-    t_row_sum0 = torch.empty((n_B, ), dtype=torch.float32, device=device)
+    t_row_max0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
+    t_row_sum0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 2)
     hot = n_C * (t_x.element_size()) if n_C > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, True, hot)
-    part0 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    part1 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    part2 = torch.zeros((n_prog,), dtype=torch.float32, device=device)
-    if _rt.programs((n_prog,)): _for1_rows[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, _rt.fdim(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, part0, part1, part2, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
+    part1 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
+    part2 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
+    if _rt.programs((n_prog,)): _rt.float_params(_for1_rows, dtype, ('p_eps', 'p_softcap', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, _rt.fdim(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, part0, part1, part2, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_prog)
-    _for1_rows_finish[(1,)](t_loss, t_n_valid, _rt.fdim(n_C), p_eps, p_z_loss, part0, part1, part2, n_prog, BLOCK=fblk)
+    _rt.float_params(_for1_rows_finish, dtype, ('p_eps', 'p_z_loss', 'f_C'))[(1,)](t_loss, t_n_valid, _rt.fdim(n_C), p_eps, p_z_loss, part0, part1, part2, n_prog, BLOCK=fblk)
     saved = {
         'dx_fused': t_dx_fused,
         'eps': p_eps,

@@ -48,6 +48,10 @@ def _for0_map(
 ):
     # lr_t[s] = gamma**Floor((-warmup + t[s])/step_size)*lr*Iverson(t[s] >= warmup) + lr*(start_factor + (1 -
     #     start_factor)*t[s]/(warmup*Iverson(warmup > 1) + Iverson(warmup <= 1)))*Iverson(t[s] < warmup)
+    ACC: tl.constexpr = tl.float64 if lr_t_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_gamma = tl.full([], p_gamma, ACC)
+    p_lr = tl.full([], p_lr, ACC)
+    p_start_factor = tl.full([], p_start_factor, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -59,11 +63,11 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_lr * sg_pow(p_gamma, tl.floor((((-p_warmup) + ld0) / (p_step_size))))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_lr * sg_pow(p_gamma, tl.floor((((-p_warmup) + ld0) / (p_step_size))))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,6 +95,9 @@ def _bac0_map(
 ):
     # dt[s] = lr*(1 - start_factor)*Iverson(t[s] < warmup)*dlr_t[s]/(warmup*Iverson(warmup > 1) + Iverson(warmup
     #     <= 1))
+    ACC: tl.constexpr = tl.float64 if dt_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_lr = tl.full([], p_lr, ACC)
+    p_start_factor = tl.full([], p_start_factor, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -102,13 +109,13 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))), tl.where((ld1 >= p_warmup), 0.0, float('nan')))).to(dt_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) * ld0 / ((tl.where((p_warmup > 1), p_warmup, 0.0) + tl.where((p_warmup <= 1), 1.0, 0.0)))), tl.where((ld1 >= p_warmup), 0.0, float('nan')))).to(dt_ptr.dtype.element_ty), mask=mask)
 
 
@@ -137,7 +144,7 @@ def _forward(t_t, p_lr, p_step_size, p_gamma, p_warmup, p_start_factor, write_gr
     t_lr_t = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_gamma, p_lr, p_start_factor, p_step_size, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_lr_t, t_t))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_for0_map, dtype, ('p_gamma', 'p_lr', 'p_start_factor'))[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_gamma, p_lr, p_start_factor, p_step_size, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_lr_t, t_t))
     saved = {
         't': t_t,
         'lr': p_lr,
@@ -189,7 +196,7 @@ def backward(saved, dlr_t, ):
     t_dt = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dlr_t, t_dt, t_t))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('p_lr', 'p_start_factor'))[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dlr_t, t_dt, t_t))
     return (t_dt, )
 
 

@@ -43,6 +43,7 @@ def _for0_rows(
     SINGLE_BLOCK: tl.constexpr,
 ):
     # out[b] = Sum(x[b, k], (k, 0, C - 1))
+    ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     row0 = pid64 * RPP
@@ -54,15 +55,15 @@ def _for0_rows(
             # the row in one block: each operand loaded once, every pass from registers
             cols = cols0
             cmask = cols < n_C
-            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+            cv1 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
             st0 = tl.sum(tl.where(cmask, cv1, 0.0), 0)
         else:
             # final pass: outputs, statistics only row results need
-            st0 = tl.full([], 0.0, tl.float32)
+            st0 = tl.full([], 0.0, ACC)
             for col0 in range(0, n_C, BLOCK):
                 cols = col0 + cols0
                 cmask = cols < n_C
-                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(tl.float32)
+                cv0 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 st0 += tl.sum(tl.where(cmask, cv0, 0.0), 0)
         tl.store(out_ptr + row * out_s0, (st0).to(out_ptr.dtype.element_ty))
 
@@ -87,6 +88,7 @@ def _bac0_map(
     FLAT: tl.constexpr,
 ):
     # dx[b, i] = dout[b]
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -101,11 +103,11 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), (ld0).to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dout_ptr + i0 * dout_s0, mask=mask, other=0).to(ACC)
         tl.store(dx_ptr + (offs if FLAT else i0 * dx_s0 + i1 * dx_s1), (ld0).to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -49,6 +49,7 @@ def _for0_map(
     FLAT: tl.constexpr,
 ):
     # out[b, i] = sigmoid(a[b, i])*a[b, i]*g[b, i]
+    ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -63,13 +64,13 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(ACC)
         tl.store(out_ptr + (offs if FLAT else i0 * out_s0 + i1 * out_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -104,6 +105,7 @@ def _bac0_map(
 ):
     # da[b, i] = ((1 - sigmoid(a[b, i]))*sigmoid(a[b, i])*a[b, i]*g[b, i] + sigmoid(a[b, i])*g[b, i])*dout[b, i]
     # dg[b, i] = sigmoid(a[b, i])*a[b, i]*dout[b, i]
+    ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -118,16 +120,16 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-        ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(ACC)
+        ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(ACC)
         tl.store(da_ptr + (offs if FLAT else i0 * da_s0 + i1 * da_s1), ((((sg_sigmoid(ld0) * ld2) + (sg_sigmoid(ld0) * ld0 * (1.0 - sg_sigmoid(ld0)) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
         tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0 + i1 * dg_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(tl.float32)
-        ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(a_ptr + (offs if FLAT else i0 * a_s0 + i1 * a_s1), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(dout_ptr + (offs if FLAT else i0 * dout_s0 + i1 * dout_s1), mask=mask, other=0).to(ACC)
+        ld2 = tl.load(g_ptr + (offs if FLAT else i0 * g_s0 + i1 * g_s1), mask=mask, other=0).to(ACC)
         tl.store(da_ptr + (offs if FLAT else i0 * da_s0 + i1 * da_s1), ((((sg_sigmoid(ld0) * ld2) + (sg_sigmoid(ld0) * ld0 * (1.0 - sg_sigmoid(ld0)) * ld2)) * ld1)).to(da_ptr.dtype.element_ty), mask=mask)
         tl.store(dg_ptr + (offs if FLAT else i0 * dg_s0 + i1 * dg_s1), ((sg_sigmoid(ld0) * ld0 * ld1)).to(dg_ptr.dtype.element_ty), mask=mask)
 

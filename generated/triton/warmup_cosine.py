@@ -48,6 +48,10 @@ def _for0_map(
 ):
     # lr_t[s] = lr*(start_factor + (1 - start_factor)*t[s]/warmup)*Iverson(t[s] < warmup) + (eta_min + (-eta_min +
     #     lr)*(cos(pi*(-warmup + t[s])/cosine_steps) + 1)/2)*Iverson(t[s] >= warmup)
+    ACC: tl.constexpr = tl.float64 if lr_t_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_eta_min = tl.full([], p_eta_min, ACC)
+    p_lr = tl.full([], p_lr, ACC)
+    p_start_factor = tl.full([], p_start_factor, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -59,11 +63,11 @@ def _for0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_eta_min + ((1.0 + tl.cos((3.141592653589793 * ((-p_warmup) + ld0) / (p_cosine_steps)))) * (p_lr - p_eta_min) / (2.0))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / (p_warmup)))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(lr_t_ptr + (offs if FLAT else i0 * lr_t_s0), ((tl.where((ld0 >= p_warmup), (p_eta_min + ((1.0 + tl.cos((3.141592653589793 * ((-p_warmup) + ld0) / (p_cosine_steps)))) * (p_lr - p_eta_min) / (2.0))), tl.where((ld0 < p_warmup), 0.0, float('nan'))) + tl.where((ld0 < p_warmup), (p_lr * (p_start_factor + ((1.0 - p_start_factor) * ld0 / (p_warmup)))), tl.where((ld0 >= p_warmup), 0.0, float('nan'))))).to(lr_t_ptr.dtype.element_ty), mask=mask)
 
 
@@ -93,6 +97,10 @@ def _bac0_map(
 ):
     # dt[s] = (lr*(1 - start_factor)*Iverson(t[s] < warmup)/warmup - pi*(-eta_min + lr)*sin(pi*(-warmup +
     #     t[s])/cosine_steps)*Iverson(t[s] >= warmup)/(2*cosine_steps))*dlr_t[s]
+    ACC: tl.constexpr = tl.float64 if dt_ptr.dtype.element_ty == tl.float64 else tl.float32
+    p_eta_min = tl.full([], p_eta_min, ACC)
+    p_lr = tl.full([], p_lr, ACC)
+    p_start_factor = tl.full([], p_start_factor, ACC)
     pid = tl.program_id(0)
     # Flat offsets decompose in int32 (cheap div/mod) unless the tensor passes 2**31 elements.
     if IDX64:
@@ -104,13 +112,13 @@ def _bac0_map(
     if pid < n_total // BLOCK:
         # a whole block in range: an all-true mask keeps contiguous accesses 128 bits wide at any total
         mask = tl.full([BLOCK], 1, tl.int1)
-        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (((tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) / (p_warmup)), tl.where((ld1 >= p_warmup), 0.0, float('nan'))) - tl.where((ld1 >= p_warmup), (3.141592653589793 * (p_lr - p_eta_min) * tl.sin((3.141592653589793 * ((-p_warmup) + ld1) / (p_cosine_steps))) / (2.0 * p_cosine_steps)), tl.where((ld1 < p_warmup), 0.0, float('nan')))) * ld0)).to(dt_ptr.dtype.element_ty), mask=mask)
     else:
         mask = offs < n_total
-        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(tl.float32)
-        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(tl.float32)
+        ld0 = tl.load(dlr_t_ptr + (offs if FLAT else i0 * dlr_t_s0), mask=mask, other=0).to(ACC)
+        ld1 = tl.load(t_ptr + (offs if FLAT else i0 * t_s0), mask=mask, other=0).to(ACC)
         tl.store(dt_ptr + (offs if FLAT else i0 * dt_s0), (((tl.where((ld1 < p_warmup), (p_lr * (1.0 - p_start_factor) / (p_warmup)), tl.where((ld1 >= p_warmup), 0.0, float('nan'))) - tl.where((ld1 >= p_warmup), (3.141592653589793 * (p_lr - p_eta_min) * tl.sin((3.141592653589793 * ((-p_warmup) + ld1) / (p_cosine_steps))) / (2.0 * p_cosine_steps)), tl.where((ld1 < p_warmup), 0.0, float('nan')))) * ld0)).to(dt_ptr.dtype.element_ty), mask=mask)
 
 
@@ -139,7 +147,7 @@ def _forward(t_t, p_lr, p_warmup, p_cosine_steps, p_start_factor, p_eta_min, wri
     t_lr_t = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _for0_map[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_cosine_steps, p_eta_min, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_lr_t, t_t))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_for0_map, dtype, ('p_eta_min', 'p_lr', 'p_start_factor'))[(triton.cdiv(n_total, blk),)](t_lr_t, t_lr_t.stride(0), t_t, t_t.stride(0), n_S, p_cosine_steps, p_eta_min, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_lr_t, t_t))
     saved = {
         't': t_t,
         'lr': p_lr,
@@ -191,7 +199,7 @@ def backward(saved, dlr_t, ):
     t_dt = torch.empty((n_S, ), dtype=dtype, device=device)
     n_total = n_S
     blk = _rt.map_block(n_total)
-    if _rt.programs((triton.cdiv(n_total, blk),)): _bac0_map[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_cosine_steps, p_eta_min, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dlr_t, t_dt, t_t))
+    if _rt.programs((triton.cdiv(n_total, blk),)): _rt.float_params(_bac0_map, dtype, ('p_eta_min', 'p_lr', 'p_start_factor'))[(triton.cdiv(n_total, blk),)](t_dlr_t, t_dlr_t.stride(0), t_dt, t_dt.stride(0), t_t, t_t.stride(0), n_S, p_cosine_steps, p_eta_min, p_lr, p_start_factor, p_warmup, n_total, BLOCK=blk, IDX64=n_total + blk >= 2**31, FLAT=_rt.contiguous(t_dlr_t, t_dt, t_t))
     return (t_dt, )
 
 

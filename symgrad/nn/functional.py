@@ -228,10 +228,16 @@ def rms_norm(input, normalized_shape, weight=None, eps: float | None = None, *, 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
-                  softcap: float | None = None) -> torch.Tensor:
+                  softcap: float | None = None, return_z_loss: bool = False):
     """``F.cross_entropy`` over class indices: ``input[N, C]``, ``[C]`` or ``[N, C, d1, ...]`` with
     ``target[N]``, ``[]`` or ``[N, d1, ...]``. ``z_loss`` adds ``z_loss * lse**2`` per counted row and
-    ``softcap`` caps the logits at ``softcap * tanh(x / softcap)`` first (neither is in torch)."""
+    ``softcap`` caps the logits at ``softcap * tanh(x / softcap)`` first (neither is in torch).
+
+    ``return_z_loss=True`` returns ``(loss, z)`` as Liger's ``return_z_loss`` does: ``z`` is the z-loss
+    term ``loss`` already includes, reduced as ``loss`` is (per row for ``'none'``, summed for
+    ``'sum'``, averaged over the counted rows for ``'mean'``, class weights or not), without a
+    gradient (for logging: Liger's backward drops it too). It costs one more forward pass over the
+    logits (the op ``softmax_z_loss[_softcap]_none``), none when ``z_loss`` is 0."""
     reduction = _reduction(size_average, reduce, reduction)
     _devices(input=input, target=target, weight=weight)
     if target.is_floating_point():
@@ -258,7 +264,26 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         params["softcap"] = softcap
     inputs = (x, y) if weight is None else (x, y, weight)
     loss = kernel(op).apply(*inputs, **params)
-    return loss.reshape(out_shape) if reduction == "none" else loss
+    loss = loss.reshape(out_shape) if reduction == "none" else loss
+    if not return_z_loss:
+        return loss
+    return loss, _z_loss_value(x, y, reduction, ignore_index, z_loss, softcap).reshape(loss.shape)
+
+
+def _z_loss_value(x, y, reduction: str, ignore_index: int, z_loss: float, softcap) -> torch.Tensor:
+    """The z-loss term of cross_entropy's loss, reduced as the loss is, with no gradient."""
+    if z_loss:
+        op = "softmax_z_loss" + "_softcap" * bool(softcap) + "_none"
+        params = dict(ignore_index=ignore_index, z_loss=z_loss, **({"softcap": softcap} if softcap else {}))
+        module = kernel(op, "return_z_loss")
+        # eager: the module's forward alone (no gradient buffer written); traced: its custom op
+        rows = (module.apply(x, y, **params) if torch.compiler.is_compiling() else module.forward(x, y, **params)).detach()
+    else:
+        rows = torch.zeros(y.shape, dtype=x.dtype, device=x.device)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / (y != ignore_index).sum()
 
 
 _SUFFIX = {"mean": "", "sum": "_sum", "none": "_none"}

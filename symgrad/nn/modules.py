@@ -182,15 +182,17 @@ class SwiGLU(torch.nn.Module):
 
 class CrossEntropyLoss(_Symgrad, torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss(weight, size_average, ignore_index, reduce, reduction,
-    label_smoothing)`` plus ``z_loss`` (``z_loss * lse**2`` per counted row) and ``softcap``
-    (logits capped at ``softcap * tanh(x / softcap)``), keyword-only."""
+    label_smoothing)`` plus ``z_loss`` (``z_loss * lse**2`` per counted row), ``softcap`` (logits
+    capped at ``softcap * tanh(x / softcap)``) and ``return_z_loss`` (Liger's: ``forward`` returns
+    ``(loss, z_loss term)``, the term without a gradient), keyword-only."""
 
-    _EXTRAS = {"z_loss": 0.0, "softcap": None}
+    _EXTRAS = {"z_loss": 0.0, "softcap": None, "return_z_loss": False}
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None):
+                 label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None,
+                 return_z_loss: bool = False):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        self.z_loss, self.softcap = float(z_loss), softcap
+        self.z_loss, self.softcap, self.return_z_loss = float(z_loss), softcap, bool(return_z_loss)
         self._refuse_unsupported()
 
     @classmethod
@@ -200,7 +202,8 @@ class CrossEntropyLoss(_Symgrad, torch.nn.CrossEntropyLoss):
 
     def forward(self, input, target):
         return F.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                               label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
+                               label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                               return_z_loss=self.return_z_loss)
 
 
 class BCEWithLogitsLoss(_Symgrad, torch.nn.BCEWithLogitsLoss):

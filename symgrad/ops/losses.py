@@ -111,3 +111,28 @@ for _weighted in (False, True):
         for _reduction in ("mean", "sum", "none"):
             _name = "softmax_cross_entropy" + "_weighted" * _weighted + "_softcap" * _capped + ("" if _reduction == "mean" else f"_{_reduction}")
             _cross_entropy(_name, _weighted, _capped, _reduction)
+
+
+# The z-loss term of the family above, alone, per row: PaLM's auxiliary loss z_loss*lse**2 of each
+# counted row (0 for ignored rows), of the softcapped logits in the softcap variant. Liger's
+# return_z_loss reports it beside the loss that includes it (symgrad.nn's cross_entropy(...,
+# return_z_loss=True) sums these rows as the loss's reduction does: mean over the counted rows, class
+# weights or not); as an op of its own it is also a differentiable loss term.
+z_scale = Param("z_loss", 1e-4, doc="z-loss scale (Liger's lse_square_scale; PaLM's 1e-4)", domain="finite")
+
+
+def _z_loss(name, capped):
+    logit = z[b, i] if capped else logits[b, i]
+    cap = (output("z", (b, i), softcap * sp.tanh(logits[b, i] / softcap), (B, C)),) if capped else ()
+    mids = cap + (output("lse", b, sp.log(sp.Sum(sp.exp(logit.subs(i, k)), (k, 0, Cs - 1))), B), output("w", b, valid, B))
+    register(Op(
+        name, f"z_loss*lse**2 per row (0 for ignored rows), lse the logsumexp of the{' softcapped' if capped else ''} "
+              "logits: the z-loss term of softmax_cross_entropy",
+        (logits, labels), intermediates=mids, outputs=(output("loss", b, z_scale * w[b] * lse[b] ** 2, B),),
+        params=(ignore, z_scale) + ((softcap,) if capped else ()),
+        facts=(LabelRange("y", C, ignore="ignore_index"),), test_sizes=SIZES, tolerances=TOL,
+    ))
+
+
+_z_loss("softmax_z_loss_none", False)
+_z_loss("softmax_z_loss_softcap_none", True)

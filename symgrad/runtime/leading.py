@@ -30,10 +30,18 @@ def fold(op: str, values: dict, ranks: dict) -> tuple[tuple | None, tuple]:
 
 
 def unfold(value, lead):
-    """``value`` (leading dim first) with the leading axes restored; ``None`` leaves it as it is."""
+    """``value`` (leading dim first) with the leading axes restored; ``None`` leaves it as it is.
+
+    A value whose shape is already the unfolded one (one leading axis) is returned itself, not a
+    same-shape view: autograd then sees the op's real output, which may be changed in place as
+    torch allows it (a view made inside a custom Function may not be), and torch's version check
+    still raises where backward reads a saved output that changed."""
     if lead is None or value is None:
         return value
-    return value.reshape(tuple(lead) + tuple(value.shape[1:]))
+    shape = tuple(lead) + tuple(value.shape[1:])
+    if tuple(value.shape) == shape:
+        return value
+    return value.reshape(shape)
 
 
 def fold_like(op: str, name: str, value, lead, trailing: tuple):

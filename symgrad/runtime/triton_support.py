@@ -22,12 +22,21 @@ import triton.language as tl
 from .leading import fold, fold_like, unfold  # noqa: F401  (leading axes, shared with the NumPy modules)
 from .domains import check_params, check_sizes, label_error  # noqa: F401  (param domains and least sizes, shared with the NumPy modules)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op's kernels compute and accumulate in (and its intermediates, partial sums
+    and split-K workspaces are allocated in): float64 for float64 tensors, else float32. The
+    kernels read the same choice from their buffers (``ACC``, the first line of each)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
-# Device helpers (fp32 in, fp32 out)
+# Device helpers (in and out in the kernel's ACC dtype: fp32, or fp64 for float64 tensors)
 
 
 @triton.jit
@@ -82,6 +91,44 @@ def sg_pow(b, e):
 
 
 # ---------------------------------------------------------------------------------------------
+# float64 params on a GPU
+
+
+def float_params(kernel, dtype: torch.dtype, names: tuple):
+    """``kernel``, or for float64 tensors compiled on a GPU a variant whose float params ``names``
+    (``p_eps``, ``f_C``...) are fp64 arguments: Triton passes a Python float as an fp32 argument,
+    which would give a float64 kernel a param with fp32's 24-bit mantissa (``label_smoothing=0.1``
+    acting as 0.1 + 1.5e-9). fp32 and 16-bit tensors launch ``kernel`` itself; the interpreter
+    hands Python floats to the kernel unrounded, so it launches ``kernel`` too."""
+    if dtype != torch.float64 or interpreting():
+        return kernel
+    return _fp64_variant(kernel, tuple(names))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp64_variant(kernel, names: tuple):
+    import copy
+    import inspect
+    import types
+
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        tuned = copy.copy(kernel)  # the same configs, key and pruning; its own cache of choices
+        tuned.cache = {}
+        tuned.fn = _fp64_variant(kernel.fn, names)
+        return tuned
+    fn = kernel.fn
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__module__ = fn.__module__
+    new.__qualname__ = f"{fn.__qualname__}__fp64_params"  # its own entry in Triton's registry of jit functions
+    sig = inspect.signature(fn)
+    new.__signature__ = sig.replace(parameters=[p.replace(annotation="fp64") if p.name in names else p
+                                                for p in sig.parameters.values()])
+    return triton.jit(new)
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch geometry
 
 
@@ -117,7 +164,7 @@ def row_block(n_cols: int, itemsize: int = 4, live: int = 1) -> int:
     their live values in half the register file (two programs per SM), up to the loop cap.
     ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block (tests force several blocks with it)."""
     want = triton.next_power_of_2(max(int(n_cols), 1))
-    live = max(int(live), 1)
+    live = max(int(live), 1) * (2 if itemsize >= 8 else 1)  # a float64 value takes two 32-bit registers
     if os.environ.get("SYMGRAD_TRITON_MAX_BLOCK"):
         return max(16, min(want, _max_block()))
     if want <= SINGLE_BLOCK_MAX and want * live <= REGISTER_FILE:
@@ -217,6 +264,7 @@ GEMM_TILES = (
     (64, 128, 64, 4, 4),
     (64, 64, 32, 4, 4),
 )
+GEMM_TILES_64 = ((64, 64, 16, 4, 3),)  # float64 (see prune_gemm_configs)
 GEMM_SMEM_BUDGET = 160 * 1024  # operand stages must fit sm_80's 163 KB too; sm_90 has 227 KB
 
 
@@ -232,7 +280,8 @@ def gemm_configs() -> list:
 def prune_gemm_configs(configs, nargs, **kwargs) -> list:
     """Configs worth timing for one launch: tiles no larger than the problem (next power of two,
     at least 16, as tl.dot needs), operand stages within the shared-memory budget, and, where fp32
-    runs on FMA units (PREC ieee), tiles of at most 128 x 128 x 32 (a larger fp32 accumulator spills)."""
+    runs on FMA units (PREC ieee), tiles of at most 128 x 128 x 32 (a larger fp32 accumulator spills);
+    float64 compiled runs ``GEMM_TILES_64``."""
     def cap(n) -> int:
         return max(16, triton.next_power_of_2(max(int(n), 1)))
 
@@ -249,6 +298,11 @@ def prune_gemm_configs(configs, nargs, **kwargs) -> list:
         if fma and (bm * bn > 128 * 128 or bk > 32):
             continue
         keep.append(c)
+    if itemsize >= 8 and not interpreting():
+        # float64: an accumulator entry takes two registers and an operand entry twice the shared
+        # memory, so the fp32 tiles spill inside the K loop (sm_90); one smaller tile instead
+        keep = [triton.Config({"BLOCK_M": min(m, bm), "BLOCK_N": min(n, bn), "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in GEMM_TILES_64]
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
@@ -295,7 +349,7 @@ def check_inputs(op: str, specs) -> tuple[torch.dtype, torch.device]:
                 raise ValueError(f"{op}: input {name} holds integer labels; got dtype {t.dtype}")
             continue
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{op}: input {name} must have dtype float32, float16 or bfloat16; got {t.dtype}")
+            raise ValueError(f"{op}: input {name} must have dtype float32, float16, bfloat16 or float64; got {t.dtype}")
         if dtype is None:
             dtype = t.dtype
         elif t.dtype != dtype:
@@ -365,6 +419,18 @@ def check_cotangent(op: str, name: str, t, shape, device) -> None:
         raise ValueError(f"{op}: cotangent {name} is on {t.device}, the saved values on {device}")
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: cotangent {name} must be a float tensor; got {t.dtype}")
+
+
+def check_constants(op: str, tensors: dict) -> None:
+    """``apply``'s constant inputs (a loss's targets, class weights) get no gradient: one that
+    requires grad while autograd records is refused, never left silently without its gradient
+    (torch differentiates a loss's targets, and refuses cross-entropy's class weights)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(f"{op}: input {name} requires grad, but {op} takes it as a constant: no gradient is "
+                               f"derived for it. Pass {name}.detach() (or declare {name} differentiable in the op)")
 
 
 def check_int_param(op: str, name: str, value) -> int:
@@ -506,9 +572,9 @@ def split_k(m: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(k, per), per
 
 
-def split_workspace(splits: int, m: int, n: int, device: torch.device) -> torch.Tensor:
-    """The fp32 partial sums of a split-K launch, one (M, N) tile set per split."""
-    return torch.empty((splits, m, n), dtype=torch.float32, device=device)
+def split_workspace(splits: int, m: int, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The partial sums of a split-K launch (fp32; fp64 for float64 tensors), one (M, N) tile set per split."""
+    return torch.empty((splits, m, n), dtype=acc_dtype(dtype), device=device)
 
 
 def finish_split(ws: torch.Tensor, out: torch.Tensor, shape: tuple, perm: tuple) -> None:

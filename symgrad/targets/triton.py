@@ -72,7 +72,8 @@ def _skip_empty(line: str) -> str:
     launches nothing (Triton refuses a grid of 0), and its outputs are empty already."""
     head, sep, _ = line.partition("](")
     name, bracket, grid = head.partition("[")
-    if not sep or not bracket or not name.isidentifier() or grid.strip("(),").isdigit():
+    kernel = name.isidentifier() or name.startswith("_rt.float_params(")
+    if not sep or not bracket or not kernel or grid.strip("(),").isdigit():
         return line
     return f"if _rt.programs({grid}): {line}"
 
@@ -117,7 +118,7 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
     def alloc_dtype(name):
         if name in outputs or name in plan.fused.values() or name in grads:
             return "dtype"
-        return "torch.float32"
+        return "_rt.acc_dtype(dtype)"  # intermediates: float32, float64 for float64 tensors
 
     dim_lines = []
     for ds in plan.dims:
@@ -144,6 +145,7 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         return lines
 
     labels = {t.name for t in inputs if t.role is Role.LABEL}
+    constants = [t.name for t in inputs if t.role is Role.CONST]
     fused_any = bool(plan.fused)
     gemm_reads = set()
     for _, launch, _, _ in host["backward"]:
@@ -183,6 +185,6 @@ def render(plan: KernelPlan, command: str | None = None) -> str:
         # labels in range, as torch checks them (symgrad.runtime.triton_support.check_labels)
         label_checks=[f"_rt.check_labels(OP, {f.label!r}, t_{f.label}, n_{f.dim.name}, {'p_' + f.ignore if f.ignore else 'None'})"
                       for f in op.facts],
-        scaled=scaled, scaled_names=tuple(scaled), returned=[g for g in grads if g not in scaled], overwritable=overwritable,
+        constants=constants, scaled=scaled, scaled_names=tuple(scaled), returned=[g for g in grads if g not in scaled], overwritable=overwritable,
         multi_section=triton_multi.section(plan, env),
     )

@@ -10,8 +10,9 @@ builder hands it a ``names`` table (SymPy node -> code) for the context being pr
 block, a row, a tile), and a node missing from that table is an error too.
 
 Two modes:
-- value mode (default): fp32 math. Numbers print as float literals, comparisons as Triton
-  booleans, Iverson brackets and Kronecker deltas through ``tl.where``.
+- value mode (default): math in the kernel's ``ACC`` dtype (fp32; fp64 for float64 tensors).
+  Numbers print as float literals, comparisons as Triton booleans, Iverson brackets and Kronecker
+  deltas through ``tl.where``.
 - index mode: integer index arithmetic (stencil offsets). Only integers, names, ``+``, ``*``
   and ``floor(a/b)`` (as ``//``) are allowed.
 """

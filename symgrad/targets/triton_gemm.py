@@ -12,8 +12,8 @@ summed over the filter position ``v``, reading ``dY`` at ``floor((h + pad - v)/s
 guard ``[Mod(h + pad - v, stride) == 0]``: a transposed convolution as an implicit GEMM over
 (Cout, R, S). Guards become masks of the tile that reads their indices.
 
-Accumulation is fp32; the epilogue (bias add, scaling) is applied to the fp32 tile before the
-store in the output dtype.
+Accumulation is fp32 (fp64 for float64 tensors: ``ACC``); the epilogue (bias add, scaling) is
+applied to the accumulated tile before the store in the output dtype.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
             if ix not in names:
                 raise LoweringError(f"{where}: epilogue reads {node}")
             offs.append(f"{names[ix]} * {sig.stride(nb, a)}")
-        ep_loads.append(f"e{n_} = tl.load({sig.buf(nb)} + {' + '.join(offs) or '0'}, mask=mn_mask, other=0.0).to(tl.float32)")
+        ep_loads.append(f"e{n_} = tl.load({sig.buf(nb)} + {' + '.join(offs) or '0'}, mask=mn_mask, other=0.0).to(ACC)")
         names[node] = f"e{n_}"
     names = sig.names_for(epilogue, names)
     value = pr(ctx, epilogue, names, st.formula)
@@ -203,7 +203,7 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
     # host passes everything else.
     tuned = [f"{b}: tl.constexpr" for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
     src = ctx.env.get_template("gemm.j2").render(
-        name=kname, args=sig.kernel_args() + tuned, formulas=_formula_lines([st]),
+        name=kname, args=sig.kernel_args() + tuned, acc=sig.acc_lines(), formulas=_formula_lines([st]),
         shape=f"M = ({', '.join(map(str, m_idx))}), N = ({', '.join(map(str, n_idx))}), K = ({', '.join(map(str, kvars))})"
         + (f", batch = ({', '.join(map(str, batch))})" if batch else ""),
         batch_decomp=batch_decomp, decomp=top_decomp, k_decomp=k_decomp, a_lines=a_lines, b_lines=b_lines, ep_loads=ep_loads, store=store,
@@ -215,6 +215,6 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
         f"K_tot = {' * '.join(k_ext)}",
         "grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N'])" + batches + ",)",
         # K_tot = 0 still launches: the output is the epilogue of a zero sum, as torch gives it
-        f"if _rt.programs((M_tot * N_tot{batches},)): {kname}[grid]({', '.join(sig.host_args())})",
+        f"if _rt.programs((M_tot * N_tot{batches},)): {sig.launcher(kname)}[grid]({', '.join(sig.host_args())})",
     ]
     return [src], host, [st.target]

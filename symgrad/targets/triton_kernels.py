@@ -107,6 +107,34 @@ class Sig:
         out += [f"{a}={h}" for a, h in self.constexpr]
         return out
 
+    def acc_lines(self) -> list[str]:
+        """The kernel's first lines. ``ACC``: the dtype its math and accumulations run in, float64
+        when the op's tensors are float64, else float32 (fp32, fp16 and bf16 inputs alike), read at
+        compile time from a float buffer the host allocates in the op's dtype or its accumulation
+        dtype (never a label, never a cotangent, whose dtype is the caller's). Then the float
+        params and float dims as ``ACC`` scalars: compiled they arrive as fp32 scalars (a no-op
+        cast in an fp32 kernel, so fp32 and 16-bit kernels compile exactly as with a literal
+        ``tl.float32``), interpreted as Python floats, which a ``tl.where`` of two scalars would
+        otherwise round to fp32 in a float64 kernel."""
+        plan = self.ctx.plan
+        skip = set(plan.labels) | set(plan.cotangents)
+        ptrs = [f"{b}_ptr" for b in sorted(self.bufs) if b not in skip] + [a for a, _ in self.extra if a.endswith("_ptr")]
+        if not ptrs:
+            raise LoweringError(f"op {self.ctx.op.name}: a kernel with no float buffer of the op's own dtype")
+        return ([f"ACC: tl.constexpr = tl.float64 if {ptrs[0]}.dtype.element_ty == tl.float64 else tl.float32"]
+                + [f"{v} = tl.full([], {v}, ACC)" for v in self.float_args()])
+
+    def float_args(self) -> list[str]:
+        """The kernel's float scalar arguments: float params and float dims."""
+        params = self.ctx.params
+        return [f"p_{p}" for p in sorted(self.params) if not params[p].integer] + [f"f_{d}" for d in sorted(self.fdims)]
+
+    def launcher(self, kname: str) -> str:
+        """What the host launches: the kernel, or where it takes float scalars the kernel the
+        tensors' dtype needs (``_rt.float_params``: fp64 arguments for float64 tensors on a GPU)."""
+        floats = tuple(self.float_args())
+        return f"_rt.float_params({kname}, dtype, {floats!r})" if floats else kname
+
     def names_for(self, expr: sp.Expr, names: dict) -> dict:
         """Complete ``names`` with dims, params and scalar buffers that ``expr`` reads."""
         out = dict(names)
@@ -124,7 +152,7 @@ class Sig:
                 out[s] = f"f_{n}"
             elif n in buffers and not buffers[n]:
                 self.buf(n)
-                self.scalar_loads[n] = f"v_{n} = tl.load({n}_ptr).to(tl.float32)"
+                self.scalar_loads[n] = f"v_{n} = tl.load({n}_ptr).to(ACC)"
                 out[s] = f"v_{n}"
             else:
                 raise LoweringError(f"op {self.ctx.op.name}: symbol {n} has no meaning in a kernel")
@@ -177,7 +205,7 @@ def _formula_lines(stmts) -> list[str]:
 def store_value(ptr: str, value: str) -> str:
     try:  # a number (a gradient that is identically 0 reads nothing): a Python float has no .to
         float(value)
-        value = f"tl.full([], {value}, tl.float32)"
+        value = f"tl.full([], {value}, ACC)"
     except ValueError:
         pass
     return f"({value}).to({ptr}.dtype.element_ty)"
@@ -250,13 +278,13 @@ def emit_map(ctx: Context, launch: Launch, kname: str):
     if any(s.fused for s in stmts):
         sig.constexpr.append(("WRITE_GRAD", "write_grad"))
     src = ctx.env.get_template("map.j2").render(
-        name=kname, args=sig.kernel_args(), formulas=_formula_lines(stmts),
+        name=kname, args=sig.kernel_args(), acc=sig.acc_lines(), formulas=_formula_lines(stmts),
         decompose=decompose, scalar_loads=sorted(sig.scalar_loads.values()), loads=load_lines, body=body,
     )
     host = [
         f"n_total = {total}",
         "blk = _rt.map_block(n_total)",
-        f"{kname}[(triton.cdiv(n_total, blk),)]({', '.join(sig.host_args())})",
+        f"{sig.launcher(kname)}[(triton.cdiv(n_total, blk),)]({', '.join(sig.host_args())})",
     ]
     return [src], host, [s.target for s in stmts]
 
@@ -302,7 +330,7 @@ def _load(ctx: Context, sig: Sig, node: sp.Indexed, imap: dict, var: str, mask: 
         off = _flat_or(off)
     label = name in ctx.plan.labels
     m = f", mask={' & '.join(masks)}, other=0" if masks else ""
-    conv = "" if label else ".to(tl.float32)"
+    conv = "" if label else ".to(ACC)"
     return f"{var} = tl.load({ptr} + {off}{m}){conv}"
 
 
@@ -607,7 +635,7 @@ class RowBuilder:
             init, loads, load_lines, body = [], {}, [], []
             members = [s for s in self.stats if not s.late and s.pass_no == p]
             for s in members:
-                init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, tl.float32)")
+                init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, ACC)")
             for s in members:
                 if s.online is not None:
                     continue  # emitted with its max
@@ -634,7 +662,7 @@ class RowBuilder:
         init, loads, load_lines, body = [], {}, [], []
         late = [s for s in self.stats if s.late]
         for s in late:
-            init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, tl.float32)")
+            init.append(f"{s.var} = tl.full([], {_INIT[s.kind]}, ACC)")
             names = self._printer_names(s.body, loads, load_lines, row_loads, row_lines, {}, True)
             v = pr_rows(ctx, s.body, names, f"row statistic {s.body}")
             if s.kind == "max":
@@ -661,14 +689,14 @@ class RowBuilder:
                 # keeps the partial sums in registers across the program's rows.)
                 body += [f"pp{j} = part{j}_ptr + pid64 * {ncol} + cols",
                          f"tl.store(pp{j}, tl.load(pp{j}, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, {v}, 0.0), mask=cmask)"]
-                part_init.append(f"pacc{j} = tl.zeros([BLOCK], tl.float32)")
+                part_init.append(f"pacc{j} = tl.zeros([BLOCK], ACC)")
                 part_store += ["if SINGLE_BLOCK:", f"    tl.store(part{j}_ptr + pid64 * {ncol} + cols0, pacc{j}, mask=cols0 < {ncol})"]
                 # every program writes its whole partial row unless it has no rows (an empty batch)
-                part_host.append(f"part{j} = (torch.empty if {{nrows}} else torch.zeros)((n_prog, n_{self.coldim.name}), dtype=torch.float32, device=device)")
+                part_host.append(f"part{j} = (torch.empty if {{nrows}} else torch.zeros)((n_prog, n_{self.coldim.name}), dtype=_rt.acc_dtype(dtype), device=device)")
             else:
-                part_init.append(f"acc{j} = tl.full([], 0.0, tl.float32)")
+                part_init.append(f"acc{j} = tl.full([], 0.0, ACC)")
                 part_store.append(f"tl.store(part{j}_ptr + pid64, acc{j})")
-                part_host.append(f"part{j} = torch.zeros((n_prog,), dtype=torch.float32, device=device)")
+                part_host.append(f"part{j} = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)")
             sig.extra.append((f"part{j}_ptr", f"part{j}"))
         if body or late:
             final = dict(init=init, loads=load_lines, body=body)
@@ -703,7 +731,7 @@ class RowBuilder:
         if single is not None:
             sig.constexpr.append(("SINGLE_BLOCK", f"n_{self.coldim.name} <= blk"))
         main = ctx.env.get_template("rows.j2").render(
-            name=self.kname, args=sig.kernel_args(), formulas=_formula_lines(self.launch.statements),
+            name=self.kname, args=sig.kernel_args(), acc=sig.acc_lines(), formulas=_formula_lines(self.launch.statements),
             scalar_loads=sorted(sig.scalar_loads.values()), nrow=nrow, ncol=ncol,
             part_init=part_init, row_lines=row_lines, single=single, passes=passes, final=final,
             row_after=row_after, part_store=part_store, row_decomp=row_decomp,
@@ -732,7 +760,7 @@ class RowBuilder:
         else:
             host.append(f"n_prog, rpp = {nrows}, 1")
         host += [line.replace("{nrows}", nrows) for line in part_host]
-        host.append(f"{self.kname}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
+        host.append(f"{sig.launcher(self.kname)}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
         if self.crosses:
             fsrc, fhost = self._finish()
             srcs.append(fsrc)
@@ -789,11 +817,11 @@ class RowBuilder:
             j = str(sym)[1:]
             sig.extra.append((f"part{j}_ptr", f"part{j}"))
             if coldep:
-                lines += [f"tot{j} = tl.zeros([BLOCK], tl.float32)",
+                lines += [f"tot{j} = tl.zeros([BLOCK], ACC)",
                           "for p in range(0, P):",
                           f"    tot{j} += tl.load(part{j}_ptr + p * {ncol} + cols, mask=cmask, other=0.0)"]
             else:
-                lines += [f"acc{j} = tl.zeros([BLOCK], tl.float32)",
+                lines += [f"acc{j} = tl.zeros([BLOCK], ACC)",
                           "for p0 in range(0, P, BLOCK):",
                           "    po = p0 + tl.arange(0, BLOCK)",
                           f"    acc{j} += tl.load(part{j}_ptr + po, mask=po < P, other=0.0)",
@@ -824,15 +852,15 @@ class RowBuilder:
         sig.extra.append(("P", "n_prog"))
         sig.constexpr.append(("BLOCK", "fblk"))
         src = ctx.env.get_template("finish.j2").render(
-            name=fname, args=sig.kernel_args(), formulas=[f"finish: {s.formula}"[:110] for s, r, _ in self.entries if r in ("col", "scalar")],
+            name=fname, args=sig.kernel_args(), acc=sig.acc_lines(), formulas=[f"finish: {s.formula}"[:110] for s, r, _ in self.entries if r in ("col", "scalar")],
             ncol=ncol, scalar_loads=sorted(sig.scalar_loads.values()), lines=lines, loads=load_lines,
             stores=stores, scalar_stores=scalar_stores,
         )
         if col:
             host = [f"fblk = _rt.map_block(n_{self.coldim.name})",
-                    f"{fname}[(triton.cdiv(n_{self.coldim.name}, fblk),)]({', '.join(sig.host_args())})"]
+                    f"{sig.launcher(fname)}[(triton.cdiv(n_{self.coldim.name}, fblk),)]({', '.join(sig.host_args())})"]
         else:
-            host = ["fblk = _rt.map_block(n_prog)", f"{fname}[(1,)]({', '.join(sig.host_args())})"]
+            host = ["fblk = _rt.map_block(n_prog)", f"{sig.launcher(fname)}[(1,)]({', '.join(sig.host_args())})"]
         return src, host
 
 
@@ -861,15 +889,15 @@ def emit_scale(ctx: Context, launch: Launch, kname: str):
     sig.extra += [("n_total", "n_total"), ("CHUNK", "chunk")]
     sig.constexpr += [("BLOCK", "blk"), ("IDX64", "n_total + chunk >= 2**31")]
     src = ctx.env.get_template("scale.j2").render(
-        name=kname, args=sig.kernel_args(), formulas=_formula_lines([st]), target=st.target,
+        name=kname, args=sig.kernel_args(), acc=sig.acc_lines(), formulas=_formula_lines([st]), target=st.target,
         scalar_loads=sorted(sig.scalar_loads.values()), cot=f"v_{cot}",
-        load=f"v = tl.load({ptr} + offs, mask=mask, other=0).to(tl.float32)",
+        load=f"v = tl.load({ptr} + offs, mask=mask, other=0).to(ACC)",
         store=f"tl.store({ptr} + offs, {store_value(ptr, value)}, mask=mask)",
     )
     host = [
         f"t_{st.target} = _rt.take_fused(OP, saved, {buf!r})",
         f"n_total = t_{st.target}.numel()",
         "blk, n_prog, chunk = _rt.scale_geometry(n_total, device)",
-        f"{kname}[(n_prog,)]({', '.join(sig.host_args())})",
+        f"{sig.launcher(kname)}[(n_prog,)]({', '.join(sig.host_args())})",
     ]
     return [src], host, [st.target]

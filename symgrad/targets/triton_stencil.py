@@ -65,7 +65,7 @@ def emit_stencil(ctx, st: Statement, kname: str, sig, g: dict):
                       ("SPLIT", "splits > 1"), ("IDX64", f"_rt.wide_index(M_tot, N_tot, K_tot, t_ws, {tensors})")]
     tuned = [f"{b}: tl.constexpr" for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
     src = ctx.env.get_template("stencil.j2").render(
-        name=kname, args=sig.kernel_args() + tuned, formulas=_formula_lines([st]),
+        name=kname, args=sig.kernel_args() + tuned, acc=sig.acc_lines(), formulas=_formula_lines([st]),
         shape=f"M = ({', '.join(map(str, g['m_idx']))}), N = ({', '.join(map(str, g['n_idx']))}), K = ({', '.join(map(str, g['kvars']))})"
         + (f", batch = ({', '.join(map(str, g['batch']))})" if g["batch"] else ""),
         batch_decomp=g["batch_decomp"], decomp=g["decomp"], k_decomp=g["k_decomp"], a_lines=g["a_lines"],
@@ -77,10 +77,10 @@ def emit_stencil(ctx, st: Statement, kname: str, sig, g: dict):
         f"N_tot = {' * '.join(g['n_ext'])}",
         f"K_tot = {' * '.join(g['k_ext'])}",
         ("splits, K_split = _rt.split_k(M_tot, N_tot, K_tot, device)" if split else "splits, K_split = 1, K_tot"),
-        f"t_ws = _rt.split_workspace(splits, M_tot, N_tot, device) if splits > 1 else t_{st.target}",
+        f"t_ws = _rt.split_workspace(splits, M_tot, N_tot, device, dtype) if splits > 1 else t_{st.target}",
         "grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N'])" + batches + ", splits)",
         # K_tot = 0 still launches: the output is the epilogue of a zero sum, as torch gives it
-        f"if _rt.programs((M_tot * N_tot{batches},)): {kname}[grid]({', '.join(sig.host_args())})",
+        f"if _rt.programs((M_tot * N_tot{batches},)): {sig.launcher(kname)}[grid]({', '.join(sig.host_args())})",
     ]
     if split:
         order = list(g["m_idx"]) + list(g["n_idx"])
