@@ -262,7 +262,8 @@ _PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\
 _REGS = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _GLOBAL = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s", re.M)
-_CPASYNC = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[^\n]*?,\s*(\d+)\s*(?:,|;)", re.M)
+# the copy size is decimal or hex (Triton's inline asm writes ``0x10``)
+_CPASYNC = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[^\n]*?,\s*(0x[0-9a-fA-F]+|\d+)\s*(?:,|;)", re.M)
 _BULK = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.bulk", re.M)
 _TC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync)", re.M)
 # integer div/rem (index math) and its divisor: an immediate one ptxas turns into a multiply-shift
@@ -326,7 +327,7 @@ def ptx_accesses(ptx: str) -> dict:
         counts[kind][1] += vec * bits >= 128
     for size in _CPASYNC.findall(ptx):
         counts["ld"][0] += 1
-        counts["ld"][1] += int(size) >= 16
+        counts["ld"][1] += int(size, 0) >= 16
     bulk = len(_BULK.findall(ptx))  # TMA: whole tiles, at least 128 bits
     counts["ld"][0] += bulk
     counts["ld"][1] += bulk
