@@ -255,8 +255,9 @@ def scale_geometry(n: int, device: torch.device) -> tuple[int, int, int]:
     return blk, triton.cdiv(max(n, 1), chunk), chunk
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper-sized tiles first (wgmma wants 64-row
-# multiples per warp group and deep K tiles), then smaller ones for small or skinny products.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on tensor cores (16-bit inputs, TF32): Hopper-sized
+# tiles first (wgmma wants 64-row multiples per warp group and deep K tiles), then smaller ones for
+# small or skinny products.
 GEMM_TILES = (
     (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 3),
@@ -265,37 +266,79 @@ GEMM_TILES = (
     (64, 64, 32, 4, 4),
 )
 GEMM_TILES_64 = ((64, 64, 16, 4, 3),)  # float64 (see prune_gemm_configs)
+# fp32 on FMA units (PREC ieee): a K tile of at most 32 (a deeper one, or a larger fp32 tile,
+# spills), and eight warps on the small tile: with four, ptxas held dX = dY Wᵀ at 128 registers
+# and spilled inside the K loop on sm_90 (257 x 257 x 257).
+GEMM_TILES_FMA = (
+    (128, 128, 32, 8, 4),
+    (64, 64, 32, 8, 4),
+)
+GEMM_OVERHANG = 2 * max(t[2] for t in GEMM_TILES + GEMM_TILES_FMA)  # a K tile past the end, and one more step of the carried offsets
 GEMM_SMEM_BUDGET = 160 * 1024  # operand stages must fit sm_80's 163 KB too; sm_90 has 227 KB
+# Operand entries one thread may load per K tile when they are loaded one by one (rows not 16-byte
+# aligned): each is a load with its own address. At 96 (128 x 256 x 64 on 8 warps, 64 x 128 x 64
+# on 4), matmul at 257 x 257 x 257 in bf16 spilled inside the K loop on sm_90 and sm_80.
+GEMM_SCALAR_ENTRIES = 64
+
+
+def _tile(c) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
 
 def gemm_configs() -> list:
-    """The autotuned configurations of the implicit-GEMM kernels. The interpreter gets one small
-    config: autotuning would only run every config through it (slow, and meaningless on CPU)."""
+    """The autotuned configurations of the implicit-GEMM kernels (both tile sets: the prune keeps
+    one). The interpreter gets one small config: autotuning would only run every config through
+    it (slow, and meaningless on CPU)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    tiles = GEMM_TILES + tuple(t for t in GEMM_TILES_FMA if t not in GEMM_TILES)
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in GEMM_TILES]
+            for m, n, k, w, s in tiles]
 
 
 def prune_gemm_configs(configs, nargs, **kwargs) -> list:
-    """Configs worth timing for one launch: tiles no larger than the problem (next power of two,
-    at least 16, as tl.dot needs), operand stages within the shared-memory budget, and, where fp32
-    runs on FMA units (PREC ieee), tiles of at most 128 x 128 x 32 (a larger fp32 accumulator spills);
-    float64 compiled runs ``GEMM_TILES_64``."""
+    """Configs worth timing for one launch: the tile set of where the product runs (tensor cores,
+    or FMA units for fp32 at PREC ieee), then :func:`fit_tiles` (float64 compiled runs
+    ``GEMM_TILES_64``)."""
+    if not interpreting():
+        fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and bool(kwargs.get("DOT_F32", nargs.get("DOT_F32")))
+        tiles = GEMM_TILES_FMA if fma else GEMM_TILES
+        configs = [c for c in configs if _tile(c) in tiles] or configs
+    return fit_tiles(configs, nargs)
+
+
+def vector_operands(nargs) -> bool:
+    """Whether Triton may read a launch's tensors 16 bytes at a time: every tensor 16-byte aligned
+    and every integer argument (strides, extents) 1 or a multiple of 16, which is what Triton's
+    specialization tells the compiler. Otherwise (a row of 257 bf16 entries) some operand is
+    loaded entry by entry."""
+    for v in nargs.values():
+        if isinstance(v, torch.Tensor):
+            if v.data_ptr() % 16:
+                return False
+        elif isinstance(v, int) and not isinstance(v, bool) and v != 1 and v % 16:
+            return False
+    return True
+
+
+def fit_tiles(configs, nargs) -> list:
+    """The configs that fit one launch: tiles no larger than the problem (next power of two, at
+    least 16, as tl.dot needs), operand stages within the shared-memory budget, and, where the
+    operands are loaded entry by entry, at most ``GEMM_SCALAR_ENTRIES`` entries per thread and K tile."""
     def cap(n) -> int:
         return max(16, triton.next_power_of_2(max(int(n), 1)))
 
     m, n = cap(nargs["M_tot"]), cap(nargs["N_tot"])
     itemsize = max((t.element_size() for t in nargs.values() if isinstance(t, torch.Tensor)), default=2)
-    fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and itemsize == 4
+    scalar = not vector_operands(nargs)
     keep = []
     for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        bm, bn, bk, warps, stages = _tile(c)
         if bm > m or bn > n:
             continue
-        if (bm * bk + bk * bn) * itemsize * c.num_stages > GEMM_SMEM_BUDGET:
+        if (bm * bk + bk * bn) * itemsize * stages > GEMM_SMEM_BUDGET:
             continue
-        if fma and (bm * bn > 128 * 128 or bk > 32):
+        if scalar and bm * bk + bk * bn > GEMM_SCALAR_ENTRIES * 32 * warps:
             continue
         keep.append(c)
     if itemsize >= 8 and not interpreting():
@@ -543,12 +586,15 @@ def check_versions(op: str, saved: dict, inputs, outputs, leading=()) -> None:
 WIDE_INDEX = 2**30  # half of int32: a tile's overhanging rows and padded positions stay below 2^31
 
 
-def wide_index(*extents) -> bool:
-    """Whether a stencil launch needs int64 index math: a flattened extent, or a tensor's largest
-    element offset, at or past 2^30 (then products of an index and a stride may pass int32)."""
+def wide_index(*extents, overhang: int = 0) -> bool:
+    """Whether an implicit-GEMM launch needs int64 index math: a flattened extent, or a tensor's
+    largest element offset, at or past 2^30 (then products of an index and a stride may pass
+    int32). ``overhang``: entries a tile may address past a tensor's end along an axis (masked
+    off, but the offset is still computed): a GEMM's K tiles, and the step its carried offsets
+    take after the last one."""
     for e in extents:
         if isinstance(e, torch.Tensor):
-            e = sum((s - 1) * st for s, st in zip(e.shape, e.stride()) if s > 0) + 1 if e.numel() else 0
+            e = sum((s - 1 + overhang) * st for s, st in zip(e.shape, e.stride()) if s > 0) + 1 if e.numel() else 0
         if int(e) >= WIDE_INDEX:
             return True
     return False
@@ -601,10 +647,10 @@ def stencil_configs() -> list:
 
 def prune_stencil_configs(configs, nargs, **kwargs) -> list:
     """The tile set of the operands' width (the fp32 split-K workspace does not count), then
-    :func:`prune_gemm_configs`' cut to the problem size."""
+    :func:`fit_tiles`."""
     if interpreting():
-        return prune_gemm_configs(configs, nargs, **kwargs)
+        return fit_tiles(configs, nargs)
     wide = max((t.element_size() for k, t in nargs.items() if isinstance(t, torch.Tensor) and k != "WS_ptr"), default=2) == 4
     tiles = STENCIL_TILES_32 if wide else STENCIL_TILES_16
     keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
-    return prune_gemm_configs(keep or configs, nargs, **kwargs)
+    return fit_tiles(keep or configs, nargs)
