@@ -142,7 +142,7 @@ def cases(ops, dtypes, small: bool, override=None):
                 yield name, shapes(REGISTRY.get(name), small), dt
 
 
-def record(op_name: str, sizes: dict, dtype, sms: int) -> list:
+def record(op_name: str, sizes: dict, dtype, sms: int, l2: int | None = None) -> list:
     """The launches the generated host code makes for forward and backward at ``sizes``."""
     op = REGISTRY.get(op_name)
     module = importlib.import_module(_project.modules_for(op_name)["triton"])
@@ -173,7 +173,7 @@ def record(op_name: str, sizes: dict, dtype, sms: int) -> list:
     saved_run, saved_tuned = JITFunction.run, Autotuner.run
     JITFunction.run, Autotuner.run = jit_run, tuned_run
     try:
-        with _rt.planning_for(sms):
+        with _rt.planning_for(sms, l2):
             if op.kind == "op":
                 outs, saved = module.forward_with_saved(*inputs, **params)
                 outs = outs if isinstance(outs, tuple) else (outs,)
@@ -395,7 +395,7 @@ def report_case(op_name, sizes, dtype_name, archs, plans) -> tuple[list, dict]:
     by_arch: dict = {}
     for arch in archs:
         spec = ARCHS[arch]
-        launches = record(op_name, sizes, dtype, spec["sms"])
+        launches = record(op_name, sizes, dtype, spec["sms"], spec["l2"])
         seen_plan = set()
         for launch in launches:
             for config in launch.configs:

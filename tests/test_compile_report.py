@@ -140,3 +140,28 @@ def test_gemm_index_width_counts_the_overhang():
     assert not rt.wide_index(w)
     assert rt.wide_index(w, overhang=rt.GEMM_OVERHANG)
     assert not rt.wide_index(torch.empty((4096, 4096), device="meta"), overhang=rt.GEMM_OVERHANG)
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_norm_backward_partial_rows_stay_in_l2(itemsize):
+    """Layer norm backward at 65536 columns (several blocks per row): each program re-reads its row
+    (x, dy) and adds every row into its fp32 partial rows (dw, dbias). At one program per SM those
+    do not fit a 50 MB L2 together and the model charges both to memory (bound under 50%); the host
+    caps the programs so that they fit, below one per SM, and the bound passes 90%."""
+    import torch
+    from symgrad.runtime import triton_support as rt
+
+    plan = _plan("layer_norm")
+    launch = _row_launch(plan, "backward")
+    sizes = {"B": 4096, "D": 65536}
+    hot = sizes["D"] * (2 * itemsize + 4 * 2)  # the row x, dy and the two fp32 partial rows
+    with rt.planning_for(132, 50 * 10**6):
+        n_prog, rpp = rt.row_programs(sizes["B"], torch.device("meta"), True, hot, per_sm=1, partial_rows=True)
+        plain, plain_rpp = rt.row_programs(sizes["B"], torch.device("meta"), True, hot, per_sm=1)
+    assert n_prog * rpp >= sizes["B"] and n_prog < 132
+    assert plain_rpp <= -(-sizes["B"] // 132)  # a plain re-read keeps every SM busy
+    assert n_prog * hot <= rt.l2_reread_bytes(torch.device("meta"))
+    capped = traffic.launch_traffic(plan, launch, sizes, itemsize, resident_programs=n_prog, programs=n_prog)
+    full = traffic.launch_traffic(plan, launch, sizes, itemsize, resident_programs=132, programs=132)
+    assert capped.rereads_free and capped.least / capped.total >= 0.9
+    assert not full.rereads_free and full.least / full.total < 0.5

@@ -214,7 +214,7 @@ def backward(saved, dout, ):
     t_dbias = torch.empty((n_C, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 4)
     hot = n_C * (4) if n_C > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1, partial_rows=True)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_C), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_C)

@@ -333,7 +333,7 @@ def backward(saved, dy, ):
     t_dbias = torch.empty((n_D, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_D, dtype.itemsize, 8)
     hot = n_D * (t_dy.element_size() + t_x.element_size() + 8) if n_D > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1, partial_rows=True)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_D), dtype=_rt.acc_dtype(dtype), device=device)
     part1 = (torch.empty if n_B else torch.zeros)((n_prog, n_D), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('f_D',))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_mean, t_mean.stride(0), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), part0, part1, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))

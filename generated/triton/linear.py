@@ -424,7 +424,7 @@ def backward(saved, dY, ):
     t_dbias = torch.empty((n_N, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_N, dtype.itemsize, 4)
     hot = n_N * (4) if n_N > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1, partial_rows=True)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_N), dtype=_rt.acc_dtype(dtype), device=device)
     if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
     fblk = _rt.map_block(n_N)

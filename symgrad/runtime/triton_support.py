@@ -190,21 +190,24 @@ def row_warps(block: int) -> int:
     return 4 if block <= 2048 else (8 if block <= 4096 else (16 if block <= 8192 else 32))
 
 
-# Set by ``planning_for``: the SM count of a GPU the host code plans launches for without one.
+# Set by ``planning_for``: the SM count and L2 bytes of a GPU the host code plans launches for without one.
 _PLANNED_SMS: int | None = None
+_PLANNED_L2: int | None = None
 
 
 @contextlib.contextmanager
-def planning_for(sm_count: int):
-    """Run the host code on ``meta`` tensors as if on a GPU with ``sm_count`` SMs, so that a tool
-    (``bench/compile_report.py``) can record the launches it would make (grid, blocks, warps)
-    without a GPU and without restating any launch choice. Kernels must not be run meanwhile."""
-    global _PLANNED_SMS
-    before, _PLANNED_SMS = _PLANNED_SMS, int(sm_count)
+def planning_for(sm_count: int, l2_bytes: int | None = None):
+    """Run the host code on ``meta`` tensors as if on a GPU with ``sm_count`` SMs (and ``l2_bytes``
+    of L2; H100's 50 MB if not given), so that a tool (``bench/compile_report.py``) can record the
+    launches it would make (grid, blocks, warps) without a GPU and without restating any launch
+    choice. Kernels must not be run meanwhile."""
+    global _PLANNED_SMS, _PLANNED_L2
+    before = _PLANNED_SMS, _PLANNED_L2
+    _PLANNED_SMS, _PLANNED_L2 = int(sm_count), (int(l2_bytes) if l2_bytes else None)
     try:
         yield
     finally:
-        _PLANNED_SMS = before
+        _PLANNED_SMS, _PLANNED_L2 = before
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,34 +215,62 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_l2_bytes(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or L2_DEFAULT_BYTES)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _sm_count(device: torch.device) -> int | None:
     if device.type == "meta" and _PLANNED_SMS is not None:
         return _PLANNED_SMS
     if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return _cuda_sm_count(_cuda_index(device))
     return None
 
 
-L2_REREAD_BYTES = 40 * 2**20  # of H100/H200's 50 MB L2: what the programs in flight keep there, with room for their writes
+L2_DEFAULT_BYTES = 50 * 10**6  # H100/H200's L2, for a device that does not say (and the interpreter)
+L2_REREAD_SHARE = 0.8  # of the L2: what the programs in flight may keep there, with room for their writes
+
+
+def l2_reread_bytes(device: torch.device) -> int:
+    """The L2 bytes the programs in flight may keep hot: ``L2_REREAD_SHARE`` of the device's L2
+    (40 MB on H100/H200, 32 MB on A100)."""
+    if device.type == "meta" and _PLANNED_L2 is not None:
+        l2 = _PLANNED_L2
+    elif device.type == "cuda":
+        l2 = _cuda_l2_bytes(_cuda_index(device))
+    else:
+        l2 = L2_DEFAULT_BYTES
+    return int(l2 * L2_REREAD_SHARE)
 
 
 def row_programs(n_rows: int, device: torch.device, partial: bool, hot_bytes: int = 0,
-                 per_sm: int = 4) -> tuple[int, int]:
+                 per_sm: int = 4, partial_rows: bool = False) -> tuple[int, int]:
     """(programs, rows per program) of a row kernel: one program per row, or ``per_sm`` per SM for
     a kernel that reduces across rows with partial sums. A kernel with column partials (a norm's
     dw, dbias) asks for one per SM: each program leaves a partial row as long as a row of its
     input, written and then read by the finishing kernel: at 4 per SM, layer norm backward over
-    4096 rows moved a sixth (fp32) to a third (bf16) more than its least. ``hot_bytes``: what one program of a multi-block
-    row needs to find in L2, the row a later pass reads again and the fp32 partial row it adds each
-    row into (a norm's dw, dbias). Those hit L2 only while every program's fit there at once, so
-    the programs (then all resident) are capped at ``L2_REREAD_BYTES / hot_bytes``, at least one
-    per SM: beyond that the traffic goes to memory (fp32 rows of 128K columns read twice; layer
-    norm backward at 65536 columns adding into its partial rows)."""
+    4096 rows moved a sixth (fp32) to a third (bf16) more than its least.
+
+    ``hot_bytes``: what one program of a multi-block row needs to find in L2: the row a later pass
+    reads again and, with ``partial_rows``, the fp32 partial row of each column partial that it
+    adds every row into (a norm's dw, dbias). Those hit L2 only while every program's fit there
+    at once (:func:`l2_reread_bytes`), so the programs (then all resident) are capped to fit.
+    A plain re-read keeps at least one program per SM: past the cap it costs one more read of the
+    row (fp32 cross-entropy rows of 128K columns). Column partials take the cap below one per SM:
+    past it every row would also read and write the partial rows in memory (layer norm backward
+    at 65536 columns moved 3 to 4 times its least), so 50 programs (bf16; 38 in fp32) on an
+    H100's 132 SMs move what 132 would, plus 2% of partial rows, if they draw the bandwidth."""
     n = max(int(n_rows), 1)
     sms = _sm_count(device) or 4  # interpreted: a few programs, so partial sums span programs
     most = per_sm * sms if partial else n
     if hot_bytes:
-        most = min(most, max(sms, L2_REREAD_BYTES // int(hot_bytes)))
+        fit = max(1, l2_reread_bytes(device) // int(hot_bytes))
+        most = min(most, fit if partial_rows else max(sms, fit))
     rpp = max(1, triton.cdiv(n, most))
     return max(1, triton.cdiv(n, rpp)), rpp
 

@@ -753,7 +753,7 @@ class RowBuilder:
             # again, and its fp32 partial row of each column partial, added into once per row
             per_row = " + ".join([f"t_{n}.element_size()" for n in reread] + ([f"{4 * n_part}"] if n_part else []))
             host.append(f"hot = n_{self.coldim.name} * ({per_row}) if n_{self.coldim.name} > blk else 0")
-            per_sm = ", per_sm=1" if n_part else ""  # see row_programs: each program leaves a partial row
+            per_sm = ", per_sm=1, partial_rows=True" if n_part else ""  # see row_programs: each program leaves a partial row
             host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, {bool(self.crosses)}, hot{per_sm})")
         elif self.crosses:
             host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, True)")
