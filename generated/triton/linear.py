@@ -281,15 +281,22 @@ def _bac2_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dbias[j] = Sum(dY[l, j], (l, 0, B - 1))
     ACC: tl.constexpr = tl.float64 if part0_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     pacc0 = tl.zeros([BLOCK], ACC)
     for t in range(0, n_here):
         row = row0 + t
@@ -305,10 +312,10 @@ def _bac2_rows(
                 cols = col0 + cols0
                 cmask = cols < n_N
                 cv0 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(ACC)
-                pp0 = part0_ptr + pid64 * n_N + cols
+                pp0 = part0_ptr + pid_ix * n_N + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
     if SINGLE_BLOCK:
-        tl.store(part0_ptr + pid64 * n_N + cols0, pacc0, mask=cols0 < n_N)
+        tl.store(part0_ptr + pid_ix * n_N + cols0, pacc0, mask=cols0 < n_N)
 
 
 
@@ -426,7 +433,7 @@ def backward(saved, dY, ):
     hot = n_N * (4) if n_N > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1, partial_rows=True)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_N), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_dY, part0, blk * t_dY.stride(1)), SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     fblk = _rt.map_block(n_N)
     if _rt.programs((triton.cdiv(n_N, fblk),)): _bac2_rows_finish[(triton.cdiv(n_N, fblk),)](t_dbias, t_dbias.stride(0), n_N, part0, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dX, _lead), t_dW, t_dbias, )

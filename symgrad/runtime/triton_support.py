@@ -151,23 +151,45 @@ def _max_block() -> int:
 
 SINGLE_BLOCK_MAX = 16384  # longest row a row kernel holds in registers as one block
 REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80, sm_90): what one block's live values share
+ROW_OVERHEAD_REGS = 20  # per thread, beside its columns' values: row and column indices, pointers, loop state
+
+
+def single_block_fits(block: int, live: int) -> bool:
+    """Whether one block of ``block`` columns holds ``live`` fp32 values per column in registers:
+    per thread (of ``row_warps(block)`` warps, which share one SM's register file, at most 255
+    each), its columns' values and ``ROW_OVERHEAD_REGS``. At 16384 columns 32 warps leave 64
+    registers a thread for 16 columns: three values per column at most (the sm_90 compile report
+    found spills inside the row loop at four: bias_add backward, sigmoid cross-entropy and
+    softcapped or weighted cross-entropy forward, at 11001 columns)."""
+    threads = 32 * row_warps(block)
+    return live * -(-block // threads) + ROW_OVERHEAD_REGS <= row_regs(block)
+
+
+def row_regs(block: int) -> int:
+    """Registers a thread of a row kernel may use: one block of ``row_warps(block)`` warps per SM,
+    at most 255. The host passes it as ``maxnreg`` (``.maxnreg`` for ptxas): without it the
+    register allocator Triton runs (``--regAllocOptLevel=2``) held cross-entropy's bf16 column
+    loop (8192 columns, 16 warps) to 64 registers and spilled inside it; given 128 it used 92
+    and spilled nothing."""
+    return min(255, REGISTER_FILE // (32 * row_warps(block)))
 
 
 def row_block(n_cols: int, itemsize: int = 4, live: int = 1) -> int:
     """Columns per block of a row kernel. The whole row in one block when it fits: at most
     ``SINGLE_BLOCK_MAX`` columns, and its ``live`` fp32 values per column (the kernel's column
-    operands, two per column partial sum, one for temporaries: the generated host code says how
-    many) within one SM's register file, whatever the warps (more warps only split the same
-    registers). The kernel's ``SINGLE_BLOCK`` path then reads each row operand from memory once
-    and runs every pass from registers; a row over the budget spills there (layer norm backward
-    at 16384 columns: 780 bytes per thread), so it loops over blocks instead. Those blocks hold
-    their live values in half the register file (two programs per SM), up to the loop cap.
-    ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block (tests force several blocks with it)."""
+    operands, two per column partial sum, one for temporaries and one per costly value several
+    passes share, as a tanh the compiler computes once: the generated host code says how many)
+    within its threads' registers (:func:`single_block_fits`). The kernel's ``SINGLE_BLOCK`` path
+    then reads each row operand from memory once and runs every pass from registers; a row over
+    the budget spills there (layer norm backward at 16384 columns: 780 bytes per thread), so it
+    loops over blocks instead. Those blocks hold their live values in half the register file
+    (two programs per SM), up to the loop cap. ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block
+    (tests force several blocks with it)."""
     want = triton.next_power_of_2(max(int(n_cols), 1))
     live = max(int(live), 1) * (2 if itemsize >= 8 else 1)  # a float64 value takes two 32-bit registers
     if os.environ.get("SYMGRAD_TRITON_MAX_BLOCK"):
         return max(16, min(want, _max_block()))
-    if want <= SINGLE_BLOCK_MAX and want * live <= REGISTER_FILE:
+    if want <= SINGLE_BLOCK_MAX and single_block_fits(want, live):
         return max(16, want)
     cap = _max_block()
     if not interpreting() and itemsize <= 2:
