@@ -142,7 +142,7 @@ def cases(ops, dtypes, small: bool, override=None):
                 yield name, shapes(REGISTRY.get(name), small), dt
 
 
-def record(op_name: str, sizes: dict, dtype, sms: int) -> list:
+def record(op_name: str, sizes: dict, dtype, sms: int, l2: int | None = None) -> list:
     """The launches the generated host code makes for forward and backward at ``sizes``."""
     op = REGISTRY.get(op_name)
     module = importlib.import_module(_project.modules_for(op_name)["triton"])
@@ -173,7 +173,7 @@ def record(op_name: str, sizes: dict, dtype, sms: int) -> list:
     saved_run, saved_tuned = JITFunction.run, Autotuner.run
     JITFunction.run, Autotuner.run = jit_run, tuned_run
     try:
-        with _rt.planning_for(sms):
+        with _rt.planning_for(sms, l2):
             if op.kind == "op":
                 outs, saved = module.forward_with_saved(*inputs, **params)
                 outs = outs if isinstance(outs, tuple) else (outs,)
@@ -262,7 +262,8 @@ _PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\
 _REGS = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _GLOBAL = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s", re.M)
-_CPASYNC = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[^\n]*?,\s*(\d+)\s*(?:,|;)", re.M)
+# the copy size is decimal or hex (Triton's inline asm writes ``0x10``)
+_CPASYNC = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[^\n]*?,\s*(0x[0-9a-fA-F]+|\d+)\s*(?:,|;)", re.M)
 _BULK = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.bulk", re.M)
 _TC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync)", re.M)
 # integer div/rem (index math) and its divisor: an immediate one ptxas turns into a multiply-shift
@@ -326,7 +327,7 @@ def ptx_accesses(ptx: str) -> dict:
         counts[kind][1] += vec * bits >= 128
     for size in _CPASYNC.findall(ptx):
         counts["ld"][0] += 1
-        counts["ld"][1] += int(size) >= 16
+        counts["ld"][1] += int(size, 0) >= 16
     bulk = len(_BULK.findall(ptx))  # TMA: whole tiles, at least 128 bits
     counts["ld"][0] += bulk
     counts["ld"][1] += bulk
@@ -394,7 +395,7 @@ def report_case(op_name, sizes, dtype_name, archs, plans) -> tuple[list, dict]:
     by_arch: dict = {}
     for arch in archs:
         spec = ARCHS[arch]
-        launches = record(op_name, sizes, dtype, spec["sms"])
+        launches = record(op_name, sizes, dtype, spec["sms"], spec["l2"])
         seen_plan = set()
         for launch in launches:
             for config in launch.configs:

@@ -109,7 +109,7 @@ def test_rows_in_flight_fit_l2_for_the_second_pass(cols, itemsize):
         plain, plain_rpp = rt.row_programs(8192, dev, True)
     assert n_prog * rpp >= 8192 and plain * plain_rpp >= 8192 and plain <= 4 * 132
     assert rpp <= -(-8192 // 132)  # at least one program per SM
-    assert n_prog * cols * itemsize <= rt.L2_REREAD_BYTES or n_prog <= 132
+    assert n_prog * cols * itemsize <= rt.l2_reread_bytes(dev) or n_prog <= 132
 
 
 def test_a_users_fused_loss_gets_the_same_buffers(tmp_path):

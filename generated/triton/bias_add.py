@@ -90,16 +90,23 @@ def _bac0_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = dout[b, i]
     # dbias[i] = Sum(dout[k, i], (k, 0, B - 1))
     ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     pacc0 = tl.zeros([BLOCK], ACC)
     for t in range(0, n_here):
         row = row0 + t
@@ -117,10 +124,10 @@ def _bac0_rows(
                 cmask = cols < n_C
                 cv0 = tl.load(dout_ptr + row * dout_s0 + cols * dout_s1, mask=cmask, other=0).to(ACC)
                 tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (cv0).to(dx_ptr.dtype.element_ty), mask=cmask)
-                pp0 = part0_ptr + pid64 * n_C + cols
+                pp0 = part0_ptr + pid_ix * n_C + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
     if SINGLE_BLOCK:
-        tl.store(part0_ptr + pid64 * n_C + cols0, pacc0, mask=cols0 < n_C)
+        tl.store(part0_ptr + pid_ix * n_C + cols0, pacc0, mask=cols0 < n_C)
 
 
 
@@ -214,9 +221,9 @@ def backward(saved, dout, ):
     t_dbias = torch.empty((n_C, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 4)
     hot = n_C * (4) if n_C > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1, partial_rows=True)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_C), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dout, t_dout.stride(0), t_dout.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), n_B, n_C, part0, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_dout, t_dx, part0, blk * t_dout.stride(1), blk * t_dx.stride(1)), SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     fblk = _rt.map_block(n_C)
     if _rt.programs((triton.cdiv(n_C, fblk),)): _bac0_rows_finish[(triton.cdiv(n_C, fblk),)](t_dbias, t_dbias.stride(0), n_C, part0, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dx, _lead), t_dbias, )

@@ -41,19 +41,24 @@ def _for0_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     # norm = sqrt(Sum(g[n]**2, (n, 0, N - 1)))
     ACC: tl.constexpr = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_N - pid * RPP)
     acc0 = tl.full([], 0.0, ACC)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(g_ptr + row * g_s0).to(ACC)
         acc0 += (rv0 * rv0)
-    tl.store(part0_ptr + pid64, acc0)
+    tl.store(part0_ptr + pid_ix, acc0)
 
 
 
@@ -170,7 +175,7 @@ def _forward(t_g, write_grad, inplace=False):
     blk = 16
     n_prog, rpp = _rt.row_programs(n_N, device, True)
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_g, t_g.stride(0), n_N, part0, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_g, t_g.stride(0), n_N, part0, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_N, t_g, part0), num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_norm, part0, n_prog, BLOCK=fblk)
     # _for1_map: dg_fused (map)

@@ -40,15 +40,22 @@ def _for0_rows(
     n_R,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # norm[r] = ReduceMax(Abs(g[r, n]), n, 0, N - 1)
     ACC: tl.constexpr = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_R - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
@@ -89,16 +96,23 @@ def _bac0_rows(
     n_R,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dg[r, n] = Iverson(Eq(Abs(g[r, n]), norm[r]))*sign(g[r, n])*dnorm[r]/Sum(Iverson(Eq(Abs(g[r, k]), norm[r])),
     #     (k, 0, N - 1))
     ACC: tl.constexpr = tl.float64 if dg_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_R - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(norm_ptr + row * norm_s0).to(ACC)
@@ -150,7 +164,7 @@ def _forward(t_g, write_grad):
     t_norm = torch.empty((n_R, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_N, dtype.itemsize, 2)
     n_prog, rpp = n_R, 1
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_g, t_g.stride(0), t_g.stride(1), t_norm, t_norm.stride(0), n_N, n_R, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_g, t_g.stride(0), t_g.stride(1), t_norm, t_norm.stride(0), n_N, n_R, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_R, t_g, t_norm, blk * t_g.stride(1)), SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     saved = {
         'g': t_g,
         'norm': t_norm,
@@ -198,10 +212,10 @@ def backward(saved, dnorm, ):
     t_dnorm = dnorm
     # _bac0_rows: dg (rows)
     t_dg = torch.empty((n_R, n_N, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_N, dtype.itemsize, 2)
+    blk = _rt.row_block(n_N, dtype.itemsize, 3)
     hot = n_N * (t_g.element_size()) if n_N > blk else 0
     n_prog, rpp = _rt.row_programs(n_R, device, False, hot)
-    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dg, t_dg.stride(0), t_dg.stride(1), t_dnorm, t_dnorm.stride(0), t_g, t_g.stride(0), t_g.stride(1), t_norm, t_norm.stride(0), n_N, n_R, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dg, t_dg.stride(0), t_dg.stride(1), t_dnorm, t_dnorm.stride(0), t_g, t_g.stride(0), t_g.stride(1), t_norm, t_norm.stride(0), n_N, n_R, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_R, t_dg, t_dnorm, t_g, t_norm, blk * t_dg.stride(1), blk * t_g.stride(1)), SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     return (_rt.unfold(t_dg, _lead), )
 
 

@@ -53,6 +53,7 @@ def _for0_gemm(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -68,20 +69,34 @@ def _for0_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    # the operand tiles read wrapped rows and columns past the edge (valid entries; the store's mask
+    # drops what they give): the K loop's loads carry no M or N mask
+    offs_m = offs_m % M_tot
+    offs_n = offs_n % N_tot
     m_b = offs_m
     n_j = offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # the operands' offsets at the first K tile, moved one tile per step
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_k = offs_k.to(tl.int64)
+    k_k = offs_k
+    a_off = (m_b[:, None]) * X_s0 + (k_k[None, :]) * X_s1
+    b_off = (n_j[None, :]) * W_s0 + (k_k[:, None]) * W_s1
     for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
-        k_k = offs_k
-        a = tl.load(X_ptr + (m_b[:, None]) * X_s0 + (k_k[None, :]) * X_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(W_ptr + (n_j[None, :]) * W_s0 + (k_k[:, None]) * W_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k_mask = offs_k < K_tot - k0
+        a = tl.load(X_ptr + a_off, mask=k_mask[None, :], other=0.0)
+        b = tl.load(W_ptr + b_off, mask=k_mask[:, None], other=0.0)
+        a_off += BLOCK_K * (X_s1)
+        b_off += BLOCK_K * (W_s1)
         if DOT_F32:
             a = a.to(ACC)
             b = b.to(ACC)
@@ -121,6 +136,7 @@ def _bac0_gemm(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -136,20 +152,34 @@ def _bac0_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    # the operand tiles read wrapped rows and columns past the edge (valid entries; the store's mask
+    # drops what they give): the K loop's loads carry no M or N mask
+    offs_m = offs_m % M_tot
+    offs_n = offs_n % N_tot
     m_b = offs_m
     n_k = offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # the operands' offsets at the first K tile, moved one tile per step
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_k = offs_k.to(tl.int64)
+    k_l = offs_k
+    a_off = (m_b[:, None]) * dY_s0 + (k_l[None, :]) * dY_s1
+    b_off = (k_l[:, None]) * W_s0 + (n_k[None, :]) * W_s1
     for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
-        k_l = offs_k
-        a = tl.load(dY_ptr + (m_b[:, None]) * dY_s0 + (k_l[None, :]) * dY_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(W_ptr + (k_l[:, None]) * W_s0 + (n_k[None, :]) * W_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k_mask = offs_k < K_tot - k0
+        a = tl.load(dY_ptr + a_off, mask=k_mask[None, :], other=0.0)
+        b = tl.load(W_ptr + b_off, mask=k_mask[:, None], other=0.0)
+        a_off += BLOCK_K * (dY_s1)
+        b_off += BLOCK_K * (W_s0)
         if DOT_F32:
             a = a.to(ACC)
             b = b.to(ACC)
@@ -184,6 +214,7 @@ def _bac1_gemm(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -199,20 +230,34 @@ def _bac1_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    # the operand tiles read wrapped rows and columns past the edge (valid entries; the store's mask
+    # drops what they give): the K loop's loads carry no M or N mask
+    offs_m = offs_m % M_tot
+    offs_n = offs_n % N_tot
     m_j = offs_m
     n_k = offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # the operands' offsets at the first K tile, moved one tile per step
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_k = offs_k.to(tl.int64)
+    k_l = offs_k
+    a_off = (k_l[None, :]) * dY_s0 + (m_j[:, None]) * dY_s1
+    b_off = (k_l[:, None]) * X_s0 + (n_k[None, :]) * X_s1
     for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
-        k_l = offs_k
-        a = tl.load(dY_ptr + (k_l[None, :]) * dY_s0 + (m_j[:, None]) * dY_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(X_ptr + (k_l[:, None]) * X_s0 + (n_k[None, :]) * X_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k_mask = offs_k < K_tot - k0
+        a = tl.load(dY_ptr + a_off, mask=k_mask[None, :], other=0.0)
+        b = tl.load(X_ptr + b_off, mask=k_mask[:, None], other=0.0)
+        a_off += BLOCK_K * (dY_s0)
+        b_off += BLOCK_K * (X_s0)
         if DOT_F32:
             a = a.to(ACC)
             b = b.to(ACC)
@@ -236,15 +281,22 @@ def _bac2_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dbias[j] = Sum(dY[l, j], (l, 0, B - 1))
     ACC: tl.constexpr = tl.float64 if part0_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     pacc0 = tl.zeros([BLOCK], ACC)
     for t in range(0, n_here):
         row = row0 + t
@@ -260,10 +312,10 @@ def _bac2_rows(
                 cols = col0 + cols0
                 cmask = cols < n_N
                 cv0 = tl.load(dY_ptr + row * dY_s0 + cols * dY_s1, mask=cmask, other=0).to(ACC)
-                pp0 = part0_ptr + pid64 * n_N + cols
+                pp0 = part0_ptr + pid_ix * n_N + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, cv0, 0.0), mask=cmask)
     if SINGLE_BLOCK:
-        tl.store(part0_ptr + pid64 * n_N + cols0, pacc0, mask=cols0 < n_N)
+        tl.store(part0_ptr + pid_ix * n_N + cols0, pacc0, mask=cols0 < n_N)
 
 
 
@@ -313,7 +365,7 @@ def _forward(t_X, t_W, t_bias, write_grad):
     N_tot = n_N
     K_tot = n_K
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_bias, t_bias.stride(0), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_bias, t_bias.stride(0), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_W, t_X, t_Y, t_bias, overhang=_rt.GEMM_OVERHANG))
     saved = {
         'X': t_X,
         'W': t_W,
@@ -367,21 +419,21 @@ def backward(saved, dY, ):
     N_tot = n_K
     K_tot = n_N
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_dX, t_dX.stride(0), t_dX.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_dX, t_dX.stride(0), t_dX.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_W, t_dX, t_dY, overhang=_rt.GEMM_OVERHANG))
     # _bac1_gemm: dW (gemm)
     t_dW = torch.empty((n_N, n_K, ), dtype=dtype, device=device)
     M_tot = n_N
     N_tot = n_K
     K_tot = n_B
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_X, t_dW, t_dY, overhang=_rt.GEMM_OVERHANG))
     # _bac2_rows: dbias (rows)
     t_dbias = torch.empty((n_N, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_N, dtype.itemsize, 4)
     hot = n_N * (4) if n_N > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1, partial_rows=True)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_N), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac2_rows[(n_prog,)](t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_N, part0, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_dY, part0, blk * t_dY.stride(1)), SINGLE_BLOCK=n_N <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     fblk = _rt.map_block(n_N)
     if _rt.programs((triton.cdiv(n_N, fblk),)): _bac2_rows_finish[(triton.cdiv(n_N, fblk),)](t_dbias, t_dbias.stride(0), n_N, part0, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dX, _lead), t_dW, t_dbias, )

@@ -50,6 +50,7 @@ def _for0_gemm(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -65,20 +66,34 @@ def _for0_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    # the operand tiles read wrapped rows and columns past the edge (valid entries; the store's mask
+    # drops what they give): the K loop's loads carry no M or N mask
+    offs_m = offs_m % M_tot
+    offs_n = offs_n % N_tot
     m_b = offs_m
     n_j = offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # the operands' offsets at the first K tile, moved one tile per step
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_k = offs_k.to(tl.int64)
+    k_k = offs_k
+    a_off = (m_b[:, None]) * X_s0 + (k_k[None, :]) * X_s1
+    b_off = (n_j[None, :]) * W_s0 + (k_k[:, None]) * W_s1
     for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
-        k_k = offs_k
-        a = tl.load(X_ptr + (m_b[:, None]) * X_s0 + (k_k[None, :]) * X_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(W_ptr + (n_j[None, :]) * W_s0 + (k_k[:, None]) * W_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k_mask = offs_k < K_tot - k0
+        a = tl.load(X_ptr + a_off, mask=k_mask[None, :], other=0.0)
+        b = tl.load(W_ptr + b_off, mask=k_mask[:, None], other=0.0)
+        a_off += BLOCK_K * (X_s1)
+        b_off += BLOCK_K * (W_s1)
         if DOT_F32:
             a = a.to(ACC)
             b = b.to(ACC)
@@ -117,6 +132,7 @@ def _bac0_gemm(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -132,20 +148,34 @@ def _bac0_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    # the operand tiles read wrapped rows and columns past the edge (valid entries; the store's mask
+    # drops what they give): the K loop's loads carry no M or N mask
+    offs_m = offs_m % M_tot
+    offs_n = offs_n % N_tot
     m_b = offs_m
     n_k = offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # the operands' offsets at the first K tile, moved one tile per step
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_k = offs_k.to(tl.int64)
+    k_l = offs_k
+    a_off = (m_b[:, None]) * dY_s0 + (k_l[None, :]) * dY_s1
+    b_off = (k_l[:, None]) * W_s0 + (n_k[None, :]) * W_s1
     for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
-        k_l = offs_k
-        a = tl.load(dY_ptr + (m_b[:, None]) * dY_s0 + (k_l[None, :]) * dY_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(W_ptr + (k_l[:, None]) * W_s0 + (n_k[None, :]) * W_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k_mask = offs_k < K_tot - k0
+        a = tl.load(dY_ptr + a_off, mask=k_mask[None, :], other=0.0)
+        b = tl.load(W_ptr + b_off, mask=k_mask[:, None], other=0.0)
+        a_off += BLOCK_K * (dY_s1)
+        b_off += BLOCK_K * (W_s0)
         if DOT_F32:
             a = a.to(ACC)
             b = b.to(ACC)
@@ -180,6 +210,7 @@ def _bac1_gemm(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     PREC: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -195,20 +226,34 @@ def _bac1_gemm(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_mask = offs_m < M_tot
     n_mask = offs_n < N_tot
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    # the operand tiles read wrapped rows and columns past the edge (valid entries; the store's mask
+    # drops what they give): the K loop's loads carry no M or N mask
+    offs_m = offs_m % M_tot
+    offs_n = offs_n % N_tot
     m_j = offs_m
     n_k = offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # the operands' offsets at the first K tile, moved one tile per step
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_k = offs_k.to(tl.int64)
+    k_l = offs_k
+    a_off = (k_l[None, :]) * dY_s0 + (m_j[:, None]) * dY_s1
+    b_off = (k_l[:, None]) * X_s0 + (n_k[None, :]) * X_s1
     for k0 in range(0, K_tot, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = offs_k < K_tot
-        k_l = offs_k
-        a = tl.load(dY_ptr + (k_l[None, :]) * dY_s0 + (m_j[:, None]) * dY_s1, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(X_ptr + (k_l[:, None]) * X_s0 + (n_k[None, :]) * X_s1, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k_mask = offs_k < K_tot - k0
+        a = tl.load(dY_ptr + a_off, mask=k_mask[None, :], other=0.0)
+        b = tl.load(X_ptr + b_off, mask=k_mask[:, None], other=0.0)
+        a_off += BLOCK_K * (dY_s0)
+        b_off += BLOCK_K * (X_s0)
         if DOT_F32:
             a = a.to(ACC)
             b = b.to(ACC)
@@ -247,7 +292,7 @@ def _forward(t_X, t_W, write_grad):
     N_tot = n_N
     K_tot = n_K
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    if _rt.programs((M_tot * N_tot,)): _for0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_W, t_X, t_Y, overhang=_rt.GEMM_OVERHANG))
     saved = {
         'X': t_X,
         'W': t_W,
@@ -301,14 +346,14 @@ def backward(saved, dY, ):
     N_tot = n_K
     K_tot = n_N
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_dX, t_dX.stride(0), t_dX.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    if _rt.programs((M_tot * N_tot,)): _bac0_gemm[grid](t_W, t_W.stride(0), t_W.stride(1), t_dX, t_dX.stride(0), t_dX.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_W, t_dX, t_dY, overhang=_rt.GEMM_OVERHANG))
     # _bac1_gemm: dW (gemm)
     t_dW = torch.empty((n_N, n_K, ), dtype=dtype, device=device)
     M_tot = n_N
     N_tot = n_K
     K_tot = n_B
     grid = lambda meta: (triton.cdiv(M_tot, meta['BLOCK_M']) * triton.cdiv(N_tot, meta['BLOCK_N']),)
-    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype))
+    if _rt.programs((M_tot * N_tot,)): _bac1_gemm[grid](t_X, t_X.stride(0), t_X.stride(1), t_dW, t_dW.stride(0), t_dW.stride(1), t_dY, t_dY.stride(0), t_dY.stride(1), n_B, n_K, n_N, M_tot, N_tot, K_tot, GROUP_M=8, DOT_F32=_rt.dot_f32(dtype), PREC=_rt.dot_precision(dtype), IDX64=_rt.wide_index(M_tot, N_tot, K_tot, t_X, t_dW, t_dY, overhang=_rt.GEMM_OVERHANG))
     return (_rt.unfold(t_dX, _lead), t_dW, )
 
 

@@ -40,16 +40,23 @@ def _for0_rows(
     f_C,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # out[b] = Sum(x[b, k], (k, 0, C - 1))/C
     ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
     f_C = tl.full([], f_C, ACC)
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
@@ -137,7 +144,7 @@ def _forward(t_x, write_grad):
     t_out = torch.empty((n_B, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_C, dtype.itemsize, 2)
     n_prog, rpp = n_B, 1
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_C',))[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, _rt.fdim(n_C), rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_C',))[(n_prog,)](t_out, t_out.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, _rt.fdim(n_C), rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_out, t_x, blk * t_x.stride(1)), SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     saved = {
         'B': n_B,
         'C': n_C,

@@ -50,6 +50,7 @@ def _for0_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
@@ -58,11 +59,17 @@ def _for0_rows(
     ACC: tl.constexpr = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     f_B = tl.full([], f_B, ACC)
     f_C = tl.full([], f_C, ACC)
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     acc0 = tl.full([], 0.0, ACC)
     for t in range(0, n_here):
         row = row0 + t
@@ -87,7 +94,7 @@ def _for0_rows(
                 if WRITE_GRAD:
                     tl.store(dX_fused_ptr + row * dX_fused_s0 + cols * dX_fused_s1, (((2.0 / (f_B * f_C)) * ((-cv1) + cv0))).to(dX_fused_ptr.dtype.element_ty), mask=cmask)
         acc0 += st0
-    tl.store(part0_ptr + pid64, acc0)
+    tl.store(part0_ptr + pid_ix, acc0)
 
 
 
@@ -171,7 +178,7 @@ def _forward(t_X, t_Y, write_grad, inplace=False):
     blk = _rt.row_block(n_C, dtype.itemsize, 3)
     n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_B', 'f_C'))[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, _rt.fdim(n_B), _rt.fdim(n_C), part0, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('f_B', 'f_C'))[(n_prog,)](t_X, t_X.stride(0), t_X.stride(1), t_Y, t_Y.stride(0), t_Y.stride(1), t_dX_fused, t_dX_fused.stride(0), t_dX_fused.stride(1), n_B, n_C, _rt.fdim(n_B), _rt.fdim(n_C), part0, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_X, t_Y, t_dX_fused, part0, blk * t_X.stride(1), blk * t_Y.stride(1), blk * t_dX_fused.stride(1)), WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     fblk = _rt.map_block(n_prog)
     _rt.float_params(_for0_rows_finish, dtype, ('f_B', 'f_C'))[(1,)](t_loss, _rt.fdim(n_B), _rt.fdim(n_C), part0, n_prog, BLOCK=fblk)
     saved = {

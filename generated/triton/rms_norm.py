@@ -49,6 +49,7 @@ def _for0_rows(
     p_offset,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # rstd[b] = 1/(sqrt(eps/(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b, k]), k, 0, D -
@@ -60,11 +61,17 @@ def _for0_rows(
     p_eps = tl.full([], p_eps, ACC)
     p_offset = tl.full([], p_offset, ACC)
     f_D = tl.full([], f_D, ACC)
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     if SINGLE_BLOCK:
         # row-invariant operands: loaded once per program
         cols = cols0
@@ -132,6 +139,7 @@ def _bac0_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = ((offset + w[i])*dy[b, i] - rstd[b]*x[b, i]*Sum((offset + w[k])*dy[b, k]*rstd[b]*x[b, k], (k, 0,
@@ -140,11 +148,17 @@ def _bac0_rows(
     ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     p_offset = tl.full([], p_offset, ACC)
     f_D = tl.full([], f_D, ACC)
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     pacc0 = tl.zeros([BLOCK], ACC)
     if SINGLE_BLOCK:
         # row-invariant operands: loaded once per program
@@ -181,10 +195,10 @@ def _bac0_rows(
                 cv4 = tl.load(w_ptr + cols * w_s0, mask=cmask, other=0).to(ACC)
                 cv5 = tl.load(x_ptr + row * x_s0 + cols * x_s1, mask=cmask, other=0).to(ACC)
                 tl.store(dx_ptr + row * dx_s0 + cols * dx_s1, (((((p_offset + cv4) * cv3) - ((st0 * rv0 / (f_D)) * cv5)) * rv0)).to(dx_ptr.dtype.element_ty), mask=cmask)
-                pp0 = part0_ptr + pid64 * n_D + cols
+                pp0 = part0_ptr + pid_ix * n_D + cols
                 tl.store(pp0, tl.load(pp0, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, (rv0 * cv3 * cv5), 0.0), mask=cmask)
     if SINGLE_BLOCK:
-        tl.store(part0_ptr + pid64 * n_D + cols0, pacc0, mask=cols0 < n_D)
+        tl.store(part0_ptr + pid_ix * n_D + cols0, pacc0, mask=cols0 < n_D)
 
 
 
@@ -237,7 +251,7 @@ def _forward(t_x, t_w, p_eps, p_offset, write_grad):
     blk = _rt.row_block(n_D, dtype.itemsize, 3)
     hot = n_D * (t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'p_offset', 'f_D'))[(n_prog,)](t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, p_offset, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'p_offset', 'f_D'))[(n_prog,)](t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, p_offset, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_rstd, t_w, t_x, t_y, blk * t_w.stride(0), blk * t_x.stride(1), blk * t_y.stride(1)), SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     saved = {
         'x': t_x,
         'w': t_w,
@@ -294,9 +308,9 @@ def backward(saved, dy, ):
     t_dw = torch.empty((n_D, ), dtype=dtype, device=device)
     blk = _rt.row_block(n_D, dtype.itemsize, 6)
     hot = n_D * (t_dy.element_size() + t_x.element_size() + 4) if n_D > blk else 0
-    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1)
+    n_prog, rpp = _rt.row_programs(n_B, device, True, hot, per_sm=1, partial_rows=True)
     part0 = (torch.empty if n_B else torch.zeros)((n_prog, n_D), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('p_offset', 'f_D'))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), p_offset, part0, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('p_offset', 'f_D'))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_w, t_w.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), p_offset, part0, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_dx, t_dy, t_rstd, t_w, t_x, part0, blk * t_dx.stride(1), blk * t_dy.stride(1), blk * t_w.stride(0), blk * t_x.stride(1)), SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     fblk = _rt.map_block(n_D)
     if _rt.programs((triton.cdiv(n_D, fblk),)): _bac0_rows_finish[(triton.cdiv(n_D, fblk),)](t_dw, t_dw.stride(0), n_D, part0, n_prog, BLOCK=fblk)
     return (_rt.unfold(t_dx, _lead), t_dw, )

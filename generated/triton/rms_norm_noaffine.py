@@ -45,6 +45,7 @@ def _for0_rows(
     p_eps,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # rstd[b] = 1/(sqrt(eps/(Iverson(1/ReduceMax(Abs(x[b, k]), k, 0, D - 1) > 0)*ReduceMax(Abs(x[b, k]), k, 0, D -
@@ -55,11 +56,17 @@ def _for0_rows(
     ACC: tl.constexpr = tl.float64 if rstd_ptr.dtype.element_ty == tl.float64 else tl.float32
     p_eps = tl.full([], p_eps, ACC)
     f_D = tl.full([], f_D, ACC)
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
@@ -117,16 +124,23 @@ def _bac0_rows(
     f_D,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = (dy[b, i] - rstd[b]*x[b, i]*Sum(dy[b, k]*rstd[b]*x[b, k], (k, 0, D - 1))/D)*rstd[b]
     ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     f_D = tl.full([], f_D, ACC)
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(rstd_ptr + row * rstd_s0).to(ACC)
@@ -185,7 +199,7 @@ def _forward(t_x, p_eps, write_grad):
     blk = _rt.row_block(n_D, dtype.itemsize, 2)
     hot = n_D * (t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'f_D'))[(n_prog,)](t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_eps', 'f_D'))[(n_prog,)](t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), t_y.stride(1), n_B, n_D, _rt.fdim(n_D), p_eps, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_rstd, t_x, t_y, blk * t_x.stride(1), blk * t_y.stride(1)), SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     saved = {
         'x': t_x,
         'rstd': t_rstd,
@@ -238,7 +252,7 @@ def backward(saved, dy, ):
     blk = _rt.row_block(n_D, dtype.itemsize, 3)
     hot = n_D * (t_dy.element_size() + t_x.element_size()) if n_D > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('f_D',))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), rpp, BLOCK=blk, SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_bac0_rows, dtype, ('f_D',))[(n_prog,)](t_dx, t_dx.stride(0), t_dx.stride(1), t_dy, t_dy.stride(0), t_dy.stride(1), t_rstd, t_rstd.stride(0), t_x, t_x.stride(0), t_x.stride(1), n_B, n_D, _rt.fdim(n_D), rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_dx, t_dy, t_rstd, t_x, blk * t_dx.stride(1), blk * t_dy.stride(1), blk * t_x.stride(1)), SINGLE_BLOCK=n_D <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     return (_rt.unfold(t_dx, _lead), )
 
 

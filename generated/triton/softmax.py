@@ -40,16 +40,23 @@ def _for0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # p[b, i] = exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b, i])/Sum(exp(-ReduceMax(x[b, k], k, 0, C - 1) + x[b,
     #     k]), (k, 0, C - 1))
     ACC: tl.constexpr = tl.float64 if p_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
@@ -99,15 +106,22 @@ def _bac0_rows(
     n_C,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
     # dx[b, i] = (dp[b, i] - Sum(dp[b, k]*p[b, k], (k, 0, C - 1)))*p[b, i]
     ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
         if SINGLE_BLOCK:
@@ -157,10 +171,10 @@ def _forward(t_x, write_grad):
     n_C = dims['C']
     # _for0_rows: p (rows)
     t_p = torch.empty((n_B, n_C, ), dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, 2)
+    blk = _rt.row_block(n_C, dtype.itemsize, 3)
     hot = n_C * (t_x.element_size()) if n_C > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_p, t_p.stride(0), t_p.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_p, t_p.stride(0), t_p.stride(1), t_x, t_x.stride(0), t_x.stride(1), n_B, n_C, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_p, t_x, blk * t_p.stride(1), blk * t_x.stride(1)), SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     saved = {
         'p': t_p,
         'B': n_B,
@@ -209,7 +223,7 @@ def backward(saved, dp, ):
     blk = _rt.row_block(n_C, dtype.itemsize, 3)
     hot = n_C * (t_dp.element_size() + t_p.element_size()) if n_C > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dp, t_dp.stride(0), t_dp.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_p, t_p.stride(0), t_p.stride(1), n_B, n_C, rpp, BLOCK=blk, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _bac0_rows[(n_prog,)](t_dp, t_dp.stride(0), t_dp.stride(1), t_dx, t_dx.stride(0), t_dx.stride(1), t_p, t_p.stride(0), t_p.stride(1), n_B, n_C, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_dp, t_dx, t_p, blk * t_dp.stride(1), blk * t_dx.stride(1), blk * t_p.stride(1)), SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     return (_rt.unfold(t_dx, _lead), )
 
 

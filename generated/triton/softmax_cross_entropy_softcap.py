@@ -44,19 +44,24 @@ def _for0_rows(
     part0_ptr,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     # n_valid = Sum(Iverson(Ne(y[b], ignore_index)), (b, 0, B - 1))
     ACC: tl.constexpr = tl.float64 if part0_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
     acc0 = tl.full([], 0.0, ACC)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(y_ptr + row * y_s0)
         acc0 += tl.where((rv0 != p_ignore_index), 1.0, 0.0)
-    tl.store(part0_ptr + pid64, acc0)
+    tl.store(part0_ptr + pid_ix, acc0)
 
 
 
@@ -107,6 +112,7 @@ def _for1_rows(
     part2_ptr,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
@@ -126,11 +132,17 @@ def _for1_rows(
     p_softcap = tl.full([], p_softcap, ACC)
     p_z_loss = tl.full([], p_z_loss, ACC)
     f_C = tl.full([], f_C, ACC)
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     v_n_valid = tl.load(n_valid_ptr).to(ACC)
     acc0 = tl.full([], 0.0, ACC)
     acc1 = tl.full([], 0.0, ACC)
@@ -174,9 +186,9 @@ def _for1_rows(
         acc0 += tl.where((rv0 != p_ignore_index), ((st0 + tl.log(st1)) * (st0 + tl.log(st1))), 0.0)
         acc1 += tl.where((rv0 != p_ignore_index), ((-(p_softcap * sg_tanh((rv1 / (p_softcap))))) + (st0 + tl.log(st1))), 0.0)
         acc2 += tl.where((rv0 != p_ignore_index), ((-st2) + (f_C * (st0 + tl.log(st1)))), 0.0)
-    tl.store(part0_ptr + pid64, acc0)
-    tl.store(part1_ptr + pid64, acc1)
-    tl.store(part2_ptr + pid64, acc2)
+    tl.store(part0_ptr + pid_ix, acc0)
+    tl.store(part1_ptr + pid_ix, acc1)
+    tl.store(part2_ptr + pid_ix, acc2)
 
 
 
@@ -280,7 +292,7 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad, i
     blk = 16
     n_prog, rpp = _rt.row_programs(n_B, device, True)
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_y, t_y.stride(0), n_B, p_ignore_index, part0, rpp, BLOCK=blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _for0_rows[(n_prog,)](t_y, t_y.stride(0), n_B, p_ignore_index, part0, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_y, part0), num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     fblk = _rt.map_block(n_prog)
     _for0_rows_finish[(1,)](t_n_valid, part0, n_prog, BLOCK=fblk)
     # _for1_rows: row_max0, row_sum0, loss, dx_fused (rows)
@@ -288,13 +300,13 @@ def _forward(t_x, t_y, p_eps, p_ignore_index, p_z_loss, p_softcap, write_grad, i
     t_row_sum0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
     t_loss = torch.empty((), dtype=dtype, device=device)
     t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, 2)
+    blk = _rt.row_block(n_C, dtype.itemsize, 4)
     hot = n_C * (t_x.element_size()) if n_C > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, True, hot)
     part0 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     part1 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
     part2 = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)
-    if _rt.programs((n_prog,)): _rt.float_params(_for1_rows, dtype, ('p_eps', 'p_softcap', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, _rt.fdim(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, part0, part1, part2, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for1_rows, dtype, ('p_eps', 'p_softcap', 'p_z_loss', 'f_C'))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_n_valid, t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, _rt.fdim(n_C), p_eps, p_ignore_index, p_softcap, p_z_loss, part0, part1, part2, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_dx_fused, t_n_valid, t_row_max0, t_row_sum0, t_x, t_y, part0, part1, part2, blk * t_dx_fused.stride(1), blk * t_x.stride(1)), WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     fblk = _rt.map_block(n_prog)
     _rt.float_params(_for1_rows_finish, dtype, ('p_eps', 'p_z_loss', 'f_C'))[(1,)](t_loss, t_n_valid, _rt.fdim(n_C), p_eps, p_z_loss, part0, part1, part2, n_prog, BLOCK=fblk)
     saved = {

@@ -55,6 +55,7 @@ def _for0_rows(
     p_z_loss,
     RPP,
     BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
@@ -65,11 +66,17 @@ def _for0_rows(
     #     ignore_index))/row_sum0[b]
     ACC: tl.constexpr = tl.float64 if dx_fused_ptr.dtype.element_ty == tl.float64 else tl.float32
     p_z_loss = tl.full([], p_z_loss, ACC)
+    # index math is int32 unless the host found a tensor (or the partial rows) past 2^30 entries
+    # (IDX64): an int64 column index takes two registers per column of the block
     pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    row0 = pid64 * RPP
+    pid_ix = pid
+    if IDX64:
+        pid_ix = pid.to(tl.int64)
+    row0 = pid_ix * RPP
     n_here = tl.minimum(RPP, n_B - pid * RPP)
-    cols0 = tl.arange(0, BLOCK).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    if IDX64:
+        cols0 = cols0.to(tl.int64)
     for t in range(0, n_here):
         row = row0 + t
         rv0 = tl.load(y_ptr + row * y_s0)
@@ -183,10 +190,10 @@ def _forward(t_x, t_y, p_ignore_index, p_z_loss, write_grad, inplace=False):
     t_row_sum0 = torch.empty((n_B, ), dtype=_rt.acc_dtype(dtype), device=device)
     t_loss = torch.empty((n_B, ), dtype=dtype, device=device)
     t_dx_fused = t_x if inplace else torch.empty((n_B, n_C, ), dtype=dtype, device=device) if write_grad else torch.empty((1,) * 2, dtype=dtype, device=device)
-    blk = _rt.row_block(n_C, dtype.itemsize, 2)
+    blk = _rt.row_block(n_C, dtype.itemsize, 3)
     hot = n_C * (t_x.element_size()) if n_C > blk else 0
     n_prog, rpp = _rt.row_programs(n_B, device, False, hot)
-    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_z_loss',))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, p_ignore_index, p_z_loss, rpp, BLOCK=blk, WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk))
+    if _rt.programs((n_prog,)): _rt.float_params(_for0_rows, dtype, ('p_z_loss',))[(n_prog,)](t_dx_fused, t_dx_fused.stride(0), t_dx_fused.stride(1), t_loss, t_loss.stride(0), t_row_max0, t_row_max0.stride(0), t_row_sum0, t_row_sum0.stride(0), t_x, t_x.stride(0), t_x.stride(1), t_y, t_y.stride(0), n_B, n_C, p_ignore_index, p_z_loss, rpp, BLOCK=blk, IDX64=_rt.wide_index(n_B, t_dx_fused, t_loss, t_row_max0, t_row_sum0, t_x, t_y, blk * t_dx_fused.stride(1), blk * t_x.stride(1)), WRITE_GRAD=write_grad, SINGLE_BLOCK=n_C <= blk, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))
     saved = {
         'dx_fused': t_dx_fused,
         'ignore_index': p_ignore_index,

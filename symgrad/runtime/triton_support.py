@@ -151,23 +151,45 @@ def _max_block() -> int:
 
 SINGLE_BLOCK_MAX = 16384  # longest row a row kernel holds in registers as one block
 REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80, sm_90): what one block's live values share
+ROW_OVERHEAD_REGS = 20  # per thread, beside its columns' values: row and column indices, pointers, loop state
+
+
+def single_block_fits(block: int, live: int) -> bool:
+    """Whether one block of ``block`` columns holds ``live`` fp32 values per column in registers:
+    per thread (of ``row_warps(block)`` warps, which share one SM's register file, at most 255
+    each), its columns' values and ``ROW_OVERHEAD_REGS``. At 16384 columns 32 warps leave 64
+    registers a thread for 16 columns: three values per column at most (the sm_90 compile report
+    found spills inside the row loop at four: bias_add backward, sigmoid cross-entropy and
+    softcapped or weighted cross-entropy forward, at 11001 columns)."""
+    threads = 32 * row_warps(block)
+    return live * -(-block // threads) + ROW_OVERHEAD_REGS <= row_regs(block)
+
+
+def row_regs(block: int) -> int:
+    """Registers a thread of a row kernel may use: one block of ``row_warps(block)`` warps per SM,
+    at most 255. The host passes it as ``maxnreg`` (``.maxnreg`` for ptxas): without it the
+    register allocator Triton runs (``--regAllocOptLevel=2``) held cross-entropy's bf16 column
+    loop (8192 columns, 16 warps) to 64 registers and spilled inside it; given 128 it used 92
+    and spilled nothing."""
+    return min(255, REGISTER_FILE // (32 * row_warps(block)))
 
 
 def row_block(n_cols: int, itemsize: int = 4, live: int = 1) -> int:
     """Columns per block of a row kernel. The whole row in one block when it fits: at most
     ``SINGLE_BLOCK_MAX`` columns, and its ``live`` fp32 values per column (the kernel's column
-    operands, two per column partial sum, one for temporaries: the generated host code says how
-    many) within one SM's register file, whatever the warps (more warps only split the same
-    registers). The kernel's ``SINGLE_BLOCK`` path then reads each row operand from memory once
-    and runs every pass from registers; a row over the budget spills there (layer norm backward
-    at 16384 columns: 780 bytes per thread), so it loops over blocks instead. Those blocks hold
-    their live values in half the register file (two programs per SM), up to the loop cap.
-    ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block (tests force several blocks with it)."""
+    operands, two per column partial sum, one for temporaries and one per costly value several
+    passes share, as a tanh the compiler computes once: the generated host code says how many)
+    within its threads' registers (:func:`single_block_fits`). The kernel's ``SINGLE_BLOCK`` path
+    then reads each row operand from memory once and runs every pass from registers; a row over
+    the budget spills there (layer norm backward at 16384 columns: 780 bytes per thread), so it
+    loops over blocks instead. Those blocks hold their live values in half the register file
+    (two programs per SM), up to the loop cap. ``SYMGRAD_TRITON_MAX_BLOCK`` caps every block
+    (tests force several blocks with it)."""
     want = triton.next_power_of_2(max(int(n_cols), 1))
     live = max(int(live), 1) * (2 if itemsize >= 8 else 1)  # a float64 value takes two 32-bit registers
     if os.environ.get("SYMGRAD_TRITON_MAX_BLOCK"):
         return max(16, min(want, _max_block()))
-    if want <= SINGLE_BLOCK_MAX and want * live <= REGISTER_FILE:
+    if want <= SINGLE_BLOCK_MAX and single_block_fits(want, live):
         return max(16, want)
     cap = _max_block()
     if not interpreting() and itemsize <= 2:
@@ -190,21 +212,24 @@ def row_warps(block: int) -> int:
     return 4 if block <= 2048 else (8 if block <= 4096 else (16 if block <= 8192 else 32))
 
 
-# Set by ``planning_for``: the SM count of a GPU the host code plans launches for without one.
+# Set by ``planning_for``: the SM count and L2 bytes of a GPU the host code plans launches for without one.
 _PLANNED_SMS: int | None = None
+_PLANNED_L2: int | None = None
 
 
 @contextlib.contextmanager
-def planning_for(sm_count: int):
-    """Run the host code on ``meta`` tensors as if on a GPU with ``sm_count`` SMs, so that a tool
-    (``bench/compile_report.py``) can record the launches it would make (grid, blocks, warps)
-    without a GPU and without restating any launch choice. Kernels must not be run meanwhile."""
-    global _PLANNED_SMS
-    before, _PLANNED_SMS = _PLANNED_SMS, int(sm_count)
+def planning_for(sm_count: int, l2_bytes: int | None = None):
+    """Run the host code on ``meta`` tensors as if on a GPU with ``sm_count`` SMs (and ``l2_bytes``
+    of L2; H100's 50 MB if not given), so that a tool (``bench/compile_report.py``) can record the
+    launches it would make (grid, blocks, warps) without a GPU and without restating any launch
+    choice. Kernels must not be run meanwhile."""
+    global _PLANNED_SMS, _PLANNED_L2
+    before = _PLANNED_SMS, _PLANNED_L2
+    _PLANNED_SMS, _PLANNED_L2 = int(sm_count), (int(l2_bytes) if l2_bytes else None)
     try:
         yield
     finally:
-        _PLANNED_SMS = before
+        _PLANNED_SMS, _PLANNED_L2 = before
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,34 +237,62 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_l2_bytes(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or L2_DEFAULT_BYTES)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _sm_count(device: torch.device) -> int | None:
     if device.type == "meta" and _PLANNED_SMS is not None:
         return _PLANNED_SMS
     if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return _cuda_sm_count(_cuda_index(device))
     return None
 
 
-L2_REREAD_BYTES = 40 * 2**20  # of H100/H200's 50 MB L2: what the programs in flight keep there, with room for their writes
+L2_DEFAULT_BYTES = 50 * 10**6  # H100/H200's L2, for a device that does not say (and the interpreter)
+L2_REREAD_SHARE = 0.8  # of the L2: what the programs in flight may keep there, with room for their writes
+
+
+def l2_reread_bytes(device: torch.device) -> int:
+    """The L2 bytes the programs in flight may keep hot: ``L2_REREAD_SHARE`` of the device's L2
+    (40 MB on H100/H200, 32 MB on A100)."""
+    if device.type == "meta" and _PLANNED_L2 is not None:
+        l2 = _PLANNED_L2
+    elif device.type == "cuda":
+        l2 = _cuda_l2_bytes(_cuda_index(device))
+    else:
+        l2 = L2_DEFAULT_BYTES
+    return int(l2 * L2_REREAD_SHARE)
 
 
 def row_programs(n_rows: int, device: torch.device, partial: bool, hot_bytes: int = 0,
-                 per_sm: int = 4) -> tuple[int, int]:
+                 per_sm: int = 4, partial_rows: bool = False) -> tuple[int, int]:
     """(programs, rows per program) of a row kernel: one program per row, or ``per_sm`` per SM for
     a kernel that reduces across rows with partial sums. A kernel with column partials (a norm's
     dw, dbias) asks for one per SM: each program leaves a partial row as long as a row of its
     input, written and then read by the finishing kernel: at 4 per SM, layer norm backward over
-    4096 rows moved a sixth (fp32) to a third (bf16) more than its least. ``hot_bytes``: what one program of a multi-block
-    row needs to find in L2, the row a later pass reads again and the fp32 partial row it adds each
-    row into (a norm's dw, dbias). Those hit L2 only while every program's fit there at once, so
-    the programs (then all resident) are capped at ``L2_REREAD_BYTES / hot_bytes``, at least one
-    per SM: beyond that the traffic goes to memory (fp32 rows of 128K columns read twice; layer
-    norm backward at 65536 columns adding into its partial rows)."""
+    4096 rows moved a sixth (fp32) to a third (bf16) more than its least.
+
+    ``hot_bytes``: what one program of a multi-block row needs to find in L2: the row a later pass
+    reads again and, with ``partial_rows``, the fp32 partial row of each column partial that it
+    adds every row into (a norm's dw, dbias). Those hit L2 only while every program's fit there
+    at once (:func:`l2_reread_bytes`), so the programs (then all resident) are capped to fit.
+    A plain re-read keeps at least one program per SM: past the cap it costs one more read of the
+    row (fp32 cross-entropy rows of 128K columns). Column partials take the cap below one per SM:
+    past it every row would also read and write the partial rows in memory (layer norm backward
+    at 65536 columns moved 3 to 4 times its least), so 50 programs (bf16; 38 in fp32) on an
+    H100's 132 SMs move what 132 would, plus 2% of partial rows, if they draw the bandwidth."""
     n = max(int(n_rows), 1)
     sms = _sm_count(device) or 4  # interpreted: a few programs, so partial sums span programs
     most = per_sm * sms if partial else n
     if hot_bytes:
-        most = min(most, max(sms, L2_REREAD_BYTES // int(hot_bytes)))
+        fit = max(1, l2_reread_bytes(device) // int(hot_bytes))
+        most = min(most, fit if partial_rows else max(sms, fit))
     rpp = max(1, triton.cdiv(n, most))
     return max(1, triton.cdiv(n, rpp)), rpp
 
@@ -255,8 +308,9 @@ def scale_geometry(n: int, device: torch.device) -> tuple[int, int, int]:
     return blk, triton.cdiv(max(n, 1), chunk), chunk
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper-sized tiles first (wgmma wants 64-row
-# multiples per warp group and deep K tiles), then smaller ones for small or skinny products.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on tensor cores (16-bit inputs, TF32): Hopper-sized
+# tiles first (wgmma wants 64-row multiples per warp group and deep K tiles), then smaller ones for
+# small or skinny products.
 GEMM_TILES = (
     (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 3),
@@ -265,37 +319,79 @@ GEMM_TILES = (
     (64, 64, 32, 4, 4),
 )
 GEMM_TILES_64 = ((64, 64, 16, 4, 3),)  # float64 (see prune_gemm_configs)
+# fp32 on FMA units (PREC ieee): a K tile of at most 32 (a deeper one, or a larger fp32 tile,
+# spills), and eight warps on the small tile: with four, ptxas held dX = dY Wᵀ at 128 registers
+# and spilled inside the K loop on sm_90 (257 x 257 x 257).
+GEMM_TILES_FMA = (
+    (128, 128, 32, 8, 4),
+    (64, 64, 32, 8, 4),
+)
+GEMM_OVERHANG = 2 * max(t[2] for t in GEMM_TILES + GEMM_TILES_FMA)  # a K tile past the end, and one more step of the carried offsets
 GEMM_SMEM_BUDGET = 160 * 1024  # operand stages must fit sm_80's 163 KB too; sm_90 has 227 KB
+# Operand entries one thread may load per K tile when they are loaded one by one (rows not 16-byte
+# aligned): each is a load with its own address. At 96 (128 x 256 x 64 on 8 warps, 64 x 128 x 64
+# on 4), matmul at 257 x 257 x 257 in bf16 spilled inside the K loop on sm_90 and sm_80.
+GEMM_SCALAR_ENTRIES = 64
+
+
+def _tile(c) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
 
 def gemm_configs() -> list:
-    """The autotuned configurations of the implicit-GEMM kernels. The interpreter gets one small
-    config: autotuning would only run every config through it (slow, and meaningless on CPU)."""
+    """The autotuned configurations of the implicit-GEMM kernels (both tile sets: the prune keeps
+    one). The interpreter gets one small config: autotuning would only run every config through
+    it (slow, and meaningless on CPU)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    tiles = GEMM_TILES + tuple(t for t in GEMM_TILES_FMA if t not in GEMM_TILES)
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in GEMM_TILES]
+            for m, n, k, w, s in tiles]
 
 
 def prune_gemm_configs(configs, nargs, **kwargs) -> list:
-    """Configs worth timing for one launch: tiles no larger than the problem (next power of two,
-    at least 16, as tl.dot needs), operand stages within the shared-memory budget, and, where fp32
-    runs on FMA units (PREC ieee), tiles of at most 128 x 128 x 32 (a larger fp32 accumulator spills);
-    float64 compiled runs ``GEMM_TILES_64``."""
+    """Configs worth timing for one launch: the tile set of where the product runs (tensor cores,
+    or FMA units for fp32 at PREC ieee), then :func:`fit_tiles` (float64 compiled runs
+    ``GEMM_TILES_64``)."""
+    if not interpreting():
+        fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and bool(kwargs.get("DOT_F32", nargs.get("DOT_F32")))
+        tiles = GEMM_TILES_FMA if fma else GEMM_TILES
+        configs = [c for c in configs if _tile(c) in tiles] or configs
+    return fit_tiles(configs, nargs)
+
+
+def vector_operands(nargs) -> bool:
+    """Whether Triton may read a launch's tensors 16 bytes at a time: every tensor 16-byte aligned
+    and every integer argument (strides, extents) 1 or a multiple of 16, which is what Triton's
+    specialization tells the compiler. Otherwise (a row of 257 bf16 entries) some operand is
+    loaded entry by entry."""
+    for v in nargs.values():
+        if isinstance(v, torch.Tensor):
+            if v.data_ptr() % 16:
+                return False
+        elif isinstance(v, int) and not isinstance(v, bool) and v != 1 and v % 16:
+            return False
+    return True
+
+
+def fit_tiles(configs, nargs) -> list:
+    """The configs that fit one launch: tiles no larger than the problem (next power of two, at
+    least 16, as tl.dot needs), operand stages within the shared-memory budget, and, where the
+    operands are loaded entry by entry, at most ``GEMM_SCALAR_ENTRIES`` entries per thread and K tile."""
     def cap(n) -> int:
         return max(16, triton.next_power_of_2(max(int(n), 1)))
 
     m, n = cap(nargs["M_tot"]), cap(nargs["N_tot"])
     itemsize = max((t.element_size() for t in nargs.values() if isinstance(t, torch.Tensor)), default=2)
-    fma = kwargs.get("PREC", nargs.get("PREC")) == "ieee" and itemsize == 4
+    scalar = not vector_operands(nargs)
     keep = []
     for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        bm, bn, bk, warps, stages = _tile(c)
         if bm > m or bn > n:
             continue
-        if (bm * bk + bk * bn) * itemsize * c.num_stages > GEMM_SMEM_BUDGET:
+        if (bm * bk + bk * bn) * itemsize * stages > GEMM_SMEM_BUDGET:
             continue
-        if fma and (bm * bn > 128 * 128 or bk > 32):
+        if scalar and bm * bk + bk * bn > GEMM_SCALAR_ENTRIES * 32 * warps:
             continue
         keep.append(c)
     if itemsize >= 8 and not interpreting():
@@ -543,12 +639,15 @@ def check_versions(op: str, saved: dict, inputs, outputs, leading=()) -> None:
 WIDE_INDEX = 2**30  # half of int32: a tile's overhanging rows and padded positions stay below 2^31
 
 
-def wide_index(*extents) -> bool:
-    """Whether a stencil launch needs int64 index math: a flattened extent, or a tensor's largest
-    element offset, at or past 2^30 (then products of an index and a stride may pass int32)."""
+def wide_index(*extents, overhang: int = 0) -> bool:
+    """Whether an implicit-GEMM launch needs int64 index math: a flattened extent, or a tensor's
+    largest element offset, at or past 2^30 (then products of an index and a stride may pass
+    int32). ``overhang``: entries a tile may address past a tensor's end along an axis (masked
+    off, but the offset is still computed): a GEMM's K tiles, and the step its carried offsets
+    take after the last one."""
     for e in extents:
         if isinstance(e, torch.Tensor):
-            e = sum((s - 1) * st for s, st in zip(e.shape, e.stride()) if s > 0) + 1 if e.numel() else 0
+            e = sum((s - 1 + overhang) * st for s, st in zip(e.shape, e.stride()) if s > 0) + 1 if e.numel() else 0
         if int(e) >= WIDE_INDEX:
             return True
     return False
@@ -601,10 +700,10 @@ def stencil_configs() -> list:
 
 def prune_stencil_configs(configs, nargs, **kwargs) -> list:
     """The tile set of the operands' width (the fp32 split-K workspace does not count), then
-    :func:`prune_gemm_configs`' cut to the problem size."""
+    :func:`fit_tiles`."""
     if interpreting():
-        return prune_gemm_configs(configs, nargs, **kwargs)
+        return fit_tiles(configs, nargs)
     wide = max((t.element_size() for k, t in nargs.items() if isinstance(t, torch.Tensor) and k != "WS_ptr"), default=2) == 4
     tiles = STENCIL_TILES_32 if wide else STENCIL_TILES_16
     keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
-    return prune_gemm_configs(keep or configs, nargs, **kwargs)
+    return fit_tiles(keep or configs, nargs)

@@ -149,9 +149,10 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
             return f"(({iprint(cond.lhs, names)}) {op_} ({iprint(cond.rhs, names)}))"
         raise LoweringError(f"{where}: guard {cond} has no index-arithmetic form")
 
-    def tile(o: int, row_syms: dict, col_syms: dict, base_mask: str, var: str) -> list[str]:
+    def tile(o: int, row_syms: dict, col_syms: dict, base_mask: str) -> tuple[str, list[str]]:
+        """The operand's element offsets in its buffer, and the masks of its tile."""
         names = index_names(row_syms, col_syms)
-        lines, masks = [], [base_mask] + [condition(c, names) for c in guard_of[o]]
+        masks = [base_mask] + [condition(c, names) for c in guard_of[o]]
         name = bufs[o]
         offs = []
         plain = set(row_syms) | set(col_syms) | set(bnames)
@@ -162,15 +163,49 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
             same = e in plain and (fdims.get(e) == axis_dim or (e in kext and dim_of_extent(kext[e], dims) == axis_dim))
             if not same:
                 masks.append(f"(({code}) >= 0) & (({code}) < {sig.idim(axis_dim.name)})")
+        return " + ".join(offs) or "0", masks
+
+    def load(o: int, offs: str, masks: list[str], var: str) -> list[str]:
         mask = " & ".join(masks)
+        lines = []
         if st.kind is KernelClass.STENCIL:  # the mask is named: the stencil's exact re-sum reads it (stencil.j2)
             lines.append(f"{var}_in = {mask}")
             mask = f"{var}_in"
-        lines.append(f"{var} = tl.load({sig.buf(name)} + {' + '.join(offs) or '0'}, mask={mask}, other=0.0)")
-        return lines
+        return lines + [f"{var} = tl.load({sig.buf(bufs[o])} + {offs}, mask={mask}, other=0.0)"]
 
-    a_lines = tile(a_op, mnames, knames, "m_mask[:, None] & k_mask[None, :]", "a")
-    b_lines = tile(b_op, knames, nnames, "k_mask[:, None] & n_mask[None, :]", "b")
+    def k_step(o: int) -> str | None:
+        """With one summed index that the operand reads only as a plain index (a matmul's K),
+        its offsets move by a fixed step per K tile: ``BLOCK_K`` times the strides of the axes
+        that index addresses. None otherwise (a flattened K, or K inside an index expression)."""
+        if len(kvars) != 1:
+            return None
+        (k,) = kvars
+        axes = [a for a, e in enumerate(ops[o]) if e == k]
+        if any(k in e.free_symbols for e in ops[o] if e != k):
+            return None
+        strides = [sig.stride(bufs[o], a) for a in axes]
+        return f"BLOCK_K * ({' + '.join(strides)})" if strides else "0"
+
+    k_init, k_next = [], []
+    if st.kind is KernelClass.STENCIL:
+        a_lines = load(a_op, *tile(a_op, mnames, knames, "m_mask[:, None] & k_mask[None, :]"), "a")
+        b_lines = load(b_op, *tile(b_op, knames, nnames, "k_mask[:, None] & n_mask[None, :]"), "b")
+    else:
+        # gemm.j2 wraps the M and N offsets into range: only K is masked. Where K is one plain
+        # index, each operand's offsets are computed once, in int32 unless IDX64, and carried
+        # through the K loop, moved by one step per tile: recomputed per tile, the compiler
+        # hoists a 64-bit address per tile entry out of the loop instead (two registers each:
+        # the larger tiles spilled inside the loop where operand rows are not 16-byte aligned).
+        a_tile = tile(a_op, mnames, knames, "k_mask[None, :]")
+        b_tile = tile(b_op, knames, nnames, "k_mask[:, None]")
+        steps = (k_step(a_op), k_step(b_op))
+        if None in steps or len(a_tile[1]) + len(b_tile[1]) > 2:
+            a_lines, b_lines = load(a_op, *a_tile, "a"), load(b_op, *b_tile, "b")
+        else:
+            k_init = k_decomp + [f"a_off = {a_tile[0]}", f"b_off = {b_tile[0]}"]
+            k_decomp = []
+            a_lines, b_lines = load(a_op, "a_off", a_tile[1], "a"), load(b_op, "b_off", b_tile[1], "b")
+            k_next = [f"a_off += {steps[0]}", f"b_off += {steps[1]}"]
 
     # Epilogue and store.
     names = {ACC: "acc", **bnames}
@@ -199,6 +234,8 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
             ep_loads=ep_loads, store=store, plain_sum=epilogue == ACC, tensors=bufs))
     sig.extra += [("M_tot", "M_tot"), ("N_tot", "N_tot"), ("K_tot", "K_tot")]
     sig.constexpr += [("GROUP_M", "8"), ("DOT_F32", "_rt.dot_f32(dtype)"), ("PREC", "_rt.dot_precision(dtype)")]
+    tensors = ", ".join(f"t_{b}" for b in sorted(sig.bufs))
+    sig.constexpr.append(("IDX64", f"_rt.wide_index(M_tot, N_tot, K_tot, {tensors}, overhang=_rt.GEMM_OVERHANG)"))
     # Tiles, warps and stages are the autotuner's (keyed on the problem's shape and precision); the
     # host passes everything else.
     tuned = [f"{b}: tl.constexpr" for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
@@ -206,7 +243,8 @@ def emit_gemm(ctx: Context, launch: Launch, kname: str):
         name=kname, args=sig.kernel_args() + tuned, acc=sig.acc_lines(), formulas=_formula_lines([st]),
         shape=f"M = ({', '.join(map(str, m_idx))}), N = ({', '.join(map(str, n_idx))}), K = ({', '.join(map(str, kvars))})"
         + (f", batch = ({', '.join(map(str, batch))})" if batch else ""),
-        batch_decomp=batch_decomp, decomp=top_decomp, k_decomp=k_decomp, a_lines=a_lines, b_lines=b_lines, ep_loads=ep_loads, store=store,
+        batch_decomp=batch_decomp, decomp=top_decomp, k_init=k_init, k_decomp=k_decomp, k_next=k_next,
+        a_lines=a_lines, b_lines=b_lines, ep_loads=ep_loads, store=store,
     )
     batches = f" * {' * '.join(b_ext)}" if batch else ""
     host = [

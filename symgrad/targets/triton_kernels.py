@@ -574,7 +574,7 @@ class RowBuilder:
 
     def _rows(self) -> tuple:
         """``(kernel expression of the row count, its host expression, lines decomposing the flat
-        row id into one int64 coordinate per row dim)``: the last row dim varies fastest."""
+        row id into one coordinate per row dim, int64 under IDX64)``: the last row dim varies fastest."""
         sig = self.sig
         if len(self.rowdims) == 1:
             n = sig.idim(self.rowdims[0].name)
@@ -687,15 +687,15 @@ class RowBuilder:
                 # Several column blocks: read-modify-write this program's own partial row, whose
                 # first row writes it (so the buffer needs no zeroing). (The single-block path
                 # keeps the partial sums in registers across the program's rows.)
-                body += [f"pp{j} = part{j}_ptr + pid64 * {ncol} + cols",
+                body += [f"pp{j} = part{j}_ptr + pid_ix * {ncol} + cols",
                          f"tl.store(pp{j}, tl.load(pp{j}, mask=cmask & (t > 0), other=0.0) + tl.where(cmask, {v}, 0.0), mask=cmask)"]
                 part_init.append(f"pacc{j} = tl.zeros([BLOCK], ACC)")
-                part_store += ["if SINGLE_BLOCK:", f"    tl.store(part{j}_ptr + pid64 * {ncol} + cols0, pacc{j}, mask=cols0 < {ncol})"]
+                part_store += ["if SINGLE_BLOCK:", f"    tl.store(part{j}_ptr + pid_ix * {ncol} + cols0, pacc{j}, mask=cols0 < {ncol})"]
                 # every program writes its whole partial row unless it has no rows (an empty batch)
                 part_host.append(f"part{j} = (torch.empty if {{nrows}} else torch.zeros)((n_prog, n_{self.coldim.name}), dtype=_rt.acc_dtype(dtype), device=device)")
             else:
                 part_init.append(f"acc{j} = tl.full([], 0.0, ACC)")
-                part_store.append(f"tl.store(part{j}_ptr + pid64, acc{j})")
+                part_store.append(f"tl.store(part{j}_ptr + pid_ix, acc{j})")
                 part_host.append(f"part{j} = torch.zeros((n_prog,), dtype=_rt.acc_dtype(dtype), device=device)")
             sig.extra.append((f"part{j}_ptr", f"part{j}"))
         if body or late:
@@ -725,6 +725,13 @@ class RowBuilder:
         ncol = sig.idim(self.coldim.name) if self.coldim is not None else None
         sig.extra.append(("RPP", "rpp"))
         sig.constexpr.append(("BLOCK", "blk"))
+        # every tensor the kernel addresses (the partial rows included), and the step of a block
+        # along each column axis: the last block's masked columns reach that far past a row's end
+        wide = [f"t_{b}" for b in sorted(sig.bufs)] + [f"part{str(sym)[1:]}" for sym, _, _ in self.crosses]
+        if self.coldim is not None:
+            wide += [f"blk * t_{b}.stride({a})" for b in sorted(sig.bufs)
+                     for a, d in enumerate(ctx.plan.buffers[b]) if d == self.coldim]
+        sig.constexpr.append(("IDX64", f"_rt.wide_index({nrow_host}, {', '.join(wide)})"))
         fused = any(st.fused for st in self.launch.statements)
         if fused:
             sig.constexpr.append(("WRITE_GRAD", "write_grad"))
@@ -742,8 +749,9 @@ class RowBuilder:
         n_part = sum(1 for _, _, coldep in self.crosses if coldep) if ncol else 0
         if ncol:
             # fp32 values per column the single-block path keeps live: its column operands, each
-            # column partial's accumulator (and its update), one for temporaries
-            live = len(single["hoist"]) + len(single["loads"]) + 2 * n_part + 1
+            # column partial's accumulator (and its update), one for temporaries, and the costly
+            # values several of its passes share
+            live = len(single["hoist"]) + len(single["loads"]) + 2 * n_part + 1 + self._shared_values()
             host.append(f"blk = _rt.row_block(n_{self.coldim.name}, {itemsize}, {live})")
         else:
             host.append("blk = 16")
@@ -753,19 +761,35 @@ class RowBuilder:
             # again, and its fp32 partial row of each column partial, added into once per row
             per_row = " + ".join([f"t_{n}.element_size()" for n in reread] + ([f"{4 * n_part}"] if n_part else []))
             host.append(f"hot = n_{self.coldim.name} * ({per_row}) if n_{self.coldim.name} > blk else 0")
-            per_sm = ", per_sm=1" if n_part else ""  # see row_programs: each program leaves a partial row
+            per_sm = ", per_sm=1, partial_rows=True" if n_part else ""  # see row_programs: each program leaves a partial row
             host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, {bool(self.crosses)}, hot{per_sm})")
         elif self.crosses:
             host.append(f"n_prog, rpp = _rt.row_programs({nrows}, device, True)")
         else:
             host.append(f"n_prog, rpp = {nrows}, 1")
         host += [line.replace("{nrows}", nrows) for line in part_host]
-        host.append(f"{sig.launcher(self.kname)}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk))")
+        host.append(f"{sig.launcher(self.kname)}[(n_prog,)]({', '.join(sig.host_args())}, num_warps=_rt.row_warps(blk), maxnreg=_rt.row_regs(blk))")
         if self.crosses:
             fsrc, fhost = self._finish()
             srcs.append(fsrc)
             host += fhost
         return srcs, host, [s.target for s in self.launch.statements]
+
+    def _shared_values(self) -> int:
+        """Column values the single-block path computes once and keeps live between passes:
+        function applications (a tanh, an exp; not brackets, which are comparisons) over the
+        column that two or more of its statistics, outputs and partials read. The compiler
+        computes each once for all of them (softcapped cross-entropy's ``tanh(x/softcap)`` is read
+        by its max, its sum, its sum of logits and its gradient), so each is one more register per
+        column until its last reader."""
+        exprs = [st.body for st in self.stats] + [e for _, role, e in self.entries if role == "rowcol"]
+        exprs += [b for _, b, coldep in self.crosses if coldep]
+        readers: dict = {}
+        for i, e in enumerate(exprs):
+            for node in sp.preorder_traversal(e):
+                if isinstance(node, sp.Function) and not isinstance(node, (Iverson, sp.KroneckerDelta)) and node.has(COL):
+                    readers.setdefault(node, set()).add(i)
+        return sum(1 for r in readers.values() if len(r) > 1)
 
     def _single_block(self, row_loads: dict, row_lines: list) -> dict:
         """The ``SINGLE_BLOCK`` path: the whole row is one block, so every column operand is loaded
