@@ -282,3 +282,28 @@ def test_bad_update_declarations_are_refused():
     with pytest.raises(DeclarationError, match="not differentiated"):
         register(Op("bad_role", "a differentiable input", (Tensor("p", (n,)), g), (update(Tensor("p", (n,)), i, g[i]),), module="tests"))
     assert "bad_order" not in REGISTRY and "bad_role" not in REGISTRY
+
+
+def test_numpy_optimizers_import_without_torch():
+    """``pip install symgrad[examples]`` has no torch: the README's first command trains the digits
+    example with the NumPy optimizers, which must not import torch on the way (symgrad.optim's
+    package init imported the torch-facing classes, and the main job died on ModuleNotFoundError)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+        "import numpy as np\n"
+        "from symgrad.optim import numpy as optim\n"
+        "p = np.ones(3); opt = optim.AdamW([p], lr=0.1)\n"
+        "opt.step([np.full(3, 0.5)])\n"
+        "assert p.max() < 1.0, p\n"
+        "import symgrad.optim\n"
+        "try:\n"
+        "    symgrad.optim.AdamW\n"
+        "except ImportError:\n"
+        "    print('torch-facing classes need torch')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch-facing classes need torch" in proc.stdout
