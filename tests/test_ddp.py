@@ -34,6 +34,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         rows = slice(2 * rank, 2 * rank + 2)
         ddp(tokens[rows], labels[rows]).backward()
         torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, f"grads{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank destroying the group while the
+        # other's gloo threads still ran aborted it once in CI ("terminate called without an
+        # active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
