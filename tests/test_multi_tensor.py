@@ -3,8 +3,6 @@ both targets, for the library's ops and for a user's own ops declared here with 
 (a map with a clamp and a scalar input, a self-combining reduction, and one refused)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,7 @@ from symgrad.compose import load_module
 from symgrad.declare import Dim, Op, Param, Role, Tensor, idx, output
 from symgrad.derive import derive
 from symgrad.plan import lower
-from symgrad.targets import numpy as numpy_target
-from symgrad.targets import triton as triton_target
+from tests.rendered import render_module
 
 (n,) = idx("n")
 N = Dim("N", "n")
@@ -39,15 +36,7 @@ _MODULES: dict = {}
 def _module(op: Op, target: str, tmp_path_factory):
     key = (op.name, target)
     if key not in _MODULES:
-        plan = lower(derive(op, trace=False))
-        renderer = numpy_target if target == "numpy" else triton_target
-        path = tmp_path_factory.mktemp("multi") / f"{op.name}_{target}.py"
-        path.write_text(renderer.render(plan, f"symgrad generate {op.name} --target {target}"))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = mod
-        spec.loader.exec_module(mod)
-        _MODULES[key] = mod
+        _MODULES[key] = render_module(op, target, tmp_path_factory.mktemp("multi"), f"{op.name}_{target}")
     return _MODULES[key]
 
 

@@ -17,9 +17,7 @@ import torch.nn.functional as F
 
 from symgrad import declare
 from symgrad.derive import derive
-from symgrad.plan import lower
-from symgrad.targets import numpy as numpy_target
-from symgrad.targets import triton as triton_target
+from tests.rendered import render_module
 
 PROJECT = Path(__file__).resolve().parents[1] / "examples" / "user_project"
 
@@ -51,15 +49,8 @@ def module(name: str, target: str, tmp_path_factory):
     torch custom ops by name)."""
     key = (name, target)
     if key not in _MODULES:
-        plan = lower(derive(REGISTRY.get(name), trace=False))
-        renderer = numpy_target if target == "numpy" else triton_target
-        path = tmp_path_factory.mktemp("userops") / f"user_{target}_{name}.py"
-        path.write_text(renderer.render(plan, f"symgrad generate {name} --target {target}"))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = mod
-        spec.loader.exec_module(mod)
-        _MODULES[key] = mod
+        folder = tmp_path_factory.mktemp("userops")
+        _MODULES[key] = render_module(REGISTRY.get(name), target, folder, f"user_{target}_{name}")
     return _MODULES[key]
 
 
@@ -175,16 +166,10 @@ def test_user_op_whose_gradient_is_identically_zero(tmp_path):
     x = Tensor("x", (N,))
     op = Op(name="user_step", doc="[x > 0] as a number", inputs=(x,),
             outputs=(output("out", (n,), sp.Heaviside(x[n], 0), (N,)),))
-    plan = lower(derive(op, trace=False))
     xs = torch.tensor([1.5, -2.0, 0.0, 3.0, -0.5])
     cot = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    for target, renderer in (("numpy", numpy_target), ("triton", triton_target)):
-        path = tmp_path / f"user_step_{target}.py"
-        path.write_text(renderer.render(plan, f"symgrad generate user_step --target {target}"))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = mod
-        spec.loader.exec_module(mod)
+    for target in ("numpy", "triton"):
+        mod = render_module(op, target, tmp_path, f"user_step_{target}")
         args = (xs.numpy(),) if target == "numpy" else (xs,)
         out = mod.forward(*args)
         (dx,) = mod.vjp(*args, cot.numpy() if target == "numpy" else cot)
